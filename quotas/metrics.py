@@ -1,0 +1,94 @@
+"""Quota metrics behind one small interface. Inside a Ray worker (ray imported and initialised)
+they go through `ray.util.metrics`, which Ray exports to Prometheus; elsewhere through
+prometheus_client's default registry. Names are Prometheus names either way."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Protocol
+
+TOKENS_CHARGED = "agencyllm_tokens_charged_total"
+REQUESTS_ADMITTED = "agencyllm_requests_admitted_total"
+REQUESTS_REFUSED = "agencyllm_requests_refused_total"
+RESERVATION_SECONDS = "agencyllm_reservation_seconds"
+RESERVATION_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+
+
+class QuotaMetrics(Protocol):
+    def tokens_charged(self, tenant: str, model: str, tokens: int) -> None: ...
+    def admitted(self, tenant: str, model: str) -> None: ...
+    def refused(self, tenant: str, model: str, reason: str) -> None: ...
+    def reservation_seconds(self, seconds: float) -> None: ...
+
+
+class _PrometheusMetrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        # prometheus_client appends `_total` to counters itself.
+        self._charged = Counter(TOKENS_CHARGED.removesuffix("_total"),
+                                "Tokens charged to quotas", ["tenant", "model"])
+        self._admitted = Counter(REQUESTS_ADMITTED.removesuffix("_total"),
+                                 "Requests admitted by the quota ledger", ["tenant", "model"])
+        self._refused = Counter(REQUESTS_REFUSED.removesuffix("_total"),
+                                "Requests refused by the quota ledger", ["tenant", "model", "reason"])
+        self._latency = Histogram(RESERVATION_SECONDS, "Time to admit (reserve) a request",
+                                  buckets=RESERVATION_BUCKETS)
+
+    def tokens_charged(self, tenant: str, model: str, tokens: int) -> None:
+        self._charged.labels(tenant, model).inc(tokens)
+
+    def admitted(self, tenant: str, model: str) -> None:
+        self._admitted.labels(tenant, model).inc()
+
+    def refused(self, tenant: str, model: str, reason: str) -> None:
+        self._refused.labels(tenant, model, reason).inc()
+
+    def reservation_seconds(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+
+class _RayMetrics:
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Histogram
+
+        self._charged = Counter(TOKENS_CHARGED, "Tokens charged to quotas", ("tenant", "model"))
+        self._admitted = Counter(REQUESTS_ADMITTED, "Requests admitted by the quota ledger",
+                                 ("tenant", "model"))
+        self._refused = Counter(REQUESTS_REFUSED, "Requests refused by the quota ledger",
+                                ("tenant", "model", "reason"))
+        self._latency = Histogram(RESERVATION_SECONDS, "Time to admit (reserve) a request",
+                                  RESERVATION_BUCKETS)
+
+    def tokens_charged(self, tenant: str, model: str, tokens: int) -> None:
+        self._charged.inc(tokens, {"tenant": tenant, "model": model})
+
+    def admitted(self, tenant: str, model: str) -> None:
+        self._admitted.inc(1, {"tenant": tenant, "model": model})
+
+    def refused(self, tenant: str, model: str, reason: str) -> None:
+        self._refused.inc(1, {"tenant": tenant, "model": model, "reason": reason})
+
+    def reservation_seconds(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+
+_metrics: QuotaMetrics | None = None
+_lock = threading.Lock()
+
+
+def _ray_is_running() -> bool:
+    # Only look if something already imported ray: importing it here would cost a second.
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def quota_metrics() -> QuotaMetrics:
+    """The process-wide metrics (created on first use; both backends forbid duplicate names)."""
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = _RayMetrics() if _ray_is_running() else _PrometheusMetrics()
+    return _metrics

@@ -1,0 +1,227 @@
+"""The quota schema as typed ORM classes. `migrations/versions` must match this file exactly
+(tests/test_quota_schema.py checks with Alembic's autogenerate comparison)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+TENANT_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
+TENANT_STATUSES = ("active", "suspended")
+MAX_TOKENS_MODES = ("cap", "reject")
+KEY_KINDS = ("personal", "service")
+ENDPOINTS = ("chat", "completions", "embeddings")
+USAGE_STATUSES = ("ok", "client_error", "engine_error", "cancelled", "expired")
+
+# The row of quota_counters that holds a tenant's aggregate (user rows hold the user's `sub`).
+TENANT_SCOPE = ""
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _timestamp(**kwargs: Any) -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), **kwargs)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    __table_args__ = (
+        CheckConstraint(f"name ~ '{TENANT_NAME_PATTERN}'", name="name_format"),
+        CheckConstraint(_one_of("status", TENANT_STATUSES), name="status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, primary_key=True, default=uuid.uuid4, server_default=text("gen_random_uuid()")
+    )
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200))
+    keycloak_group: Mapped[str | None] = mapped_column(String(255), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    created_at: Mapped[datetime] = _timestamp()
+    updated_at: Mapped[datetime] = _timestamp(onupdate=func.now())
+
+
+class QuotaPolicy(Base):
+    """subject NULL: the tenant-wide policy (limits the sum of all its users); else one user's
+    override. Additive limits (budgets, RPM, concurrency) of a user row apply to that user on top
+    of the tenant's; per-request fields (max_tokens_per_request, allowed_models) replace the
+    tenant's where set."""
+
+    __tablename__ = "quota_policies"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "subject", postgresql_nulls_not_distinct=True),
+        CheckConstraint("tokens_per_day >= 0", name="tokens_per_day"),
+        CheckConstraint("tokens_per_month >= 0", name="tokens_per_month"),
+        CheckConstraint("requests_per_minute >= 0", name="requests_per_minute"),
+        CheckConstraint("max_concurrent_requests >= 0", name="max_concurrent_requests"),
+        CheckConstraint("max_tokens_per_request >= 0", name="max_tokens_per_request"),
+        CheckConstraint(_one_of("max_tokens_mode", MAX_TOKENS_MODES), name="max_tokens_mode"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, primary_key=True, default=uuid.uuid4, server_default=text("gen_random_uuid()")
+    )
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    subject: Mapped[str | None] = mapped_column(Text)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_month: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_concurrent_requests: Mapped[int | None] = mapped_column(Integer)
+    max_tokens_per_request: Mapped[int | None] = mapped_column(Integer)
+    max_tokens_mode: Mapped[str] = mapped_column(String(8), default="cap", server_default="cap")
+    allowed_models: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    updated_at: Mapped[datetime] = _timestamp(onupdate=func.now())
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", KEY_KINDS), name="kind"),
+        Index(None, "tenant_id"),
+        Index(None, "owner_subject"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, primary_key=True, default=uuid.uuid4, server_default=text("gen_random_uuid()")
+    )
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    owner_subject: Mapped[str] = mapped_column(Text)
+    owner_username: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _timestamp()
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class UsageRecord(Base):
+    """One row per admitted request, written by settlement. No foreign keys: the ledger is
+    history and outlives deleted tenants and keys."""
+
+    __tablename__ = "usage_ledger"
+    __table_args__ = (
+        CheckConstraint(_one_of("endpoint", ENDPOINTS), name="endpoint"),
+        CheckConstraint(_one_of("status", USAGE_STATUSES), name="status"),
+        Index(None, "tenant_id", "started_at"),
+        Index(None, "subject"),
+        Index(None, "model"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    request_id: Mapped[str] = mapped_column(Text, unique=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    subject: Mapped[str] = mapped_column(Text)
+    username: Mapped[str | None] = mapped_column(Text)
+    key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    model: Mapped[str] = mapped_column(Text)
+    endpoint: Mapped[str] = mapped_column(String(16))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    total_tokens: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+    __table_args__ = (Index(None, "at"), Index(None, "target_type", "target_id"))
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[datetime] = _timestamp()
+    actor_subject: Mapped[str] = mapped_column(Text)
+    actor_username: Mapped[str | None] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    target_type: Mapped[str] = mapped_column(Text)
+    target_id: Mapped[str | None] = mapped_column(Text)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class QuotaCounter(Base):
+    """Live counters of one scope: a tenant (subject = TENANT_SCOPE) or one user in it.
+    Windows roll lazily: a counter whose *_key is older than the current window counts as 0.
+    Internal to the ledger; written only by the plpgsql functions in the migration."""
+
+    __tablename__ = "quota_counters"
+    # Room on each page for HOT updates: every admission and settlement rewrites its rows.
+    __table_args__ = {"postgresql_with": {"fillfactor": 50}}
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    subject: Mapped[str] = mapped_column(Text, primary_key=True)
+    day_key: Mapped[date] = mapped_column(Date)
+    day_charged: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    day_reserved: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    month_key: Mapped[date] = mapped_column(Date)
+    month_charged: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    month_reserved: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    minute_key: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    minute_requests: Mapped[int] = mapped_column(Integer, server_default="0")
+    in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class QuotaReservation(Base):
+    """An admitted request not yet settled. day_key/month_key: the windows it reserved in (and
+    is charged to). lease_expires_at: renewed by the owning ingress; the reaper settles the rest."""
+
+    __tablename__ = "quota_reservations"
+    __table_args__ = (Index(None, "lease_expires_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    request_id: Mapped[str] = mapped_column(Text, unique=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    subject: Mapped[str] = mapped_column(Text)
+    username: Mapped[str | None] = mapped_column(Text)
+    key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    model: Mapped[str] = mapped_column(Text)
+    endpoint: Mapped[str] = mapped_column(String(16))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    reserved_tokens: Mapped[int] = mapped_column(BigInteger)
+    day_key: Mapped[date] = mapped_column(Date)
+    month_key: Mapped[date] = mapped_column(Date)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,82 @@
+"""Who may do what on the admin API, and store errors as OpenAI-shaped HTTP errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Response
+from fastapi.routing import APIRoute
+
+from agencyllm.auth.principal import Principal
+from agencyllm.quotas.admin import SYSTEM_TENANT, Conflict, Invalid, NotFound, StoreError
+from agencyllm.serving.deps import CurrentPrincipal
+from agencyllm.serving.errors import OpenAIError
+
+_STATUS = {NotFound: 404, Conflict: 409, Invalid: 400}
+
+
+def store_error(exc: StoreError) -> OpenAIError:
+    status = next(code for kind, code in _STATUS.items() if isinstance(exc, kind))
+    return OpenAIError(status, exc.message, param=exc.param)
+
+
+class StoreErrorRoute(APIRoute):
+    """Lets route functions call the store directly: its errors become 404/409/400 responses."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (NotFound, Conflict, Invalid) as exc:
+                raise store_error(exc) from None
+
+        return handle
+
+
+def forbidden(message: str) -> OpenAIError:
+    return OpenAIError(403, message, type="permission_error")
+
+
+def require_platform_admin(principal: Principal) -> None:
+    if not principal.is_platform_admin:
+        raise forbidden("This action needs the platform administrator role.")
+
+
+def may_admin(principal: Principal, tenant: str) -> bool:
+    """Platform admins, or the tenant admins of `tenant`. The system tenant's service keys are
+    platform-admin keys, so only platform admins manage it."""
+    if tenant == SYSTEM_TENANT:
+        return principal.is_platform_admin
+    return principal.may_admin_tenant(tenant)
+
+
+def require_tenant_admin(principal: Principal, tenant: str) -> None:
+    # Checked before the tenant is looked up, so nobody learns which other tenants exist.
+    if not may_admin(principal, tenant):
+        raise forbidden(f"You may not administer tenant '{tenant}'.")
+
+
+def require_own_tenant(principal: Principal) -> str:
+    if principal.tenant is None:
+        raise OpenAIError(400, "Your account belongs to no tenant, so it cannot hold personal keys.")
+    return principal.tenant
+
+
+# As dependencies, the checks run before the body is validated: a caller without the right
+# gets 403, not a lesson in the request schema.
+async def platform_admin(principal: CurrentPrincipal) -> Principal:
+    require_platform_admin(principal)
+    return principal
+
+
+async def tenant_admin(name: str, principal: CurrentPrincipal) -> Principal:
+    require_tenant_admin(principal, name)
+    return principal
+
+
+PlatformAdmin = Annotated[Principal, Depends(platform_admin)]
+# Platform admin, or tenant admin of the route's `{name}` tenant.
+TenantAdmin = Annotated[Principal, Depends(tenant_admin)]

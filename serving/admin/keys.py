@@ -1,0 +1,77 @@
+"""API keys: tenant service keys (tenant admin), revocation (admins, or the owner of a personal key)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from fastapi import APIRouter, status
+
+from agencyllm.auth.principal import Principal
+from agencyllm.quotas import admin as store
+from agencyllm.quotas.models import ApiKey
+from agencyllm.serving.admin.access import (
+    StoreErrorRoute,
+    TenantAdmin,
+    forbidden,
+    may_admin,
+)
+from agencyllm.serving.admin.schemas import KeyCreate, KeyCreated, KeyOut
+from agencyllm.serving.deps import CurrentPrincipal, DbSession
+from agencyllm.serving.errors import OpenAIError
+
+router = APIRouter(tags=["keys"], route_class=StoreErrorRoute)
+
+
+def key_out(key: ApiKey, tenant: str) -> KeyOut:
+    return KeyOut.model_validate(store.key_snapshot(key, tenant) | {"id": str(key.id)})
+
+
+def created_out(created: store.CreatedKey) -> KeyCreated:
+    return KeyCreated(**key_out(created.key, created.tenant.name).model_dump(), key=created.secret)
+
+
+def expiry(body: KeyCreate) -> datetime | None:
+    if body.expires_at is not None and body.expires_in_days is not None:
+        raise OpenAIError(400, "Give 'expires_at' or 'expires_in_days', not both.", param="expires_at")
+    if body.expires_in_days is not None:
+        return datetime.now(timezone.utc) + timedelta(days=body.expires_in_days)
+    if body.expires_at is not None and body.expires_at.tzinfo is None:
+        return body.expires_at.replace(tzinfo=timezone.utc)
+    return body.expires_at
+
+
+@router.post(
+    "/tenants/{name}/keys",
+    status_code=status.HTTP_201_CREATED,
+    summary="Mint a service key for a tenant; the key is in `key`, shown this once",
+)
+async def create_service_key(
+    name: str, body: KeyCreate, principal: TenantAdmin, session: DbSession
+) -> KeyCreated:
+    created = await store.create_key(
+        session, principal, tenant_name=name, kind="service", name=body.name, expires_at=expiry(body)
+    )
+    return created_out(created)
+
+
+@router.get("/tenants/{name}/keys", summary="List a tenant's keys (personal and service)")
+async def list_tenant_keys(
+    name: str, principal: TenantAdmin, session: DbSession, include_revoked: bool = False
+) -> list[KeyOut]:
+    rows = await store.list_keys(session, tenant_name=name, include_revoked=include_revoked)
+    return [key_out(key, tenant) for key, tenant in rows]
+
+
+def may_revoke(principal: Principal, key: ApiKey, tenant: str) -> bool:
+    if may_admin(principal, tenant):
+        return True
+    return key.kind == "personal" and key.owner_subject == principal.subject and principal.tenant == tenant
+
+
+@router.delete("/keys/{key_id}", summary="Revoke a key: refused from the next request on")
+async def revoke_key(key_id: str, principal: CurrentPrincipal, session: DbSession) -> KeyOut:
+    key, tenant = await store.get_key(session, key_id)
+    if not may_revoke(principal, key, tenant):
+        raise forbidden("You may revoke only your own personal keys or keys of a tenant you administer.")
+    key, tenant = await store.revoke_key(session, principal, key.id)
+    return key_out(key, tenant)

@@ -1,0 +1,130 @@
+"""Request and response bodies of the admin API (they are its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+
+from agencyllm.quotas.models import TENANT_NAME_PATTERN
+
+TenantName = Annotated[str, StringConstraints(pattern=TENANT_NAME_PATTERN)]
+Budget = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+SmallLimit = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error, OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class TenantCreate(Strict):
+    name: TenantName = Field(description="URL-safe id: lowercase letters, digits and '-'.")
+    display_name: str | None = Field(default=None, max_length=200)
+    keycloak_group: str | None = Field(
+        default=None,
+        max_length=255,
+        description="Keycloak group name or full path (`/agency/office`) whose members belong here.",
+    )
+
+
+class TenantUpdate(Strict):
+    """Only the fields sent are changed; `keycloak_group: null` removes the mapping."""
+
+    display_name: str | None = Field(default=None, max_length=200)
+    keycloak_group: str | None = Field(default=None, max_length=255)
+
+
+class TenantOut(BaseModel):
+    name: str
+    display_name: str
+    keycloak_group: str | None
+    status: Literal["active", "suspended"]
+    created_at: datetime
+    updated_at: datetime
+
+
+class Quota(Strict):
+    """A full policy: a field left out or null means no limit on that dimension."""
+
+    tokens_per_day: Budget | None = None
+    tokens_per_month: Budget | None = None
+    requests_per_minute: SmallLimit | None = None
+    max_concurrent_requests: SmallLimit | None = None
+    max_tokens_per_request: SmallLimit | None = None
+    max_tokens_mode: Literal["cap", "reject"] = Field(
+        default="cap", description="Over max_tokens_per_request: lower the request's max_tokens, or refuse it."
+    )
+    allowed_models: list[ModelName] | None = Field(default=None, description="null: every model.")
+
+
+class QuotaOut(Quota):
+    tenant: str
+    user: str | None = Field(default=None, description="User subject of an override; null: tenant-wide.")
+
+
+class KeyCreate(Strict):
+    name: str = Field(min_length=1, max_length=100)
+    expires_at: datetime | None = Field(default=None, description="Absent: the key never expires.")
+    expires_in_days: Annotated[StrictInt, Field(ge=1, le=3650)] | None = None
+
+
+class KeyOut(BaseModel):
+    id: str
+    prefix: str
+    name: str
+    kind: Literal["personal", "service"]
+    tenant: str
+    owner_subject: str
+    owner_username: str | None
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The secret key. Shown this once; store it now.")
+
+
+class Me(BaseModel):
+    subject: str
+    username: str | None
+    client_id: str | None
+    tenant: str | None
+    roles: list[str]
+    auth_method: Literal["oidc", "api_key"]
+    key_id: str | None
+    remaining: dict | None = Field(description="Budget left in the current windows; null without a tenant.")
+
+
+class UsageRow(BaseModel):
+    day: date | None = None
+    user: str | None = None
+    username: str | None = None
+    model: str | None = None
+    tenant: str | None = None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageReport(BaseModel):
+    group_by: Literal["day", "user", "model", "tenant"]
+    rows: list[UsageRow]

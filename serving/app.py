@@ -1,0 +1,34 @@
+"""The Ray Serve application: one vLLM engine deployment per model behind our ingress deployment."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.llm._internal.serve.core.ingress.builder import to_model_metadata
+from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
+from ray.serve.deployment import Application
+
+from agencyllm.serving.config import ServingConfig, cpu_only
+from agencyllm.serving.engines import engine_deployment, llm_config
+from agencyllm.serving.http import create_app
+from agencyllm.serving.ingress import ENDPOINTS, AgencyIngress
+from agencyllm.serving.settings import Settings
+
+APP_NAME = "agencyllm"
+
+
+def build_application(settings: Settings, serving: ServingConfig, *, cpu: bool | None = None) -> Application:
+    if settings.database_url is None:
+        raise ValueError("build_application needs settings.database_url (the local run fills it in)")
+    cpu = cpu_only() if cpu is None else cpu
+    engines = {spec.id: engine_deployment(spec, cpu=cpu) for spec in serving.models}
+    cards = {spec.id: to_model_metadata(spec.id, llm_config(spec, cpu=cpu)) for spec in serving.models}
+    app = create_app(cors_origins=settings.cors_origins, max_request_bytes=settings.max_request_bytes)
+    ingress_cls = make_fastapi_ingress(AgencyIngress, endpoint_map=ENDPOINTS, app=app)
+    ingress = serve.deployment(
+        ingress_cls,
+        name="AgencyIngress",
+        num_replicas=settings.ingress_replicas,
+        max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(llm_deployments=engines, model_cards=cards, settings=settings, serving=serving)

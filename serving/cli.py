@@ -1,0 +1,151 @@
+"""`agencyllm` command line: run the platform, make the placeholder model, manage the schema.
+
+The administration commands (tenants, quota, keys, usage, login) are in `cli_admin`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from agencyllm.serving.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    for name in ("data_dir", "host", "port", "config"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+def _database_url(settings: Settings):
+    """`AGENCYLLM_DATABASE_URL`, else the embedded Postgres under the data dir (started here)."""
+    from agencyllm.quotas.db import EmbeddedPostgres
+
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value(), None
+    postgres = EmbeddedPostgres(settings.data_dir)
+    return postgres.start(), postgres
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from agencyllm.serving.config import ConfigError
+    from agencyllm.serving.stack import PLACEHOLDER_WARNING, LocalStack, resolve_models
+
+    settings = _settings(args)
+    try:
+        serving, placeholder = resolve_models(settings, args.model)
+    except ConfigError as exc:
+        print(f"agencyllm: {exc}", file=sys.stderr)
+        return 2
+    if placeholder:
+        print(PLACEHOLDER_WARNING, file=sys.stderr, flush=True)
+    stack = LocalStack(settings, serving)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        print(f"Starting agencyllm: models {', '.join(m.id for m in serving.models)}; data in {settings.data_dir}", flush=True)
+        stack.start_database()
+        admin_key = _bootstrap_admin_key(stack.settings)
+        if admin_key is not None:
+            print(f"Platform admin API key written to {admin_key} (readable by you only).", flush=True)
+        stack.start()
+        print(f"Ready: {stack.base_url}/v1", flush=True)
+        while not stopping.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # startup failed: say what, not a traceback
+        print(f"agencyllm: could not start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("Stopping agencyllm…", file=sys.stderr, flush=True)
+        stack.stop()
+    return 0
+
+
+def _bootstrap_admin_key(settings: Settings) -> Path | None:
+    if settings.oidc_issuer:
+        return None
+    from agencyllm.quotas.db import Database
+    from agencyllm.serving.identity import ensure_bootstrap_admin_key
+
+    async def run() -> Path | None:
+        database = Database(settings.database_url.get_secret_value())
+        try:
+            return await ensure_bootstrap_admin_key(database, settings.data_dir)
+        finally:
+            await database.dispose()
+
+    return asyncio.run(run())
+
+
+def cmd_placeholder(args: argparse.Namespace) -> int:
+    from agencyllm.serving.placeholder import write_placeholder_model
+
+    directory = write_placeholder_model(Path(args.directory))
+    print(f"Placeholder model (random weights, gibberish output) written to {directory}")
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from agencyllm.quotas.db import upgrade_schema
+
+    settings = _settings(args)
+    url, postgres = _database_url(settings)
+    try:
+        upgrade_schema(url)
+        print("Database schema is up to date.")
+    finally:
+        if postgres is not None:
+            postgres.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agencyllm", description="Private OpenAI-compatible LLM platform.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_dir_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", type=Path, help="state directory (default ~/.local/share/agencyllm)")
+
+    up = sub.add_parser("up", help="run the whole platform on this machine")
+    data_dir_option(up)
+    up.add_argument("--host", help="listen address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="listen port (default 8000)")
+    source = up.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="models YAML file")
+    source.add_argument("--model", type=Path, help="serve one model directory (its id is the directory name)")
+    up.set_defaults(func=cmd_up)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
+    placeholder = model.add_parser("placeholder", help="write the tiny random-weight placeholder model")
+    placeholder.add_argument("directory")
+    placeholder.set_defaults(func=cmd_placeholder)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    upgrade = db.add_parser("upgrade", help="apply migrations (AGENCYLLM_DATABASE_URL or the embedded server)")
+    data_dir_option(upgrade)
+    upgrade.set_defaults(func=cmd_db_upgrade)
+
+    from agencyllm.serving import cli_admin
+
+    cli_admin.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

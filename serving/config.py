@@ -1,0 +1,133 @@
+"""The models an install serves: a YAML file (`--config`) or one directory (`--model`).
+
+```yaml
+models:
+  - id: llama-3.1-8b-instruct          # what staff pass as `model`
+    path: /models/llama-3.1-8b-instruct  # weights on local disk or a volume (no hub downloads)
+    task: generate                      # or `embed`
+    engine_args: {max_model_len: 8192, tensor_parallel_size: 1}
+    replicas: {min: 1, max: 4}          # or a number
+    accelerator: {type: L4, gpus: 1}    # gpus: 0 runs on CPU
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid models configuration; the message names the bad field."""
+
+
+class Replicas(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: int = Field(default=1, ge=0)
+    max: int = Field(default=1, ge=1)
+    # Ongoing requests per replica the autoscaler aims for.
+    target_ongoing_requests: int = Field(default=32, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class Accelerator(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # Ray accelerator type label (e.g. L4, A100, H100); None: any GPU, or CPU when gpus is 0.
+    type: str | None = None
+    gpus: int = Field(default=0, ge=0)
+    cpus: int = Field(default=1, ge=1)
+    # Ray placement strategy for multi-GPU engines.
+    strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    path: Path
+    task: Literal["generate", "embed"] = "generate"
+    engine_args: dict[str, Any] = {}
+    replicas: Replicas = Replicas()
+    accelerator: Accelerator = Accelerator()
+    max_ongoing_requests: int = Field(default=64, ge=1)
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _fixed_count(cls, value: Any) -> Any:
+        return {"min": value, "max": value} if isinstance(value, int) else value
+
+    @field_validator("path")
+    @classmethod
+    def _weights_exist(cls, path: Path) -> Path:
+        if not (path / "config.json").is_file():
+            raise ValueError(f"no model at {path} (config.json not found)")
+        return path
+
+    def context_length(self) -> int:
+        if "max_model_len" in self.engine_args:
+            return int(self.engine_args["max_model_len"])
+        config = json.loads((self.path / "config.json").read_text())
+        return int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+
+
+class ServingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ServingConfig:
+        ids = [m.id for m in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"model ids must be unique, repeated: {', '.join(duplicates)}")
+        return self
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid models configuration in {source}:"]
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(file: Path) -> ServingConfig:
+    try:
+        raw = yaml.safe_load(Path(file).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read models configuration {file}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"models configuration {file} is not valid YAML: {exc}") from None
+    try:
+        return ServingConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(file))) from None
+
+
+def single_model_config(path: Path, *, task: str = "generate", engine_args: dict | None = None) -> ServingConfig:
+    path = Path(path).resolve()
+    try:
+        return ServingConfig(models=[ModelSpec(id=path.name, path=path, task=task, engine_args=engine_args or {})])
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(path))) from None
+
+
+def cpu_only() -> bool:
+    """True where vLLM's CPU build is installed (no GPU engine on this host)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # pragma: no cover - vLLM always present in an install
+        return True
+    return current_platform.is_cpu() or os.environ.get("AGENCYLLM_FORCE_CPU") == "1"

@@ -1,0 +1,50 @@
+"""The one settings object: every knob the platform reads from its environment (`AGENCYLLM_*`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "agencyllm"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENCYLLM_", extra="ignore")
+
+    # Where the platform keeps its state when no external database is given.
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # External Postgres (production). Unset: the embedded server under `data_dir/postgres`.
+    database_url: SecretStr | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # Models YAML (see docs/configuration.md). Unset: the placeholder model.
+    config: Path | None = None
+
+    # Identity (Keycloak). Unset issuer: API keys only.
+    oidc_issuer: str | None = None
+    oidc_audience: str = "agencyllm"
+    # Claim that names the caller's tenant: `groups` (matched against tenants' Keycloak groups)
+    # or any claim holding the tenant name directly (e.g. `tenant`).
+    oidc_tenant_claim: str = "groups"
+    oidc_leeway_seconds: int = Field(default=30, ge=0, le=60)
+    role_user: str = "llm-user"
+    role_tenant_admin: str = "llm-tenant-admin"
+    role_platform_admin: str = "llm-platform-admin"
+
+    # Quotas: calendar days and months are counted in this time zone.
+    quota_timezone: str = "UTC"
+    # Lease on a reservation; the reaper settles leases their ingress stopped renewing.
+    reservation_lease_seconds: int = Field(default=120, ge=10)
+
+    # Requests larger than this are refused with 413 before they are parsed.
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Browser origins allowed to call the API (none by default: the API is for SDKs and scripts).
+    cors_origins: list[str] = []
+    ingress_replicas: int = Field(default=1, ge=1)
+    # Logical CPUs Ray may hand out on this host (local run). Unset: Ray's own count, at least 8.
+    ray_num_cpus: int | None = None

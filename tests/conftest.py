@@ -1,0 +1,98 @@
+"""Session fixtures: one embedded Postgres, one local OIDC issuer and, for the tests that need it,
+one real stack (Ray Serve + vLLM CPU engines + our ingress) started once per session."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from oidc_issuer import LocalOIDCIssuer, fresh_oidc_issuer, oidc_issuer  # noqa: F401
+from pg import make_tenant, pg_db, pg_url  # noqa: F401
+
+from agencyllm.quotas.db import Database
+from agencyllm.serving.settings import Settings
+from agencyllm.serving.stack import LocalStack, default_models
+
+STACK_GROUP = "office-stack"
+STACK_TENANT = "stack"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningStack:
+    stack: LocalStack
+    issuer: LocalOIDCIssuer
+    tenant: str
+    api_key: str
+    admin_key: str
+
+    @property
+    def url(self) -> str:
+        return self.stack.base_url
+
+    @property
+    def v1(self) -> str:
+        return f"{self.stack.base_url}/v1"
+
+    @property
+    def settings(self) -> Settings:
+        return self.stack.settings
+
+    def openai(self, api_key: str | None = None, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=self.v1, api_key=api_key or self.api_key, max_retries=0, **kwargs)
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {self.admin_key}"}, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, pg_url, oidc_issuer) -> Iterator[RunningStack]:  # noqa: F811
+    data_dir = tmp_path_factory.mktemp("agencyllm")
+    settings = Settings(
+        data_dir=data_dir,
+        port=free_port(),
+        database_url=SecretStr(pg_url),
+        oidc_issuer=oidc_issuer.issuer,
+        ingress_replicas=2,
+        max_request_bytes=256 * 1024,
+        reservation_lease_seconds=30,
+    )
+    running = LocalStack(settings, default_models(data_dir))
+    try:
+        running.start(timeout=900)
+        tenant, api_key, admin_key = asyncio.run(_stack_identities(pg_url, data_dir))
+        yield RunningStack(running, oidc_issuer, tenant, api_key, admin_key)
+    finally:
+        running.stop()
+
+
+async def _stack_identities(pg_url: str, data_dir) -> tuple[str, str, str]:
+    """A tenant (mapped to a Keycloak group) with a staff key, and the bootstrap platform-admin key."""
+    from agencyllm.quotas import admin as store
+    from agencyllm.serving.identity import ensure_bootstrap_admin_key
+
+    database = Database(pg_url)
+    try:
+        admin_key_file = await ensure_bootstrap_admin_key(database, data_dir)
+        async with database.sessions() as session:
+            actor = store.SystemActor()
+            await store.create_tenant(session, actor, name=STACK_TENANT, display_name="Stack tests", keycloak_group=STACK_GROUP)
+            staff = await store.create_key(
+                session, actor, tenant_name=STACK_TENANT, kind="personal", name="tests", owner_subject="staff-1", owner_username="staff"
+            )
+        return STACK_TENANT, staff.secret, admin_key_file.read_text().strip()
+    finally:
+        await database.dispose()

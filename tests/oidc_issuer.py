@@ -1,0 +1,377 @@
+"""A local OIDC issuer shaped like Keycloak 26, over real HTTP on 127.0.0.1.
+
+No Keycloak server runs in CI, so tests (unit and end-to-end) use this instead:
+
+    issuer = LocalOIDCIssuer().start()
+    token = issuer.mint(realm_roles=["llm-user"], groups=["office-a"])
+    issuer.rotate()      # new active kid; old kid stays published (passive)
+    issuer.stop()        # "Keycloak down": connections refused
+    issuer.restart()     # same URL again
+    issuer.jwks_fetches  # how often the JWKS was downloaded
+
+Paths follow Keycloak: `<base>/realms/agency/.well-known/openid-configuration`,
+`…/protocol/openid-connect/{certs,token,auth/device}`. The device endpoint approves immediately
+(after `device_pending_polls` polls answered `authorization_pending`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+REALM = "agency"
+AUDIENCE = "agencyllm"
+
+
+def _b64uint(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@dataclass
+class SigningKey:
+    kid: str
+    private_key: rsa.RSAPrivateKey
+    use: str = "sig"  # "enc" for Keycloak's RSA-OAEP key
+
+    def jwk(self) -> dict[str, Any]:
+        numbers = self.private_key.public_key().public_numbers()
+        return {
+            "kid": self.kid,
+            "kty": "RSA",
+            "alg": "RS256" if self.use == "sig" else "RSA-OAEP",
+            "use": self.use,
+            "n": _b64uint(numbers.n),
+            "e": _b64uint(numbers.e),
+        }
+
+
+def new_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class LocalOIDCIssuer:
+    def __init__(self, *, realm: str = REALM, audience: str = AUDIENCE) -> None:
+        self.realm = realm
+        self.audience = audience
+        self.keys: list[SigningKey] = [SigningKey(secrets.token_urlsafe(16), new_rsa_key())]
+        self.active_kid = self.keys[0].kid
+        # Keycloak publishes an encryption key in the same JWKS; verifiers must skip it.
+        self.enc_key = SigningKey(secrets.token_urlsafe(16), new_rsa_key(), use="enc")
+        self.jwks_fetches = 0
+        self.discovery_fetches = 0
+        self.token_requests = 0
+        self.device_pending_polls = 0
+        # Tests may set this to publish a discovery document that names another issuer.
+        self.discovery_issuer_override: str | None = None
+        self._devices: dict[str, int] = {}
+        self._refresh_tokens: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> LocalOIDCIssuer:
+        issuer = self
+
+        class Handler(_Handler):
+            owner = issuer
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def restart(self) -> LocalOIDCIssuer:
+        self.stop()
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def issuer(self) -> str:
+        return f"{self.base_url}/realms/{self.realm}"
+
+    def __enter__(self) -> LocalOIDCIssuer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def rotate(self) -> str:
+        """Add a new active key; earlier keys stay in the JWKS as passive. Returns the new kid."""
+        key = SigningKey(secrets.token_urlsafe(16), new_rsa_key())
+        with self._lock:
+            self.keys.append(key)
+            self.active_kid = key.kid
+        return key.kid
+
+    def retire(self, kid: str) -> None:
+        """Remove a key from the JWKS (tokens it signed must stop validating)."""
+        with self._lock:
+            self.keys = [k for k in self.keys if k.kid != kid]
+
+    def key(self, kid: str | None = None) -> SigningKey:
+        kid = kid or self.active_kid
+        return next(k for k in [*self.keys, self.enc_key] if k.kid == kid)
+
+    def jwks(self) -> dict[str, Any]:
+        with self._lock:
+            return {"keys": [k.jwk() for k in self.keys] + [self.enc_key.jwk()]}
+
+    def public_key_pem(self, kid: str | None = None) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self.key(kid).private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    def claims(
+        self,
+        *,
+        username: str = "jdoe",
+        realm_roles: Iterable[str] = ("llm-user",),
+        groups: Iterable[str] = ("office-a",),
+        client_id: str = "agencyllm-cli",
+        lifetime: int = 300,
+        now: float | None = None,
+    ) -> dict[str, Any]:
+        """Claims laid out like a Keycloak 26 access token."""
+        issued = int(now if now is not None else time.time())
+        return {
+            "exp": issued + lifetime,
+            "iat": issued,
+            "auth_time": issued,
+            "jti": f"onrtac:{uuid.uuid4()}",
+            "iss": self.issuer,
+            "aud": [self.audience, "account"],
+            "sub": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.realm}/{username}")),
+            "typ": "Bearer",
+            "azp": client_id,
+            "sid": str(uuid.uuid4()),
+            "acr": "1",
+            "allowed-origins": ["/*"],
+            "realm_access": {"roles": ["default-roles-" + self.realm, "offline_access", *realm_roles]},
+            "resource_access": {"account": {"roles": ["manage-account", "view-profile"]}},
+            "scope": "openid profile email",
+            "email_verified": True,
+            "name": f"{username.title()} Example",
+            "preferred_username": username,
+            "given_name": username.title(),
+            "family_name": "Example",
+            "email": f"{username}@agency.example",
+            "groups": list(groups),
+        }
+
+    def mint(
+        self,
+        *,
+        drop: Iterable[str] = (),
+        claims: dict[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        kid: str | None = None,
+        signing_key: rsa.RSAPrivateKey | None = None,
+        alg: str = "RS256",
+        username: str = "jdoe",
+        realm_roles: Iterable[str] = ("llm-user",),
+        groups: Iterable[str] = ("office-a",),
+        client_id: str = "agencyllm-cli",
+        lifetime: int = 300,
+        now: float | None = None,
+        **overrides: Any,
+    ) -> str:
+        """A signed access token. `overrides` replace claims (use `claims=` for names like
+        "allowed-origins"); `drop` removes claims; `kid`/`signing_key`/`headers` shape the header."""
+        payload = self.claims(
+            username=username, realm_roles=realm_roles, groups=groups,
+            client_id=client_id, lifetime=lifetime, now=now,
+        )
+        payload.update(claims or {})
+        payload.update(overrides)
+        for name in drop:
+            payload.pop(name, None)
+        key_id = kid or self.active_kid
+        if signing_key is None:
+            # An unpublished kid is signed with the active key: only the kid is unknown.
+            published = {k.kid: k for k in self.keys}
+            signing_key = (published.get(key_id) or published[self.active_kid]).private_key
+        header = {"alg": alg, "typ": "JWT", "kid": key_id, **(headers or {})}
+        return jwt.encode(payload, signing_key, algorithm=alg, headers=header)
+
+    # -- HTTP endpoints -----------------------------------------------------------------------
+
+    def discovery_document(self) -> dict[str, Any]:
+        oidc = f"{self.issuer}/protocol/openid-connect"
+        return {
+            "issuer": self.discovery_issuer_override or self.issuer,
+            "authorization_endpoint": f"{oidc}/auth",
+            "token_endpoint": f"{oidc}/token",
+            "introspection_endpoint": f"{oidc}/token/introspect",
+            "userinfo_endpoint": f"{oidc}/userinfo",
+            "end_session_endpoint": f"{oidc}/logout",
+            "jwks_uri": f"{oidc}/certs",
+            "device_authorization_endpoint": f"{oidc}/auth/device",
+            "grant_types_supported": [
+                "authorization_code", "refresh_token", "client_credentials",
+                "urn:ietf:params:oauth:grant-type:device_code",
+            ],
+            "id_token_signing_alg_values_supported": ["RS256", "PS256", "ES256"],
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public", "pairwise"],
+            "scopes_supported": ["openid", "basic", "roles", "profile", "email", "groups", "agencyllm"],
+        }
+
+    def _issue(self, client_id: str, username: str | None = None) -> dict[str, Any]:
+        if username is None:  # client credentials: Keycloak's service-account token layout
+            access = self.mint(username=f"service-account-{client_id}", client_id=client_id, groups=())
+        else:
+            access = self.mint(username=username, client_id=client_id)
+        refresh = secrets.token_urlsafe(32)
+        with self._lock:
+            self._refresh_tokens[refresh] = {"client_id": client_id, "username": username}
+        return {
+            "access_token": access,
+            "expires_in": 300,
+            "refresh_expires_in": 1800,
+            "refresh_token": refresh,
+            "token_type": "Bearer",
+            "not-before-policy": 0,
+            "session_state": str(uuid.uuid4()),
+            "scope": "openid profile email",
+        }
+
+    def handle_device(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if not form.get("client_id"):
+            return 400, {"error": "invalid_client"}
+        code = secrets.token_urlsafe(24)
+        with self._lock:
+            self._devices[code] = 0
+        user_code = "ABCD-EFGH"
+        verify_uri = f"{self.issuer}/device"
+        return 200, {
+            "device_code": code,
+            "user_code": user_code,
+            "verification_uri": verify_uri,
+            "verification_uri_complete": f"{verify_uri}?user_code={user_code}",
+            "expires_in": 600,
+            "interval": 5,
+        }
+
+    def handle_token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            self.token_requests += 1
+        grant = form.get("grant_type")
+        client_id = form.get("client_id", "")
+        if grant == "urn:ietf:params:oauth:grant-type:device_code":
+            code = form.get("device_code", "")
+            with self._lock:
+                if code not in self._devices:
+                    return 400, {"error": "invalid_grant"}
+                polls = self._devices[code]
+                self._devices[code] = polls + 1
+                if polls < self.device_pending_polls:
+                    return 400, {"error": "authorization_pending"}
+                del self._devices[code]
+            return 200, self._issue(client_id, "jdoe")
+        if grant == "refresh_token":
+            with self._lock:
+                session = self._refresh_tokens.pop(form.get("refresh_token", ""), None)
+            if session is None or session["client_id"] != client_id:
+                return 400, {"error": "invalid_grant", "error_description": "Invalid refresh token"}
+            return 200, self._issue(client_id, session["username"])
+        if grant == "client_credentials":
+            return 200, self._issue(client_id)
+        return 400, {"error": "unsupported_grant_type"}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: LocalOIDCIssuer
+
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        owner = self.owner
+        path = urlsplit(self.path).path
+        prefix = f"/realms/{owner.realm}"
+        if path == f"{prefix}/.well-known/openid-configuration":
+            with owner._lock:
+                owner.discovery_fetches += 1
+            self._send(200, owner.discovery_document())
+        elif path == f"{prefix}/protocol/openid-connect/certs":
+            with owner._lock:
+                owner.jwks_fetches += 1
+            self._send(200, owner.jwks())
+        else:
+            self._send(404, {"error": "not_found"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        owner = self.owner
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = parse_qs(self.rfile.read(length).decode(), keep_blank_values=True)
+        form = {k: v[0] for k, v in raw.items()}
+        path = urlsplit(self.path).path
+        prefix = f"/realms/{owner.realm}/protocol/openid-connect"
+        if path == f"{prefix}/auth/device":
+            self._send(*owner.handle_device(form))
+        elif path == f"{prefix}/token":
+            self._send(*owner.handle_token(form))
+        else:
+            self._send(404, {"error": "not_found"})
+
+
+@pytest.fixture(scope="session")
+def oidc_issuer() -> Iterator[LocalOIDCIssuer]:
+    """Shared issuer for the whole session: do not rotate or stop it (use `fresh_oidc_issuer`)."""
+    issuer = LocalOIDCIssuer().start()
+    yield issuer
+    issuer.stop()
+
+
+@pytest.fixture
+def fresh_oidc_issuer() -> Iterator[LocalOIDCIssuer]:
+    """A private issuer for tests that rotate keys or take it down."""
+    issuer = LocalOIDCIssuer().start()
+    yield issuer
+    issuer.stop()

@@ -1,0 +1,300 @@
+"""Quota ledger semantics on a real Postgres: windows, limits, settlement, reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from pg import fixtures_unless_conftest_has_them, set_user_policy
+
+from agencyllm.quotas.db import Database
+from agencyllm.quotas.ledger import AdmissionRefused, Ledger, Reservation, ReservationRequest
+
+globals().update(fixtures_unless_conftest_has_them())
+
+_ids = itertools.count()
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def request(tenant: str, *, subject: str = "alice", prompt: int = 10, max_tokens: int | None = 90,
+            model: str = "m", context: int = 4096, endpoint: str = "chat") -> ReservationRequest:
+    return ReservationRequest(
+        request_id=f"req-{next(_ids)}-{tenant}", tenant=tenant, subject=subject, username=subject,
+        key_id=None, model=model, endpoint=endpoint, prompt_tokens=prompt, max_tokens=max_tokens,
+        context_length=context)
+
+
+async def settle(ledger: Ledger, r: Reservation, completion: int, status: str = "ok") -> None:
+    prompt = r.reserved_tokens - r.max_tokens
+    await ledger.settle(r, prompt_tokens=prompt, completion_tokens=completion, status=status,
+                        ttft_ms=1.0, latency_ms=2.0)
+
+
+async def counters(db: Database, tenant: str, subject: str = "") -> dict:
+    pool = await db.pool()
+    row = await pool.fetchrow(
+        "SELECT c.* FROM quota_counters c JOIN tenants t ON t.id = c.tenant_id"
+        " WHERE t.name = $1 AND c.subject = $2", tenant, subject)
+    return dict(row) if row else {}
+
+
+async def ledger_rows(db: Database, tenant: str) -> list[dict]:
+    pool = await db.pool()
+    rows = await pool.fetch(
+        "SELECT u.* FROM usage_ledger u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1",
+        tenant)
+    return [dict(r) for r in rows]
+
+
+async def refused(ledger: Ledger, req: ReservationRequest) -> AdmissionRefused:
+    with pytest.raises(AdmissionRefused) as caught:
+        await ledger.reserve(req)
+    return caught.value
+
+
+async def test_day_window_in_local_time_zone(pg_db, make_tenant):
+    tz = ZoneInfo("Asia/Tokyo")
+    tenant = await make_tenant(tokens_per_day=1000)
+    clock = Clock(datetime(2026, 3, 10, 23, 59, 0, tzinfo=tz))
+    ledger = Ledger(pg_db, timezone="Asia/Tokyo", clock=clock)
+
+    r = await ledger.reserve(request(tenant, prompt=100, max_tokens=700))
+    assert r.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert r.headers["x-ratelimit-remaining-tokens"] == "200"
+    assert r.headers["x-ratelimit-reset-tokens"] == "1m0s"
+    await settle(ledger, r, completion=700)
+
+    err = await refused(ledger, request(tenant, prompt=100, max_tokens=200))
+    assert (err.status, err.type, err.code) == (429, "insufficient_quota", "tokens_per_day")
+    assert err.retry_after == pytest.approx(60)
+    assert err.headers["retry-after"] == "60"
+
+    clock.now = datetime(2026, 3, 11, 0, 0, 1, tzinfo=tz)  # local midnight (15:00 UTC)
+    r = await ledger.reserve(request(tenant, prompt=100, max_tokens=200))
+    assert r.headers["x-ratelimit-remaining-tokens"] == "700"
+    await settle(ledger, r, completion=50)
+    c = await counters(pg_db, tenant)
+    assert (c["day_charged"], c["day_reserved"], c["in_flight"]) == (150, 0, 0)
+
+
+async def test_utc_midnight_is_not_a_boundary_in_another_zone(pg_db, make_tenant):
+    tenant = await make_tenant(tokens_per_day=500)
+    clock = Clock(datetime(2026, 6, 1, 23, 59, tzinfo=UTC))  # 19:59 in New York
+    ledger = Ledger(pg_db, timezone="America/New_York", clock=clock)
+    await settle(ledger, await ledger.reserve(request(tenant, prompt=100, max_tokens=300)), 300)
+    clock.advance(minutes=2)  # 00:01 UTC, still 20:01 in New York
+    err = await refused(ledger, request(tenant, prompt=100, max_tokens=200))
+    assert err.retry_after == pytest.approx(4 * 3600 - 60)  # New York midnight is 04:00 UTC
+
+
+async def test_calendar_month_not_thirty_days(pg_db, make_tenant):
+    tz = ZoneInfo("Europe/Berlin")
+    tenant = await make_tenant(tokens_per_month=1000)
+    clock = Clock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=tz))
+    ledger = Ledger(pg_db, timezone="Europe/Berlin", clock=clock)
+    await settle(ledger, await ledger.reserve(request(tenant, prompt=100, max_tokens=800)), 800)
+
+    clock.now = datetime(2026, 1, 31, 23, 59, 59, tzinfo=tz)  # 31 days later, same month
+    err = await refused(ledger, request(tenant, prompt=100, max_tokens=200))
+    assert (err.code, err.retry_after) == ("tokens_per_month", pytest.approx(1))
+
+    clock.now = datetime(2026, 2, 1, 0, 0, 0, tzinfo=tz)
+    r = await ledger.reserve(request(tenant, prompt=100, max_tokens=200))
+    assert r.headers["x-ratelimit-remaining-tokens"] == "700"
+    await settle(ledger, r, 0)
+
+
+async def test_window_boundary_between_reserve_and_settle_charges_reserving_window(
+        pg_db, make_tenant):
+    tenant = await make_tenant(tokens_per_day=1000)
+    clock = Clock(datetime(2026, 5, 5, 23, 59, 50, tzinfo=UTC))
+    ledger = Ledger(pg_db, clock=clock)
+    r = await ledger.reserve(request(tenant, prompt=100, max_tokens=800))
+    clock.advance(seconds=20)  # the next day
+    other = await ledger.reserve(request(tenant, prompt=100, max_tokens=800))
+    await settle(ledger, r, 800)
+    c = await counters(pg_db, tenant)
+    # Yesterday's request charged yesterday; today holds only today's open reservation.
+    assert (c["day_charged"], c["day_reserved"], c["in_flight"]) == (0, 900, 1)
+    rows = await ledger_rows(pg_db, tenant)
+    assert [row["total_tokens"] for row in rows] == [900]
+    await settle(ledger, other, 0)
+
+
+async def test_requests_per_minute(pg_db, make_tenant):
+    tenant = await make_tenant(requests_per_minute=3)
+    clock = Clock(datetime(2026, 7, 1, 12, 0, 15, tzinfo=UTC))
+    ledger = Ledger(pg_db, clock=clock)
+    for expected_left in (2, 1, 0):
+        r = await ledger.reserve(request(tenant))
+        assert r.headers["x-ratelimit-remaining-requests"] == str(expected_left)
+        assert r.headers["x-ratelimit-reset-requests"] == "45s"
+        await settle(ledger, r, 5)
+    err = await refused(ledger, request(tenant))
+    assert (err.status, err.type, err.code) == (429, "rate_limit_exceeded", "requests_per_minute")
+    assert err.retry_after == pytest.approx(45)
+    clock.advance(seconds=45)
+    await settle(ledger, await ledger.reserve(request(tenant)), 5)
+
+
+async def test_concurrency_slot_freed_at_settle(pg_db, make_tenant):
+    tenant = await make_tenant(max_concurrent_requests=2)
+    ledger = Ledger(pg_db)
+    first = await ledger.reserve(request(tenant))
+    second = await ledger.reserve(request(tenant))
+    err = await refused(ledger, request(tenant))
+    assert (err.status, err.type, err.code, err.retry_after) == (
+        429, "rate_limit_exceeded", "max_concurrent_requests", None)
+    # The client disconnects: the ingress settles what was generated so far, at once.
+    await settle(ledger, first, 3, status="cancelled")
+    third = await ledger.reserve(request(tenant))
+    for r in (second, third):
+        await settle(ledger, r, 1)
+    assert (await counters(pg_db, tenant))["in_flight"] == 0
+
+
+async def test_cancelled_settle_still_completes(pg_db, make_tenant):
+    tenant = await make_tenant(max_concurrent_requests=1)
+    ledger = Ledger(pg_db)
+    r = await ledger.reserve(request(tenant))
+    task = asyncio.ensure_future(settle(ledger, r, 1, status="cancelled"))
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.sleep(0.2)
+    assert (await counters(pg_db, tenant))["in_flight"] == 0
+    assert len(await ledger_rows(pg_db, tenant)) == 1
+
+
+async def test_reaper_settles_dead_ingress(pg_url, pg_db, make_tenant):
+    tenant = await make_tenant(tokens_per_day=10_000, max_concurrent_requests=5)
+    clock = Clock(datetime(2026, 8, 1, 9, 0, tzinfo=UTC))
+    dead_db = Database(pg_url, pool_size=2)
+    dead = Ledger(dead_db, lease_seconds=30, clock=clock)
+    orphan = await dead.reserve(request(tenant, prompt=100, max_tokens=400))
+    kept = await dead.reserve(request(tenant, prompt=100, max_tokens=400))
+    await dead_db.dispose()  # the ingress replica dies mid-request
+
+    survivor = Ledger(pg_db, lease_seconds=30, clock=clock)
+    clock.advance(seconds=20)
+    await survivor.renew([kept])  # still owned by a live ingress (in the test: renewed)
+    assert await survivor.reap() == 0
+    clock.advance(seconds=15)  # orphan's lease (30 s) is over, kept's runs to 50 s
+    assert await survivor.reap() == 1
+
+    rows = await ledger_rows(pg_db, tenant)
+    assert [(r["request_id"], r["status"], r["total_tokens"], r["completion_tokens"])
+            for r in rows] == [(orphan.request_id, "expired", 500, 400)]
+    assert rows[0]["latency_ms"] == pytest.approx(35_000)
+    c = await counters(pg_db, tenant)
+    assert (c["day_charged"], c["day_reserved"], c["in_flight"]) == (500, 500, 1)
+    await settle(survivor, orphan, 1)  # the dead ingress' late settle is a no-op
+    await settle(survivor, kept, 10)
+    c = await counters(pg_db, tenant)
+    assert (c["day_charged"], c["day_reserved"], c["in_flight"]) == (610, 0, 0)
+
+
+async def test_suspended_tenant_forbidden(pg_db, make_tenant):
+    tenant = await make_tenant(status="suspended")
+    err = await refused(Ledger(pg_db), request(tenant))
+    assert (err.status, err.type, err.code) == (403, "permission_error", "tenant_suspended")
+
+
+async def test_unknown_tenant(pg_db):
+    err = await refused(Ledger(pg_db), request("no-such-tenant"))
+    assert (err.status, err.code) == (404, "tenant_not_found")
+
+
+async def test_allowed_models_with_user_override(pg_db, make_tenant):
+    tenant = await make_tenant(allowed_models=["small"])
+    ledger = Ledger(pg_db)
+    err = await refused(ledger, request(tenant, model="large"))
+    assert (err.status, err.code, err.param) == (403, "model_not_allowed", "model")
+    await settle(ledger, await ledger.reserve(request(tenant, model="small")), 1)
+    await set_user_policy(pg_db, tenant, "bob", allowed_models=["small", "large"])
+    await settle(ledger, await ledger.reserve(request(tenant, subject="bob", model="large")), 1)
+
+
+async def test_max_tokens_cap_mode(pg_db, make_tenant):
+    tenant = await make_tenant(max_tokens_per_request=256)
+    ledger = Ledger(pg_db)
+    r = await ledger.reserve(request(tenant, prompt=10, max_tokens=1000))
+    assert (r.max_tokens, r.reserved_tokens) == (256, 266)
+    await settle(ledger, r, 256)
+    r = await ledger.reserve(request(tenant, prompt=10, max_tokens=None, context=100))
+    assert r.max_tokens == 90  # unset: the rest of the context, under the cap
+    await settle(ledger, r, 0)
+
+
+async def test_max_tokens_reject_mode(pg_db, make_tenant):
+    tenant = await make_tenant(max_tokens_per_request=256, max_tokens_mode="reject")
+    ledger = Ledger(pg_db)
+    err = await refused(ledger, request(tenant, max_tokens=257))
+    assert (err.status, err.type, err.param) == (400, "invalid_request_error", "max_tokens")
+    r = await ledger.reserve(request(tenant, max_tokens=None))  # nothing asked: capped
+    assert r.max_tokens == 256
+    await settle(ledger, r, 0)
+    assert len(await ledger_rows(pg_db, tenant)) == 1
+
+
+async def test_context_length_exceeded(pg_db, make_tenant):
+    tenant = await make_tenant()
+    err = await refused(Ledger(pg_db), request(tenant, prompt=4096, context=4096))
+    assert (err.status, err.code) == (400, "context_length_exceeded")
+
+
+async def test_settle_is_idempotent(pg_db, make_tenant):
+    tenant = await make_tenant(tokens_per_day=1000)
+    ledger = Ledger(pg_db)
+    r = await ledger.reserve(request(tenant, prompt=10, max_tokens=90))
+    await settle(ledger, r, 40)
+    await settle(ledger, r, 90)
+    rows = await ledger_rows(pg_db, tenant)
+    assert [(x["prompt_tokens"], x["completion_tokens"], x["status"]) for x in rows] == [
+        (10, 40, "ok")]
+    c = await counters(pg_db, tenant)
+    assert (c["day_charged"], c["day_reserved"], c["in_flight"]) == (50, 0, 0)
+
+
+async def test_user_override_and_tenant_sum(pg_db, make_tenant):
+    tenant = await make_tenant(tokens_per_day=1000)
+    await set_user_policy(pg_db, tenant, "alice", tokens_per_day=300)
+    ledger = Ledger(pg_db)
+    await settle(ledger, await ledger.reserve(request(tenant, prompt=100, max_tokens=200)), 200)
+    err = await refused(ledger, request(tenant, prompt=1, max_tokens=1))
+    assert (err.code, "your user" in err.message) == ("tokens_per_day", True)
+    # Bob has no override: only the tenant's budget (700 left) limits him.
+    await settle(ledger, await ledger.reserve(request(tenant, subject="bob", prompt=100,
+                                                      max_tokens=500)), 500)
+    err = await refused(ledger, request(tenant, subject="carol", prompt=100, max_tokens=50))
+    assert (err.code, f"tenant '{tenant}'" in err.message) == ("tokens_per_day", True)
+
+    left = await ledger.remaining(tenant, "alice")
+    assert left["tenant_limits"]["tokens_per_day"] | {"resets_at": None} == {
+        "limit": 1000, "used": 900, "reserved": 0, "remaining": 100, "resets_at": None}
+    assert left["user_limits"]["tokens_per_day"]["remaining"] == 0
+    assert left["user_limits"]["tokens_per_month"]["limit"] is None
+
+
+async def test_reserve_cancelled_midway_releases(pg_db, make_tenant):
+    tenant = await make_tenant(max_concurrent_requests=1)
+    ledger = Ledger(pg_db)
+    task = asyncio.ensure_future(ledger.reserve(request(tenant)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.3)
+    assert (await counters(pg_db, tenant)).get("in_flight", 0) == 0

@@ -1,0 +1,98 @@
+"""Models configuration, the placeholder model and the engine configs derived from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agencyllm.serving.config import ConfigError, load_config, single_model_config
+from agencyllm.serving.engines import llm_config
+from agencyllm.serving.placeholder import HIDDEN, HEADS, is_placeholder, write_placeholder_model
+from agencyllm.serving.streaming import StreamUsage, split_events
+
+
+@pytest.fixture(scope="module")
+def placeholder(tmp_path_factory) -> Path:
+    return write_placeholder_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def test_placeholder_is_deterministic_and_loadable(placeholder, tmp_path):
+    again = write_placeholder_model(tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (placeholder / "model.safetensors").read_bytes()
+    config = json.loads((placeholder / "config.json").read_text())
+    assert config["hidden_size"] // config["num_attention_heads"] == HIDDEN // HEADS >= 64
+    assert is_placeholder(placeholder)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(placeholder), local_files_only=True)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "héllo ✓"}], tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True).count("héllo ✓") == 1
+
+
+def test_yaml_config_roundtrip(placeholder, tmp_path):
+    file = tmp_path / "models.yaml"
+    file.write_text(
+        f"""
+models:
+  - id: office-assistant
+    path: {placeholder}
+    engine_args: {{max_model_len: 512}}
+    replicas: 2
+    accelerator: {{type: L4, gpus: 1}}
+"""
+    )
+    config = load_config(file)
+    spec = config.models[0]
+    assert spec.replicas.min == spec.replicas.max == 2
+    assert spec.context_length() == 512
+    gpu = llm_config(spec, cpu=False)
+    assert gpu.accelerator_type == "L4"
+    assert gpu.experimental_configs["stream_batching_interval_ms"] == 0
+    cpu = llm_config(spec, cpu=True)
+    assert cpu.engine_kwargs["dtype"] == "float32" and cpu.accelerator_type is None
+    assert cpu.runtime_env["env_vars"]["VLLM_NO_USAGE_STATS"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "named"),
+    [
+        ("models: []", "models"),
+        ("models:\n  - id: a\n    path: /nowhere", "models.0.path"),
+        ("models:\n  - id: a\n    path: {p}\n    replicas: {{min: 3, max: 1}}", "models.0.replicas"),
+        ("models:\n  - id: a\n    path: {p}\n    tasks: generate", "models.0.tasks"),
+        ("models:\n  - id: a\n    path: {p}\n  - id: a\n    path: {p}", "unique"),
+        ("models:\n  - id: 'bad id!'\n    path: {p}", "models.0.id"),
+        ("models: [", "not valid YAML"),
+    ],
+)
+def test_invalid_config_names_the_field(placeholder, tmp_path, yaml_text, named):
+    file = tmp_path / "models.yaml"
+    file.write_text(yaml_text.format(p=placeholder))
+    with pytest.raises(ConfigError) as err:
+        load_config(file)
+    assert named in str(err.value)
+
+
+def test_single_model_directory_uses_its_name(placeholder):
+    assert single_model_config(placeholder).models[0].id == "tiny"
+    with pytest.raises(ConfigError):
+        single_model_config(placeholder.parent / "missing")
+
+
+def test_stream_usage_strips_usage_chunk_and_counts():
+    usage = StreamUsage()
+    events = split_events(
+        [
+            'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
+            'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n',
+            "data: [DONE]\n\n",
+        ]
+    )
+    kept = [e for e in events if usage.observe(e)]
+    assert len(kept) == 2 and "usage" not in "".join(kept)
+    assert (usage.prompt_tokens, usage.best_completion_tokens()) == (3, 2)
