@@ -1,7 +1,7 @@
 """Quota ledger benchmark on the embedded Postgres: reserve+settle throughput (100 tenants; one
 hot tenant) and the latency a request pays at a fixed 200 req/s.
 
-Run from the repository root:  python -m bench.quota_bench [--seconds 10] [--concurrency 32]
+Run from the repository root:  python -m bench.quota_bench [--seconds 10] [--loop asyncio]
 Prints a table; writes bench/results/quota.json."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import sys
@@ -17,6 +18,8 @@ import time
 import uuid
 from itertools import count
 from pathlib import Path
+
+import psutil
 
 from agencyllm.quotas.db import Database, EmbeddedPostgres, upgrade_schema
 from agencyllm.quotas.ledger import Ledger, ReservationRequest
@@ -56,8 +59,36 @@ async def one(ledger: Ledger, tenant: str, user: int) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
-async def throughput(ledger: Ledger, tenants: list[str], seconds: float,
-                     concurrency: int) -> dict[str, float]:
+class CpuMeter:
+    """CPU seconds used by this process and by the Postgres server (postmaster and children):
+    a cost per request that does not depend on what else the host is running."""
+
+    def __init__(self, postmaster_pid: int | None) -> None:
+        self._postmaster = psutil.Process(postmaster_pid) if postmaster_pid else None
+
+    def _postgres_seconds(self) -> float:
+        if self._postmaster is None:
+            return 0.0
+        total = 0.0
+        for proc in [self._postmaster, *self._postmaster.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+    def sample(self) -> tuple[float, float]:
+        return time.process_time(), self._postgres_seconds()
+
+    def per_request_us(self, before: tuple[float, float], requests: int) -> dict[str, int]:
+        client, postgres = (after - start for after, start in zip(self.sample(), before))
+        return {"client_cpu_us": round(client / requests * 1e6),
+                "postgres_cpu_us": round(postgres / requests * 1e6)}
+
+
+async def throughput(ledger: Ledger, tenants: list[str], seconds: float, concurrency: int,
+                     cpu: CpuMeter) -> dict[str, float]:
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -69,10 +100,12 @@ async def throughput(ledger: Ledger, tenants: list[str], seconds: float,
             done += 1
             i += concurrency
 
+    cpu_before = cpu.sample()
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - started
-    return {"requests": done, "seconds": round(elapsed, 2), "req_per_s": round(done / elapsed)}
+    return {"requests": done, "seconds": round(elapsed, 2), "req_per_s": round(done / elapsed),
+            **cpu.per_request_us(cpu_before, done)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,37 +140,73 @@ async def fixed_rate(ledger: Ledger, tenants: list[str], rate: float,
     }
 
 
-async def run(url: str, seconds: float, concurrency: int) -> dict:
+async def run(url: str, seconds: float, concurrency: int, phases: list[str],
+              cpu: CpuMeter) -> dict:
     db = Database(url, pool_size=concurrency)
     ledger = Ledger(db)
     spread = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(100)]
     hot = [f"bench-hot-{uuid.uuid4().hex[:6]}"]
     await create_tenants(db, spread + hot)
-    await throughput(ledger, spread, 2, concurrency)  # warm up: pool, prepared statements
-    results = {
-        "spread_100_tenants": await throughput(ledger, spread, seconds, concurrency),
-        "hot_tenant": await throughput(ledger, hot, seconds, concurrency),
-        "latency_at_200_rps": await fixed_rate(ledger, spread, 200, seconds),
-    }
+    await throughput(ledger, spread, 2, concurrency, cpu)  # warm up: pool, prepared statements
+    results = {}
+    if "throughput" in phases:
+        results["spread_100_tenants"] = await throughput(ledger, spread, seconds, concurrency,
+                                                         cpu)
+        results["hot_tenant"] = await throughput(ledger, hot, seconds, concurrency, cpu)
+        # What autovacuum would do at some point anyway, so it does not land inside the next
+        # phase's 10 seconds.
+        pool = await db.pool()
+        await pool.execute("VACUUM (ANALYZE) quota_counters, quota_reservations, usage_ledger")
+    if "latency" in phases:
+        results["latency_at_200_rps"] = await fixed_rate(ledger, spread, 200, seconds)
     await db.dispose()
     return results
 
 
 def print_table(results: dict) -> None:
-    spread, hot, lat = (results["spread_100_tenants"], results["hot_tenant"],
-                        results["latency_at_200_rps"])
-    rows = [
-        ("reserve+settle throughput, 100 tenants", f"{spread['req_per_s']} req/s", ">= 2000 req/s"),
-        ("reserve+settle throughput, 1 hot tenant", f"{hot['req_per_s']} req/s", ">= 500 req/s"),
-        ("reserve latency p50 / p99 @ 200 req/s",
-         f"{lat['reserve_p50_ms']} / {lat['reserve_p99_ms']} ms", ""),
-        ("reserve+settle latency p50 / p99 @ 200 req/s",
-         f"{lat['reserve_settle_p50_ms']} / {lat['reserve_settle_p99_ms']} ms", "p99 <= 5 ms"),
-    ]
+    rows = []
+    if "spread_100_tenants" in results:
+        rows += [
+            ("reserve+settle throughput, 100 tenants",
+             f"{results['spread_100_tenants']['req_per_s']} req/s", ">= 2000 req/s"),
+            ("reserve+settle throughput, 1 hot tenant",
+             f"{results['hot_tenant']['req_per_s']} req/s", ">= 500 req/s"),
+        ]
+        spread = results["spread_100_tenants"]
+        if spread["postgres_cpu_us"]:
+            cores = os.cpu_count() or 1
+            bound = round(cores * 1e6 / (spread["client_cpu_us"] + spread["postgres_cpu_us"]))
+            rows.append(("CPU per reserve+settle (client + postgres)",
+                         f"{spread['client_cpu_us']} + {spread['postgres_cpu_us']} us",
+                         f"CPU bound: ~{bound} req/s on {cores} cores"))
+    if "latency_at_200_rps" in results:
+        lat = results["latency_at_200_rps"]
+        rows += [
+            ("reserve latency p50 / p99 @ 200 req/s",
+             f"{lat['reserve_p50_ms']} / {lat['reserve_p99_ms']} ms", ""),
+            ("reserve+settle latency p50 / p99 @ 200 req/s",
+             f"{lat['reserve_settle_p50_ms']} / {lat['reserve_settle_p99_ms']} ms",
+             "p99 <= 5 ms"),
+        ]
     width = max(len(r[0]) for r in rows)
-    print(f"| {'measure'.ljust(width)} | {'result':>16} | target")
+    print(f"| {'measure'.ljust(width)} | {'result':>18} | target")
     for name, value, target in rows:
-        print(f"| {name.ljust(width)} | {value:>16} | {target}")
+        print(f"| {name.ljust(width)} | {value:>18} | {target}")
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+
+
+def loop_factory(name: str):
+    """uvloop (default when installed): what uvicorn, and so the Ray Serve ingress, runs on."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def main() -> None:
@@ -145,27 +214,39 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--database-url", help="use this Postgres instead of an embedded one")
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--phases", nargs="+", choices=["throughput", "latency"],
+                        default=["throughput", "latency"])
     args = parser.parse_args()
 
+    load_before = os.getloadavg()  # the machine may be shared: record how busy it was
+    if args.loop == "uvloop" and loop_factory("uvloop") is None:
+        args.loop = "asyncio"
     data_dir = None if args.database_url else Path(tempfile.mkdtemp(prefix="agencyllm-bench-"))
     server = EmbeddedPostgres(data_dir) if data_dir else None
     try:
         url = args.database_url or server.start()
         upgrade_schema(url)
-        results = asyncio.run(run(url, args.seconds, args.concurrency))
+        with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+            cpu = CpuMeter(postmaster_pid(data_dir) if data_dir else None)
+            results = runner.run(run(url, args.seconds, args.concurrency, args.phases, cpu))
     finally:
         if server:
             server.stop()
     results["environment"] = {
-        "python": platform.python_version(), "cpus": __import__("os").cpu_count(),
+        "python": platform.python_version(), "event_loop": args.loop, "cpus": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
         "postgres": "embedded" if server else "external", "seconds": args.seconds,
-        "concurrency": args.concurrency, "command": "python -m bench.quota_bench "
-        + " ".join(sys.argv[1:]),
+        "concurrency": args.concurrency,
+        "command": " ".join(["python -m bench.quota_bench", *sys.argv[1:]]),
     }
     print_table(results)
+    # One entry per event loop, so runs with --loop uvloop and --loop asyncio sit side by side.
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    saved[args.loop] = results
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"saved {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
+    RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+    print(f"saved {RESULTS}")
 
 
 if __name__ == "__main__":

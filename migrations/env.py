@@ -16,9 +16,15 @@ config = context.config
 target_metadata = Base.metadata
 
 
+# Replicas starting together may all run `upgrade`: the first migrates, the others wait here
+# and then find the schema at head (one transaction: Postgres has transactional DDL).
+UPGRADE_LOCK_KEY = 0x61676C6D  # "aglm"
+
+
 def run_with(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
     with context.begin_transaction():
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
         context.run_migrations()
 
 

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
 log = logging.getLogger(__name__)
 
 DATABASE_NAME = "agencyllm"
+LEDGER_CONNECTIONS = 8
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -65,7 +66,7 @@ class Database:
         self.url = async_url(url)
         self.pool_size = pool_size
         self.engine: AsyncEngine = create_async_engine(
-            self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            self.url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True
         )
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
@@ -77,8 +78,10 @@ class Database:
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
+                    # The ledger batches its calls: a few connections carry any load.
                     self._pool = await asyncpg.create_pool(
-                        min_size=1, max_size=self.pool_size, **asyncpg_connect_args(self.url)
+                        min_size=1, max_size=min(self.pool_size, LEDGER_CONNECTIONS),
+                        **asyncpg_connect_args(self.url),
                     )
         return self._pool
 

@@ -1,7 +1,8 @@
 """Admission (reserve) and settlement against the quota counters in Postgres.
 
-Every call is one statement (a plpgsql function from migration 0001) on the raw asyncpg pool,
-in its own transaction: one round trip per reserve and per settle. See docs/quotas.md."""
+Each reserve and settle is one call of a plpgsql function (migration 0001) in one transaction,
+over the raw asyncpg pool; concurrent calls share a statement (quotas/batching.py), so a request
+costs at most one round trip each way. Semantics and guarantees: docs/quotas.md."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from time import perf_counter
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
+
+import asyncpg
 
 from agencyllm.quotas.batching import Batcher
 from agencyllm.quotas.db import Database
@@ -140,8 +143,10 @@ _DIMENSION_TEXT = {
     "max_concurrent_requests": "concurrent-request limit",
 }
 
-_RESERVE_ARGS = ("$1, $2, $3, $4, $5::uuid, $6, $7, $8, $9, $10", "$11, $12, $13, $14, $15")
-_RESERVE_SQL = f"SELECT * FROM quota_reserve({_RESERVE_ARGS[0]}, {_RESERVE_ARGS[1]})"
+_RESERVE_SQL = (
+    "SELECT * FROM quota_reserve($1, $2, $3, $4, $5::uuid, $6, $7, $8, $9, $10, $11, $12, $13,"
+    " $14, $15)"
+)
 # A batch calls the same function once per row, in array order (sorted by tenant and subject:
 # every batch then takes counter-row locks in one global order, so batches cannot deadlock).
 _RESERVE_BATCH_SQL = (
@@ -211,6 +216,7 @@ class Ledger:
         self._clock = clock
         self._metrics = metrics or quota_metrics()
         self._background: set[asyncio.Task[None]] = set()
+        self._open: dict[int, Reservation] = {}  # admitted here, not yet settled: leases to renew
         self._reserver = Batcher(self._reserve_batch, self._reserve_one,
                                  max_in_flight=MAX_BATCHES_IN_FLIGHT,
                                  on_abandoned=self._release_abandoned, drop_cancelled=True)
@@ -219,7 +225,8 @@ class Ledger:
 
     async def reserve(self, req: ReservationRequest) -> Reservation:
         """Admit or refuse (AdmissionRefused). If the caller is cancelled while the admission is
-        in flight, a reservation made anyway is released at once, not left to the reaper."""
+        in flight, a reservation made anyway is released at once, not left to the reaper.
+        request_id must be new (asyncpg.UniqueViolationError otherwise)."""
         if req.endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint {req.endpoint!r}")
         if not req.subject:
@@ -235,7 +242,9 @@ class Ledger:
             self._metrics.refused(req.tenant, req.model, row["outcome"])
             raise self._refusal(req, row, windows)
         self._metrics.admitted(req.tenant, req.model)
-        return _reservation(req, row, windows)
+        reservation = _reservation(req, row, windows)
+        self._open[reservation.id] = reservation
+        return reservation
 
     def _release_abandoned(self, result: tuple[Any, Windows, ReservationRequest]) -> None:
         """Admitted after its caller went away: free the slot and budget now, not at lease end."""
@@ -317,21 +326,25 @@ class Ledger:
         a caller cancelled while waiting (client disconnect) does not abort it."""
         if status not in USAGE_STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        charged = await self._settler.submit(_Settlement(
+        self._open.pop(reservation.id, None)
+        await self._settler.submit(_Settlement(
             reservation, prompt_tokens, completion_tokens, status, ttft_ms, latency_ms))
-        if charged is None:
-            return
-        if prompt_tokens + completion_tokens > reservation.reserved_tokens:
-            log.warning("request %s used %d tokens, more than the %d reserved; charged %d",
-                        reservation.request_id, prompt_tokens + completion_tokens,
-                        reservation.reserved_tokens, charged)
-        self._metrics.tokens_charged(reservation.tenant, reservation.model, charged)
+
+    def _settled(self, s: _Settlement, charged: int | None) -> int | None:
+        if charged is not None:  # None: settled before (idempotent no-op)
+            used = s.prompt_tokens + s.completion_tokens
+            if used > s.reservation.reserved_tokens:
+                log.warning("request %s used %d tokens, more than the %d reserved; charged %d",
+                            s.reservation.request_id, used, s.reservation.reserved_tokens, charged)
+            self._metrics.tokens_charged(s.reservation.tenant, s.reservation.model, charged)
+        return charged
 
     async def _settle_one(self, s: _Settlement) -> int | None:
         pool = await self._db.pool()
-        return await pool.fetchval(_SETTLE_SQL, s.reservation.id, s.prompt_tokens,
-                                   s.completion_tokens, s.status, s.ttft_ms, s.latency_ms,
-                                   self._clock())
+        charged = await pool.fetchval(_SETTLE_SQL, s.reservation.id, s.prompt_tokens,
+                                      s.completion_tokens, s.status, s.ttft_ms, s.latency_ms,
+                                      self._clock())
+        return self._settled(s, charged)
 
     async def _settle_batch(self, items: list[_Settlement]) -> list[int | None]:
         order = _lock_order([(s.reservation.tenant, s.reservation.subject) for s in items])
@@ -342,7 +355,7 @@ class Ledger:
         rows = await pool.fetch(_SETTLE_BATCH_SQL, *columns, self._clock())
         results: list[int | None] = [None] * len(items)
         for position, row in zip(order, rows, strict=True):
-            results[position] = row[0]
+            results[position] = self._settled(items[position], row[0])
         return results
 
     async def renew(self, reservations: Iterable[Reservation]) -> None:
@@ -350,6 +363,24 @@ class Ledger:
         if ids:
             pool = await self._db.pool()
             await pool.execute(_RENEW_SQL, self._clock() + self.lease, ids)
+
+    @property
+    def open_reservations(self) -> list[Reservation]:
+        return list(self._open.values())
+
+    async def maintain(self, *, interval: float | None = None) -> None:
+        """Run for the life of the ingress (as a background task): renew the leases of this
+        process' open reservations and reap other processes' expired ones, every `interval`
+        seconds (default: a third of the lease, so two missed rounds still keep a lease)."""
+        period = interval if interval is not None else self.lease.total_seconds() / 3
+        while True:
+            try:
+                await self.renew(self.open_reservations)
+                if reaped := await self.reap():
+                    log.info("reaped %d expired reservations", reaped)
+            except (OSError, asyncpg.PostgresError) as exc:  # keep going through DB outages
+                log.warning("quota lease maintenance failed: %s", exc)
+            await asyncio.sleep(period)
 
     async def reap(self) -> int:
         """Settle every reservation whose lease ran out, charging it in full (its ingress died
@@ -378,16 +409,23 @@ class Ledger:
             counters = {c["subject"]: c for c in await conn.fetch(
                 "SELECT * FROM quota_counters WHERE tenant_id = $1 AND subject IN ($2, $3)",
                 found["id"], TENANT_SCOPE, subject or TENANT_SCOPE)}
-        tenant_policy, user_policy = policies.get(None), policies.get(subject) if subject else None
-        per_request = user_policy if user_policy and user_policy["max_tokens_per_request"] is not None \
-            else tenant_policy
-        allowed = (user_policy["allowed_models"] if user_policy and user_policy["allowed_models"]
-                   is not None else tenant_policy["allowed_models"] if tenant_policy else None)
+        tenant_policy = policies.get(None)
+        user_policy = policies.get(subject) if subject else None
+
+        def overriding(field: str) -> Any:  # the user's per-request field replaces the tenant's
+            for policy in (user_policy, tenant_policy):
+                if policy is not None and policy[field] is not None:
+                    return policy
+            return None
+
+        per_request = overriding("max_tokens_per_request")
+        models_from = overriding("allowed_models")
+        allowed = models_from["allowed_models"] if models_from else None
         result: dict[str, Any] = {
             "tenant": tenant,
             "status": found["status"],
             "timezone": self.timezone.key,
-            "max_tokens_per_request": per_request["max_tokens_per_request"] if per_request else None,
+            "max_tokens_per_request": per_request and per_request["max_tokens_per_request"],
             "max_tokens_mode": per_request["max_tokens_mode"] if per_request else "cap",
             "allowed_models": list(allowed) if allowed is not None else None,
             "tenant_limits": _dimensions(tenant_policy, counters.get(TENANT_SCOPE), windows),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Protocol
+from typing import Any, Protocol
 
 TOKENS_CHARGED = "agencyllm_tokens_charged_total"
 REQUESTS_ADMITTED = "agencyllm_requests_admitted_total"
@@ -32,18 +32,28 @@ class _PrometheusMetrics:
         self._admitted = Counter(REQUESTS_ADMITTED.removesuffix("_total"),
                                  "Requests admitted by the quota ledger", ["tenant", "model"])
         self._refused = Counter(REQUESTS_REFUSED.removesuffix("_total"),
-                                "Requests refused by the quota ledger", ["tenant", "model", "reason"])
+                                "Requests refused by the quota ledger",
+                                ["tenant", "model", "reason"])
         self._latency = Histogram(RESERVATION_SECONDS, "Time to admit (reserve) a request",
                                   buckets=RESERVATION_BUCKETS)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # .labels() costs a lock and a validation per call; this is on every request's path.
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def tokens_charged(self, tenant: str, model: str, tokens: int) -> None:
-        self._charged.labels(tenant, model).inc(tokens)
+        self._child(self._charged, tenant, model).inc(tokens)
 
     def admitted(self, tenant: str, model: str) -> None:
-        self._admitted.labels(tenant, model).inc()
+        self._child(self._admitted, tenant, model).inc()
 
     def refused(self, tenant: str, model: str, reason: str) -> None:
-        self._refused.labels(tenant, model, reason).inc()
+        self._child(self._refused, tenant, model, reason).inc()
 
     def reservation_seconds(self, seconds: float) -> None:
         self._latency.observe(seconds)

@@ -44,6 +44,8 @@ log = logging.getLogger("agencyllm.ingress")
 
 _EMBEDDING_REQUEST = TypeAdapter(EmbeddingRequest)
 _DONE = "data: [DONE]\n\n"
+# Ray Serve already answers with its own `x-request-id`; this one names the usage-ledger row.
+REQUEST_ID_HEADER = "x-agencyllm-request-id"
 
 ENDPOINTS = {
     "chat": lambda app: app.post("/v1/chat/completions", tags=["openai"]),
@@ -71,6 +73,7 @@ class AgencyIngress(OpenAiIngress):
         )
         self._authenticator = Authenticator(settings, self._database, verifier)
         self._metering = Metering(ledger, lease_seconds=settings.reservation_lease_seconds)
+        self._metering.start()
         self._app_state = {"settings": settings, "database": self._database, "ledger": ledger, "authenticator": self._authenticator}
 
     def _set_asgi_app(self, app) -> None:
@@ -79,6 +82,12 @@ class AgencyIngress(OpenAiIngress):
         for name, value in self._app_state.items():
             setattr(app.state, name, value)
         super()._set_asgi_app(app)
+
+    async def __del__(self) -> None:
+        # Replica shutdown: write the ledger rows still being settled, then let go of connections.
+        await self._metering.drain()
+        await self._authenticator.aclose()
+        await self._database.dispose()
 
     # ---- OpenAI routes -------------------------------------------------------------------
 
@@ -207,7 +216,7 @@ class AgencyIngress(OpenAiIngress):
         request_id = admitted.reservation.request_id
         if hasattr(body, "request_id"):
             body.request_id = request_id
-        headers = {"x-request-id": request_id, **admitted.reservation.headers}
+        headers = {REQUEST_ID_HEADER: request_id, **admitted.reservation.headers}
         handle = self._get_configured_serve_handle(body.model)
         upstream = getattr(handle, method).remote(body, None)
         try:

@@ -40,10 +40,10 @@ class Admitted:
 class Metering:
     def __init__(self, ledger: Ledger, *, lease_seconds: int) -> None:
         self._ledger = ledger
-        self._renew_every = max(lease_seconds / 3, 1.0)
+        self._every = max(lease_seconds / 3, 1.0)
         self._open: dict[str, Admitted] = {}
         self._settlements: set[asyncio.Task] = set()
-        self._renewer: asyncio.Task | None = None
+        self._upkeep: asyncio.Task | None = None
 
     async def admit(
         self,
@@ -81,7 +81,6 @@ class Metering:
             ) from None
         admitted = Admitted(reservation)
         self._open[request_id] = admitted
-        self._ensure_renewer()
         return admitted
 
     async def settle(self, admitted: Admitted, *, prompt_tokens: int, completion_tokens: int, status: str) -> None:
@@ -114,24 +113,27 @@ class Metering:
         # Left open: the lease lapses and the reaper settles it (the ledger row is written there).
         log.error("settlement failed for request %s; the reaper will settle it", admitted.reservation.request_id)
 
-    def _ensure_renewer(self) -> None:
-        if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+    def start(self) -> None:
+        """Keep this process's leases alive and settle the leases of processes that died."""
+        if self._upkeep is None or self._upkeep.done():
+            self._upkeep = asyncio.get_running_loop().create_task(self._upkeep_forever())
 
-    async def _renew_forever(self) -> None:
+    async def _upkeep_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._renew_every)
+            await asyncio.sleep(self._every)
             open_reservations = [a.reservation for a in self._open.values() if not a.settled]
-            if not open_reservations:
-                continue
             try:
-                await self._ledger.renew(open_reservations)
-            except Exception as exc:  # the next round retries; the lease outlives several rounds
-                log.warning("lease renewal failed: %s", type(exc).__name__)
+                if open_reservations:
+                    await self._ledger.renew(open_reservations)
+                reaped = await self._ledger.reap()
+                if reaped:
+                    log.warning("settled %d reservation(s) whose ingress stopped renewing them", reaped)
+            except Exception as exc:  # the next round retries; a lease outlives several rounds
+                log.warning("lease upkeep failed: %s", type(exc).__name__)
 
     async def drain(self) -> None:
         """Wait for pending settlements (graceful shutdown)."""
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
-        if self._renewer:
-            self._renewer.cancel()
+        if self._upkeep:
+            self._upkeep.cancel()

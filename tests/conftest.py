@@ -7,6 +7,7 @@ import asyncio
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -53,6 +54,13 @@ class RunningStack:
         import openai
 
         return openai.OpenAI(base_url=self.v1, api_key=api_key or self.api_key, max_retries=0, **kwargs)
+
+    @property
+    def serve_logs(self) -> Path:
+        """This session's Ray Serve logs (not /tmp/ray/session_latest: another Ray may be running)."""
+        import ray
+
+        return Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {self.admin_key}"}, timeout=30)

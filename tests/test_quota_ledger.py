@@ -291,10 +291,77 @@ async def test_user_override_and_tenant_sum(pg_db, make_tenant):
 async def test_reserve_cancelled_midway_releases(pg_db, make_tenant):
     tenant = await make_tenant(max_concurrent_requests=1)
     ledger = Ledger(pg_db)
-    task = asyncio.ensure_future(ledger.reserve(request(tenant)))
-    await asyncio.sleep(0)
-    task.cancel()
+    await settle(ledger, await ledger.reserve(request(tenant)), 1)  # creates the counter rows
+    pool = await pg_db.pool()
+    async with pool.acquire() as blocker:
+        # Hold the tenant's counter row so the admission waits inside Postgres.
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "SELECT 1 FROM quota_counters c JOIN tenants t ON t.id = c.tenant_id"
+            " WHERE t.name = $1 AND c.subject = '' FOR UPDATE", tenant)
+        task = asyncio.ensure_future(ledger.reserve(request(tenant)))
+        await asyncio.sleep(0.2)
+        task.cancel()  # the client goes away mid-admission
+        await tx.rollback()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.3)
-    assert (await counters(pg_db, tenant)).get("in_flight", 0) == 0
+    for _ in range(50):
+        rows = await ledger_rows(pg_db, tenant)
+        if len(rows) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(r["status"] for r in rows) == ["cancelled", "ok"]
+    assert (await counters(pg_db, tenant))["in_flight"] == 0
+
+
+async def test_maintain_renews_own_leases_and_reaps_others(pg_url, pg_db, make_tenant):
+    tenant = await make_tenant()
+    clock = Clock(datetime(2026, 9, 1, 8, 0, tzinfo=UTC))
+    live = Ledger(pg_db, lease_seconds=30, clock=clock)
+    dead_db = Database(pg_url, pool_size=1)
+    dead = Ledger(dead_db, lease_seconds=30, clock=clock)
+    mine = await live.reserve(request(tenant))
+    theirs = await dead.reserve(request(tenant))
+    await dead_db.dispose()
+    assert live.open_reservations == [mine]
+
+    keeper = asyncio.ensure_future(live.maintain(interval=0.05))
+    for _ in range(4):
+        clock.advance(seconds=20)
+        await asyncio.sleep(0.15)
+    keeper.cancel()
+    rows = await ledger_rows(pg_db, tenant)
+    assert [(r["request_id"], r["status"]) for r in rows] == [(theirs.request_id, "expired")]
+    await settle(live, mine, 5)
+    assert live.open_reservations == []
+
+
+async def test_metrics_count_admissions_refusals_and_tokens(pg_db, make_tenant):
+    from prometheus_client import REGISTRY
+
+    tenant = await make_tenant(tokens_per_day=120)
+    ledger = Ledger(pg_db)
+    await settle(ledger, await ledger.reserve(request(tenant, prompt=10, max_tokens=90)), 30)
+    await refused(ledger, request(tenant, prompt=10, max_tokens=90))
+    labels = {"tenant": tenant, "model": "m"}
+    assert REGISTRY.get_sample_value("agencyllm_requests_admitted_total", labels) == 1
+    assert REGISTRY.get_sample_value("agencyllm_tokens_charged_total", labels) == 40
+    assert REGISTRY.get_sample_value(
+        "agencyllm_requests_refused_total", labels | {"reason": "tokens_per_day"}) == 1
+    assert REGISTRY.get_sample_value("agencyllm_reservation_seconds_count") >= 2
+
+
+async def test_remaining_reports_effective_per_request_fields(pg_db, make_tenant):
+    tenant = await make_tenant(max_tokens_per_request=100, max_tokens_mode="reject",
+                               allowed_models=["a"], requests_per_minute=10)
+    await set_user_policy(pg_db, tenant, "dave", allowed_models=["a", "b"])
+    ledger = Ledger(pg_db)
+    await settle(ledger, await ledger.reserve(request(tenant, subject="dave", model="b",
+                                                      max_tokens=50)), 10)
+    left = await ledger.remaining(tenant, "dave")
+    assert (left["max_tokens_per_request"], left["max_tokens_mode"], left["allowed_models"]) == (
+        100, "reject", ["a", "b"])
+    assert left["tenant_limits"]["requests_per_minute"]["remaining"] == 9
+    tenant_only = await ledger.remaining(tenant)
+    assert tenant_only["allowed_models"] == ["a"] and "user_limits" not in tenant_only

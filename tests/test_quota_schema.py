@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from pg import fixtures_unless_conftest_has_them
 
-from agencyllm.quotas.db import Database, SchemaOutOfDate, assert_schema_current, upgrade_schema
+from agencyllm.quotas.db import (
+    Database,
+    EmbeddedPostgres,
+    SchemaOutOfDate,
+    assert_schema_current,
+    async_url,
+    asyncpg_connect_args,
+    upgrade_schema,
+)
 from agencyllm.quotas.models import Base
 
 globals().update(fixtures_unless_conftest_has_them())
@@ -56,3 +67,36 @@ async def test_schema_current_check(pg_url, pg_db):
     finally:
         await fresh.dispose()
         await pool.execute(f"DROP DATABASE {name}")
+
+
+def test_database_urls_are_normalised_to_asyncpg():
+    for url in ("postgresql://u:p@db:5432/agencyllm", "postgres://u:p@db:5432/agencyllm",
+                "postgresql+psycopg://u:p@db:5432/agencyllm"):
+        assert async_url(url).render_as_string(hide_password=False) == (
+            "postgresql+asyncpg://u:p@db:5432/agencyllm")
+    socket_url = "postgresql://postgres:@/agencyllm?host=/tmp/pg"
+    assert async_url(socket_url).drivername == "postgresql+asyncpg"
+    assert asyncpg_connect_args(socket_url) == {
+        "host": "/tmp/pg", "user": "postgres", "database": "agencyllm"}
+    with pytest.raises(ValueError):
+        async_url("mysql://u:p@db/x")
+
+
+async def test_embedded_postgres_start_stop_idempotent():
+    # Not tmp_path: concurrent pytest sessions in this checkout prune each other's basetemps.
+    tmp_path = Path(tempfile.mkdtemp(prefix="agencyllm-test-"))
+    server = EmbeddedPostgres(tmp_path / "data")
+    url = server.start()
+    assert server.start() == url
+    assert (tmp_path / "data" / "postgres" / "PG_VERSION").exists()
+    db = Database(url, pool_size=1)
+    await db.ping()
+    await db.dispose()
+    server.stop()
+    server.stop()
+    again = EmbeddedPostgres(tmp_path / "data")  # restart on the existing data directory
+    db = Database(again.start(), pool_size=1)
+    await db.ping()
+    await db.dispose()
+    again.stop()
+    shutil.rmtree(tmp_path, ignore_errors=True)
