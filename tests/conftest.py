@@ -82,9 +82,19 @@ def stack(tmp_path_factory, pg_url, oidc_issuer) -> Iterator[RunningStack]:  # n
     try:
         running.start(timeout=900)
         tenant, api_key, admin_key = asyncio.run(_stack_identities(pg_url, data_dir))
-        yield RunningStack(running, oidc_issuer, tenant, api_key, admin_key)
+        ready = RunningStack(running, oidc_issuer, tenant, api_key, admin_key)
+        _warm_up(ready)
+        yield ready
     finally:
         running.stop()
+
+
+def _warm_up(stack: RunningStack) -> None:
+    """First calls through cold replicas are slow; tests that time things should not pay for them."""
+    client = stack.openai()
+    client.chat.completions.create(model="placeholder", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    list(client.chat.completions.create(model="placeholder", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True))
+    client.embeddings.create(model="all-MiniLM-L6-v2", input="hi")
 
 
 async def _stack_identities(pg_url: str, data_dir) -> tuple[str, str, str]:

@@ -102,3 +102,36 @@ async def test_two_processes(pg_url, pg_db, make_tenant):
     assert 50 <= t["rows"] == len(admitted) < 300
     assert t["ledger_tokens"] == t["day_charged"] == sum(admitted) <= BUDGET
     assert (t["day_reserved"], t["in_flight"]) == (0, 0)
+
+
+DYING_INGRESS = """
+import asyncio, sys
+from agencyllm.quotas.db import Database
+from agencyllm.quotas.ledger import Ledger, ReservationRequest
+
+async def main(url, tenant):
+    ledger = Ledger(Database(url, pool_size=1), lease_seconds=1)
+    r = await ledger.reserve(ReservationRequest(
+        request_id="doomed-" + tenant, tenant=tenant, subject="u", username=None, key_id=None,
+        model="m", endpoint="chat", prompt_tokens=100, max_tokens=100, context_length=4096))
+    print(r.id, flush=True)
+    await asyncio.sleep(3600)  # mid-request, until killed
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_killed_ingress_process_is_reaped(pg_url, pg_db, make_tenant):
+    tenant = await make_tenant(tokens_per_day=1000, max_concurrent_requests=1)
+    ingress = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", DYING_INGRESS, pg_url, tenant, stdout=asyncio.subprocess.PIPE)
+    assert (await asyncio.wait_for(ingress.stdout.readline(), 60)).strip().isdigit()
+    ingress.kill()  # SIGKILL: no settle, no cleanup
+    await ingress.wait()
+
+    survivor = Ledger(pg_db)
+    await asyncio.sleep(1.2)  # the 1 s lease runs out
+    assert await survivor.reap() == 1
+    t = await tally(pg_db, tenant)
+    assert (t["rows"], t["ledger_tokens"], t["day_charged"], t["day_reserved"], t["in_flight"]) == (
+        1, 200, 200, 0, 0)

@@ -124,8 +124,8 @@ def test_client_disconnect_aborts_engine_request(stack):
             if i >= 5:
                 break
     # The engine call is cancelled (vLLM aborts the request) well before 900 tokens could be made.
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while _cancelled_engine_calls(stack) == before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _cancelled_engine_calls(stack) > before, "the engine request kept running after the client left"
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 30

@@ -120,7 +120,7 @@ def test_client_disconnect_frees_concurrency_slot_and_is_ledgered(stack, pg_url)
 def test_concurrency_limit_refuses_with_rate_limit(stack):
     tenant, key = new_tenant(stack, max_concurrent_requests=1)
     with httpx.Client(base_url=stack.url, timeout=60) as client:
-        with client.stream("POST", **chat(key, max_tokens=300, stream=True)) as response:
+        with client.stream("POST", **chat(key, max_tokens=900, stream=True)) as response:
             next(response.iter_lines())
             refused = client.post(**chat(key))
     assert refused.status_code == 429
@@ -196,3 +196,23 @@ def test_killed_ingress_replica_is_settled_by_the_reaper(stack, pg_url):
     assert request_id in rows, "the reservation of the killed replica was never settled"
     assert rows[request_id]["status"] == "expired"
     stack.stack.wait_ready(300)
+
+
+def test_logs_hold_no_prompts_or_keys(stack):
+    marker = f"confidential-{uuid.uuid4().hex}"
+    _, key = new_tenant(stack)
+    token = stack.issuer.mint(groups=["group-nobody-maps"])
+    with httpx.Client(base_url=stack.url, timeout=60) as client:
+        ok = client.post("/v1/chat/completions", json={"model": PLACEHOLDER_ID, "messages": [{"role": "user", "content": marker}], "max_tokens": 2}, headers={"authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+        client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": marker}]}, headers={"authorization": f"Bearer {key}"})
+        client.post("/v1/chat/completions", json={}, headers={"authorization": f"Bearer {key}x"})
+        client.post("/v1/chat/completions", json={}, headers={"authorization": f"Bearer {token}"})
+    time.sleep(2)  # log files are flushed asynchronously
+    logs_dir = stack.serve_logs.parent
+    secrets = [marker, key, key.split("_", 1)[1], token, stack.api_key, stack.admin_key]
+    for path in logs_dir.rglob("*"):
+        if path.is_file() and path.suffix in {".log", ".out", ".err", ""}:
+            text = path.read_text(errors="replace")
+            for secret in secrets:
+                assert secret not in text, f"a secret reached {path.name}"
