@@ -140,6 +140,28 @@ async def fixed_rate(ledger: Ledger, tenants: list[str], rate: float,
     }
 
 
+async def floor(db: Database, rate: float, seconds: float) -> dict[str, float]:
+    """What one durable commit costs on this host right now, at the same rate: the floor under
+    any design that records each admission in Postgres before answering."""
+    pool = await db.pool()
+    await pool.execute("CREATE TABLE IF NOT EXISTS bench_floor_durable (x int)")
+    latencies: list[float] = []
+
+    async def commit() -> None:
+        started = time.perf_counter()
+        await pool.execute("INSERT INTO bench_floor_durable VALUES (1)")
+        latencies.append((time.perf_counter() - started) * 1000)
+
+    tasks = []
+    start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        tasks.append(asyncio.ensure_future(commit()))
+    await asyncio.gather(*tasks)
+    return {"insert_commit_p50_ms": round(percentile(latencies, 50), 2),
+            "insert_commit_p99_ms": round(percentile(latencies, 99), 2)}
+
+
 async def run(url: str, seconds: float, concurrency: int, phases: list[str],
               cpu: CpuMeter) -> dict:
     db = Database(url, pool_size=concurrency)
@@ -158,7 +180,12 @@ async def run(url: str, seconds: float, concurrency: int, phases: list[str],
         pool = await db.pool()
         await pool.execute("VACUUM (ANALYZE) quota_counters, quota_reservations, usage_ledger")
     if "latency" in phases:
+        # The host floor right before and right after, as the host's load may change meanwhile.
+        before = await floor(db, 200, min(seconds, 5))
         results["latency_at_200_rps"] = await fixed_rate(ledger, spread, 200, seconds)
+        after = await floor(db, 200, min(seconds, 5))
+        results["floor_at_200_rps"] = {f"{k}_{when}": v for when, d in (("before", before),
+                                       ("after", after)) for k, v in d.items()}
     await db.dispose()
     return results
 
@@ -188,6 +215,11 @@ def print_table(results: dict) -> None:
              f"{lat['reserve_settle_p50_ms']} / {lat['reserve_settle_p99_ms']} ms",
              "p99 <= 5 ms"),
         ]
+        fl = results["floor_at_200_rps"]
+        for when in ("before", "after"):
+            rows.append((f"host floor {when}: 1-row INSERT+commit p50 / p99",
+                         f"{fl[f'insert_commit_p50_ms_{when}']} / "
+                         f"{fl[f'insert_commit_p99_ms_{when}']} ms", "(reference)"))
     width = max(len(r[0]) for r in rows)
     print(f"| {'measure'.ljust(width)} | {'result':>18} | target")
     for name, value, target in rows:
@@ -233,7 +265,7 @@ def main() -> None:
     finally:
         if server:
             server.stop()
-    results["environment"] = {
+    run_info = {
         "python": platform.python_version(), "event_loop": args.loop, "cpus": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
         "postgres": "embedded" if server else "external", "seconds": args.seconds,
@@ -241,9 +273,11 @@ def main() -> None:
         "command": " ".join(["python -m bench.quota_bench", *sys.argv[1:]]),
     }
     print_table(results)
+    for phase in results.values():  # each phase records the run (and host load) it came from
+        phase["run"] = run_info
     # One entry per event loop, so runs with --loop uvloop and --loop asyncio sit side by side.
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    saved[args.loop] = results
+    saved.setdefault(args.loop, {}).update(results)  # a --phases run replaces only its phases
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
     print(f"saved {RESULTS}")

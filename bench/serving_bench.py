@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -576,7 +577,7 @@ def patch_stream_batching(interval_ms: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds per level instead of 8 (about 2-4 minutes with start-up)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stream-batching-ms", type=float, default=None,
                         help="experiment: override our engines' stream_batching_interval_ms (shipped: 0)")
@@ -646,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         if stack is not None:
             stack.stop()
         postgres.stop()
+    shutil.rmtree(work, ignore_errors=True)  # kept on failure: plain-vllm.log is in there
 
     for entry in measured["results"].values():
         entry["delta"] = deltas(entry["summary"])

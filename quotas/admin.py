@@ -17,6 +17,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
+import asyncpg
 from sqlalchemy import Select, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -579,41 +580,63 @@ async def find_active_key(session: AsyncSession, token: str) -> ApiKey | None:
     Always reads the database (no cache), so a revocation is seen by the next request anywhere.
     Records `last_used_at` at most once per minute per key; the caller commits.
     """
-    found = await find_active_key_and_tenant(session, token)
-    return found[0] if found is not None else None
-
-
-async def find_active_key_and_tenant(session: AsyncSession, token: str) -> tuple[ApiKey, Tenant] | None:
-    """`find_active_key` plus the key's tenant, in one query (the per-request path)."""
     parsed = parse_key(token)
     if parsed is None:
         return None
-    prefix, _secret = parsed
-    row = (
-        await session.execute(
-            select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.prefix == prefix)
-        )
-    ).first()
-    if row is None:
-        return None
-    key, tenant = row
-    if not verify_key_hash(token, key.key_hash):
+    key = await session.scalar(select(ApiKey).where(ApiKey.prefix == parsed[0]))
+    if key is None or not verify_key_hash(token, key.key_hash):
         return None
     now = utcnow()
     if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
         return None
     if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
-        # Conditional so that replicas racing on the same key write once per minute between them.
-        await session.execute(
-            update(ApiKey)
-            .where(
-                ApiKey.id == key.id,
-                (ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < now - LAST_USED_RESOLUTION),
-            )
-            .values(last_used_at=now)
-            .execution_options(synchronize_session=False)
-        )
-    return key, tenant
+        key.last_used_at = now
+    return key
+
+
+@dataclass(frozen=True)
+class ActiveKey:
+    """What the per-request path needs of a live key and its tenant."""
+
+    id: uuid.UUID
+    kind: str
+    owner_subject: str
+    owner_username: str | None
+    tenant: str
+    tenant_status: str
+
+
+_ACTIVE_KEY_SQL = """
+SELECT k.id, k.key_hash, k.kind, k.owner_subject, k.owner_username, k.revoked_at, k.expires_at,
+       k.last_used_at, t.name AS tenant, t.status AS tenant_status
+FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+WHERE k.prefix = $1
+"""
+# Conditional, so that replicas racing on the same key write once per minute between them.
+_TOUCH_KEY_SQL = "UPDATE api_keys SET last_used_at = $2 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $3)"
+
+
+async def find_active_key_and_tenant(pool: asyncpg.Pool, token: str) -> ActiveKey | None:
+    """`find_active_key` for the per-request path: one indexed read on the raw pool, no ORM."""
+    parsed = parse_key(token)
+    if parsed is None:
+        return None
+    row = await pool.fetchrow(_ACTIVE_KEY_SQL, parsed[0])
+    if row is None or not verify_key_hash(token, row["key_hash"]):
+        return None
+    now = utcnow()
+    if row["revoked_at"] is not None or (row["expires_at"] is not None and row["expires_at"] <= now):
+        return None
+    if row["last_used_at"] is None or now - row["last_used_at"] >= LAST_USED_RESOLUTION:
+        await pool.execute(_TOUCH_KEY_SQL, row["id"], now, now - LAST_USED_RESOLUTION)
+    return ActiveKey(
+        id=row["id"],
+        kind=row["kind"],
+        owner_subject=row["owner_subject"],
+        owner_username=row["owner_username"],
+        tenant=row["tenant"],
+        tenant_status=row["tenant_status"],
+    )
 
 
 # --- usage --------------------------------------------------------------------------------------

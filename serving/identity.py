@@ -17,7 +17,6 @@ from agencyllm.auth.oidc import AuthenticationError, OIDCVerifier
 from agencyllm.auth.principal import Principal, Role, RoleNames, identity_from_claims
 from agencyllm.quotas import admin as store
 from agencyllm.quotas.db import Database
-from agencyllm.quotas.models import ApiKey, Tenant
 from agencyllm.serving.errors import OpenAIError
 from agencyllm.serving.settings import Settings
 
@@ -42,8 +41,8 @@ def forbidden(message: str) -> OpenAIError:
     return OpenAIError(403, message, type="permission_error", code="tenant_unavailable")
 
 
-def key_roles(key: ApiKey, tenant: Tenant) -> frozenset[Role]:
-    if key.kind == "service" and tenant.name == store.SYSTEM_TENANT:
+def key_roles(kind: str, tenant: str) -> frozenset[Role]:
+    if kind == "service" and tenant == store.SYSTEM_TENANT:
         return frozenset({Role.PLATFORM_ADMIN})
     return frozenset({Role.USER})
 
@@ -91,21 +90,18 @@ class Authenticator:
         return await self._from_access_token(token)
 
     async def _from_api_key(self, token: str) -> Principal:
-        async with self.database.sessions() as session:
-            found = await store.find_active_key_and_tenant(session, token)
-            await session.commit()  # last_used_at
-        if found is None:
+        key = await store.find_active_key_and_tenant(await self.database.pool(), token)
+        if key is None:
             log.info("authentication refused: unknown, revoked or expired API key")
             raise unauthorized()
-        key, tenant = found
-        roles = key_roles(key, tenant)
-        if tenant.status != "active" and Role.PLATFORM_ADMIN not in roles:
-            raise forbidden(f"Tenant '{tenant.name}' is suspended; ask your platform administrator.")
+        roles = key_roles(key.kind, key.tenant)
+        if key.tenant_status != "active" and Role.PLATFORM_ADMIN not in roles:
+            raise forbidden(f"Tenant '{key.tenant}' is suspended; ask your platform administrator.")
         return Principal(
             subject=key.owner_subject,
             username=key.owner_username,
             client_id=None,
-            tenant=tenant.name,
+            tenant=key.tenant,
             roles=roles,
             auth_method="api_key",
             key_id=str(key.id),

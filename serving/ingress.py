@@ -72,7 +72,7 @@ class AgencyIngress(OpenAiIngress):
             else None
         )
         self._authenticator = Authenticator(settings, self._database, verifier)
-        self._metering = Metering(ledger, lease_seconds=settings.reservation_lease_seconds)
+        self._metering = Metering(ledger)
         self._metering.start()
         self._app_state = {"settings": settings, "database": self._database, "ledger": ledger, "authenticator": self._authenticator}
 
@@ -271,7 +271,7 @@ class AgencyIngress(OpenAiIngress):
                 upstream.cancel()
                 if status == "ok" and usage.failed:
                     status = "engine_error"
-                await self._metering.settle(
+                self._metering.settle_later(
                     admitted,
                     prompt_tokens=usage.prompt_tokens,
                     completion_tokens=usage.best_completion_tokens(),

@@ -2,8 +2,9 @@
 
 `admit` is the only place a request is let in; `settle` the only place its usage is written. An
 admitted request is settled exactly once, whatever ends it (success, error, client disconnect,
-engine death): settlement runs in its own task, so a cancelled handler cannot lose it. Leases on
-open reservations are renewed here; if this process dies, the ledger's reaper settles them.
+engine death): settlement runs in its own task, so a cancelled handler cannot lose it. The
+ledger's maintenance task renews this process's leases; if the process dies, any replica's
+maintenance task settles them (the reaper).
 """
 
 from __future__ import annotations
@@ -38,12 +39,10 @@ class Admitted:
 
 
 class Metering:
-    def __init__(self, ledger: Ledger, *, lease_seconds: int) -> None:
+    def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        self._every = max(lease_seconds / 3, 1.0)
-        self._open: dict[str, Admitted] = {}
         self._settlements: set[asyncio.Task] = set()
-        self._upkeep: asyncio.Task | None = None
+        self._maintenance: asyncio.Task | None = None
 
     async def admit(
         self,
@@ -73,21 +72,16 @@ class Metering:
         try:
             reservation = await self._ledger.reserve(request)
         except AdmissionRefused as refused:
-            headers = dict(refused.headers)
-            if refused.retry_after is not None:
-                headers["retry-after"] = str(max(1, round(refused.retry_after)))
             raise OpenAIError(
-                refused.status, refused.message, type=refused.type, param=refused.param, code=refused.code, headers=headers
+                refused.status, refused.message, type=refused.type, param=refused.param, code=refused.code, headers=refused.headers
             ) from None
-        admitted = Admitted(reservation)
-        self._open[request_id] = admitted
-        return admitted
+        return Admitted(reservation)
 
-    async def settle(self, admitted: Admitted, *, prompt_tokens: int, completion_tokens: int, status: str) -> None:
+    def settle_later(self, admitted: Admitted, *, prompt_tokens: int, completion_tokens: int, status: str) -> asyncio.Task | None:
+        """Start settling; the caller need not wait (a stream's last byte leaves without it)."""
         if admitted.settled:
-            return
+            return None
         admitted.settled = True
-        now = time.monotonic()
         ttft_ms = None if admitted.first_token_at is None else (admitted.first_token_at - admitted.started) * 1000
         task = asyncio.ensure_future(
             self._ledger.settle(
@@ -96,44 +90,34 @@ class Metering:
                 completion_tokens=completion_tokens,
                 status=status,
                 ttft_ms=ttft_ms,
-                latency_ms=(now - admitted.started) * 1000,
+                latency_ms=(time.monotonic() - admitted.started) * 1000,
             )
         )
         self._settlements.add(task)
-        task.add_done_callback(lambda t: self._settled(admitted, t))
-        # Shielded: a client disconnect cancels the handler, never the write of its ledger row.
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(task)
+        task.add_done_callback(self._settled)
+        return task
 
-    def _settled(self, admitted: Admitted, task: asyncio.Task) -> None:
+    async def settle(self, admitted: Admitted, *, prompt_tokens: int, completion_tokens: int, status: str) -> None:
+        task = self.settle_later(admitted, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, status=status)
+        if task is not None:
+            # Shielded: a client disconnect cancels the handler, never the write of its ledger row.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+
+    def _settled(self, task: asyncio.Task) -> None:
         self._settlements.discard(task)
-        if not task.cancelled() and task.exception() is None:
-            self._open.pop(admitted.reservation.request_id, None)
-            return
-        # Left open: the lease lapses and the reaper settles it (the ledger row is written there).
-        log.error("settlement failed for request %s; the reaper will settle it", admitted.reservation.request_id)
+        if not task.cancelled() and task.exception() is not None:
+            # The reservation stays open: its lease lapses and the reaper writes its ledger row.
+            log.error("settlement failed (%s); the reaper will settle it", type(task.exception()).__name__)
 
     def start(self) -> None:
-        """Keep this process's leases alive and settle the leases of processes that died."""
-        if self._upkeep is None or self._upkeep.done():
-            self._upkeep = asyncio.get_running_loop().create_task(self._upkeep_forever())
-
-    async def _upkeep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._every)
-            open_reservations = [a.reservation for a in self._open.values() if not a.settled]
-            try:
-                if open_reservations:
-                    await self._ledger.renew(open_reservations)
-                reaped = await self._ledger.reap()
-                if reaped:
-                    log.warning("settled %d reservation(s) whose ingress stopped renewing them", reaped)
-            except Exception as exc:  # the next round retries; a lease outlives several rounds
-                log.warning("lease upkeep failed: %s", type(exc).__name__)
+        """Renew this process's leases and settle those of processes that died, for good."""
+        if self._maintenance is None or self._maintenance.done():
+            self._maintenance = asyncio.get_running_loop().create_task(self._ledger.maintain())
 
     async def drain(self) -> None:
         """Wait for pending settlements (graceful shutdown)."""
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
-        if self._upkeep:
-            self._upkeep.cancel()
+        if self._maintenance:
+            self._maintenance.cancel()

@@ -53,6 +53,16 @@ async def ledger_rows(pg_url: str, tenant: str) -> list[dict]:
         await database.dispose()
 
 
+def wait_for_ledger_row(pg_url: str, tenant: str, request_id: str, timeout: float = 10) -> dict[str, dict]:
+    """Streams are settled just after their last byte: give the write a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {r["request_id"]: r for r in asyncio.run(ledger_rows(pg_url, tenant))}
+        if request_id in rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
 def _prompt_tokens(stack, key: str) -> int:
     response = httpx.post(f"{stack.url}{chat(key)['url']}", json=chat(key)["json"], headers=chat(key)["headers"], timeout=60)
     assert response.status_code == 200, response.text
@@ -112,7 +122,7 @@ def test_client_disconnect_frees_concurrency_slot_and_is_ledgered(stack, pg_url)
                 break
             time.sleep(0.2)
         assert follow_up.status_code == 200, follow_up.text
-    rows = {r["request_id"]: r for r in asyncio.run(ledger_rows(pg_url, tenant))}
+    rows = wait_for_ledger_row(pg_url, tenant, request_id)
     assert rows[request_id]["status"] == "cancelled"
     assert 0 < rows[request_id]["completion_tokens"] < 900
 
@@ -187,12 +197,7 @@ def test_killed_ingress_replica_is_settled_by_the_reaper(stack, pg_url):
         response.close()
     client.close()
     # The lease lapses (30 s in the test stack); a surviving or restarted replica's reaper settles it.
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        rows = {r["request_id"]: r for r in asyncio.run(ledger_rows(pg_url, tenant))}
-        if request_id in rows:
-            break
-        time.sleep(2)
+    rows = wait_for_ledger_row(pg_url, tenant, request_id, timeout=180)
     assert request_id in rows, "the reservation of the killed replica was never settled"
     assert rows[request_id]["status"] == "expired"
     stack.stack.wait_ready(300)
