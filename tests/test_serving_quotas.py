@@ -193,11 +193,12 @@ def test_killed_ingress_replica_is_settled_by_the_reaper(stack, pg_url):
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if "#AgencyIngress#" in actor["name"]:
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    # The client stays connected: only the replica's death can end this request. Its lease lapses
+    # (30 s in the test stack) and a restarted replica's reaper settles it.
+    rows = wait_for_ledger_row(pg_url, tenant, request_id, timeout=180)
     with contextlib.suppress(httpx.HTTPError):
         response.close()
     client.close()
-    # The lease lapses (30 s in the test stack); a surviving or restarted replica's reaper settles it.
-    rows = wait_for_ledger_row(pg_url, tenant, request_id, timeout=180)
     assert request_id in rows, "the reservation of the killed replica was never settled"
     assert rows[request_id]["status"] == "expired"
     stack.stack.wait_ready(300)
