@@ -581,15 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stream-batching-ms", type=float, default=None,
                         help="experiment: override our engines' stream_batching_interval_ms (shipped: 0)")
-    parser.add_argument("--patched-ingress", action="store_true",
-                        help="experiment: run bench/serving_patches.py's ingress (candidate wins)")
     args = parser.parse_args(argv)
     if args.stream_batching_ms is not None:
         patch_stream_batching(args.stream_batching_ms)
-    if args.patched_ingress:
-        from bench.serving_patches import install
-
-        install()
     plan = QUICK_PLAN if args.quick else FULL_PLAN
 
     from pydantic import SecretStr
@@ -655,7 +649,6 @@ def main(argv: list[str] | None = None) -> int:
         "what": "plain vLLM OpenAI server vs agencyllm, placeholder model, streamed chat, "
                 f"max_tokens {MAX_TOKENS} with ignore_eos, interleaved A/B/B/A rounds",
         "command": " ".join(["python -m bench.serving_bench", *(argv if argv is not None else sys.argv[1:])]),
-        "patched_ingress": args.patched_ingress,
         "stream_batching_interval_ms": 0 if args.stream_batching_ms is None else args.stream_batching_ms,
         "plan": {str(k): {"rounds_per_target": r, "requests_per_round": n} for k, (r, n) in plan.items()},
         "environment": environment(),

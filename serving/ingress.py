@@ -97,11 +97,12 @@ class AgencyIngress(OpenAiIngress):
         spec = self._spec(body.model)
         prompt_tokens = self._counters[spec.id].chat(body.messages)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        admitted = await self._admit(principal, spec, "chat", [prompt_tokens], requested, body.n or 1, "messages")
+        body = _sanitized(body)
+        admitted, per_sequence = await self._admit(principal, spec, "chat", [prompt_tokens], requested, body.n or 1, "messages")
         body.model = spec.id
-        body.max_completion_tokens, body.max_tokens = self._per_sequence(admitted, body.n or 1, 1), None
+        body.max_completion_tokens, body.max_tokens = per_sequence, None
         client_wants_usage = _force_stream_usage(body)
-        return await self._generate(_sanitize_chat_completion_request(body), "chat", admitted, client_wants_usage)
+        return await self._generate(body, "chat", admitted, client_wants_usage)
 
     async def completions(self, request: Request) -> Response:
         principal = await self._authenticate(request)
@@ -109,9 +110,8 @@ class AgencyIngress(OpenAiIngress):
         spec = self._spec(body.model)
         prompt_tokens = self._counters[spec.id].prompts(body.prompt)
         n = body.n or 1
-        admitted = await self._admit(principal, spec, "completions", prompt_tokens, body.max_tokens, n, "prompt")
+        admitted, body.max_tokens = await self._admit(principal, spec, "completions", prompt_tokens, body.max_tokens, n, "prompt")
         body.model = spec.id
-        body.max_tokens = self._per_sequence(admitted, n, len(prompt_tokens))
         client_wants_usage = _force_stream_usage(body)
         return await self._generate(body, "completions", admitted, client_wants_usage)
 
@@ -123,7 +123,7 @@ class AgencyIngress(OpenAiIngress):
             raise OpenAIError(400, f"Model '{spec.id}' does not serve embeddings.", param="model", code="model_not_supported")
         counter = self._counters[spec.id]
         prompt_tokens = [counter.chat(body.messages)] if hasattr(body, "messages") else counter.prompts(body.input)
-        admitted = await self._admit(principal, spec, "embeddings", prompt_tokens, 0, 1, "input")
+        admitted, _ = await self._admit(principal, spec, "embeddings", prompt_tokens, 0, 1, "input")
         body.model = spec.id
         return await self._generate(body, "embeddings", admitted, client_wants_usage=True)
 
@@ -184,8 +184,9 @@ class AgencyIngress(OpenAiIngress):
         max_tokens: int | None,
         n: int,
         prompt_param: str,
-    ) -> Admitted:
-        """Reserve quota for every sequence the request can generate (prompts × n choices)."""
+    ) -> tuple[Admitted, int]:
+        """Reserve quota for every sequence the request can generate (prompts × n choices);
+        return the admission and the completion tokens each sequence may make."""
         counter = self._counters[spec.id]
         for count in prompt_tokens:
             counter.check_fits(count, prompt_param)
@@ -195,7 +196,7 @@ class AgencyIngress(OpenAiIngress):
         room = min(counter.context_length - count for count in prompt_tokens)
         per_sequence = room if max_tokens is None else min(max_tokens, room)
         total_prompt = sum(prompt_tokens)
-        return await self._metering.admit(
+        admitted = await self._metering.admit(
             principal,
             request_id=uuid.uuid4().hex,
             model=spec.id,
@@ -204,25 +205,24 @@ class AgencyIngress(OpenAiIngress):
             max_tokens=per_sequence * sequences,
             context_length=total_prompt + room * sequences,
         )
-
-    @staticmethod
-    def _per_sequence(admitted: Admitted, n: int, prompts: int) -> int:
-        per_sequence = admitted.max_tokens // (n * prompts)
-        if per_sequence < 1:
-            raise OpenAIError(400, "'max_tokens' leaves no room for a completion under your quota.", param="max_tokens")
-        return per_sequence
+        granted = admitted.max_tokens // sequences
+        if endpoint != "embeddings" and granted < 1:
+            await self._metering.settle(admitted, prompt_tokens=0, completion_tokens=0, status="client_error")
+            raise OpenAIError(400, "Your per-request token cap leaves no room for this many completions.", param="n")
+        return admitted, granted
 
     async def _generate(self, body: Any, method: str, admitted: Admitted, client_wants_usage: bool) -> Response:
         request_id = admitted.reservation.request_id
         if hasattr(body, "request_id"):
             body.request_id = request_id
         headers = {REQUEST_ID_HEADER: request_id, **admitted.reservation.headers}
-        handle = self._get_configured_serve_handle(body.model)
-        upstream = getattr(handle, method).remote(body, None)
+        upstream = None
         try:
+            upstream = getattr(self._get_configured_serve_handle(body.model), method).remote(body, None)
             first = await upstream.__anext__()
         except BaseException as exc:
-            upstream.cancel()
+            if upstream is not None:
+                upstream.cancel()
             status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "engine_error"
             await self._metering.settle(admitted, prompt_tokens=0, completion_tokens=0, status=status)
             if status == "cancelled":
@@ -279,6 +279,14 @@ class AgencyIngress(OpenAiIngress):
                 )
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _sanitized(body: ChatCompletionRequest) -> ChatCompletionRequest:
+    """Ray's fix-up that makes message iterables picklable; its ValueError is the client's mistake."""
+    try:
+        return _sanitize_chat_completion_request(body)
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), param="messages", code="invalid_value") from None
 
 
 def _force_stream_usage(body: Any) -> bool:
