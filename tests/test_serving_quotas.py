@@ -202,12 +202,15 @@ def test_killed_ingress_replica_is_settled_by_the_reaper(stack, pg_url):
     response = client.send(client.build_request("POST", **chat(key, max_tokens=900, stream=True)), stream=True)
     assert response.status_code == 200
     request_id = response.headers["x-agencyllm-request-id"]
-    next(response.iter_lines())
+    # Keep the line iterator referenced: a discarded one is collected at once and closes the connection.
+    lines = response.iter_lines()
+    next(lines)
     assert _crash_ingress_replicas() >= 1
     # The client stays connected: only the replica's death can end this request. Its lease lapses
     # (30 s in the test stack) and a restarted replica's reaper settles it.
     rows = wait_for_ledger_row(pg_url, tenant, request_id, timeout=180)
     with contextlib.suppress(httpx.HTTPError):
+        del lines
         response.close()
     client.close()
     assert request_id in rows, "the reservation of the killed replica was never settled"
