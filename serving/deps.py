@@ -11,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from agencyllm.auth.principal import Principal
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.ledger import Ledger
-from agencyllm.serving.errors import OpenAIError
 from agencyllm.serving.identity import Authenticator
 from agencyllm.serving.settings import Settings
 
@@ -42,15 +41,7 @@ async def get_current_principal(request: Request) -> Principal:
     return await authenticator.authenticate(request.headers.get("authorization"))
 
 
-async def get_model_caller(principal: Annotated[Principal, Depends(get_current_principal)]) -> Principal:
-    if not principal.may_call_models:
-        raise OpenAIError(403, "Your account lacks the role needed to call models.", type="permission_error")
-    return principal
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-DatabaseDep = Annotated[Database, Depends(get_database)]
 DbSession = Annotated[AsyncSession, Depends(get_db_session)]
 LedgerDep = Annotated[Ledger, Depends(get_ledger)]
 CurrentPrincipal = Annotated[Principal, Depends(get_current_principal)]
-ModelCaller = Annotated[Principal, Depends(get_model_caller)]

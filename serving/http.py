@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agencyllm.serving.admin import router as admin_router
 from agencyllm.serving.errors import OpenAIError, install_error_handlers
 
 T = TypeVar("T")
@@ -101,10 +102,5 @@ def create_app(*, cors_origins: list[str], max_request_bytes: int) -> FastAPI:
             allow_headers=["authorization", "content-type"],
         )
     app.add_middleware(BodySizeLimit, limit=max_request_bytes)
-    try:
-        from agencyllm.serving.admin import router as admin_router
-    except ImportError:  # pragma: no cover - present in every install
-        admin_router = None
-    if admin_router is not None:
-        app.include_router(admin_router)
+    app.include_router(admin_router)
     return app
