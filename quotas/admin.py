@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 import asyncpg
-from sqlalchemy import Select, bindparam, delete, func, select, update
+from sqlalchemy import Select, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -574,26 +574,6 @@ async def revoke_key(session: AsyncSession, actor: Actor, key_id: str | uuid.UUI
     return key, tenant_name
 
 
-async def find_active_key(session: AsyncSession, token: str) -> ApiKey | None:
-    """The live key `token` belongs to, or None (malformed, unknown, wrong secret, revoked, expired).
-
-    Always reads the database (no cache), so a revocation is seen by the next request anywhere.
-    Records `last_used_at` at most once per minute per key; the caller commits.
-    """
-    parsed = parse_key(token)
-    if parsed is None:
-        return None
-    key = await session.scalar(select(ApiKey).where(ApiKey.prefix == parsed[0]))
-    if key is None or not verify_key_hash(token, key.key_hash):
-        return None
-    now = utcnow()
-    if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
-        return None
-    if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
-        key.last_used_at = now
-    return key
-
-
 @dataclass(frozen=True)
 class ActiveKey:
     """What the per-request path needs of a live key and its tenant."""
@@ -616,8 +596,13 @@ WHERE k.prefix = $1
 _TOUCH_KEY_SQL = "UPDATE api_keys SET last_used_at = $2 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $3)"
 
 
-async def find_active_key_and_tenant(pool: asyncpg.Pool, token: str) -> ActiveKey | None:
-    """`find_active_key` for the per-request path: one indexed read on the raw pool, no ORM."""
+async def find_active_key(pool: asyncpg.Pool, token: str) -> ActiveKey | None:
+    """The live key `token` belongs to, with its tenant, or None (malformed, unknown, wrong secret,
+    revoked, expired). On every request's path: one indexed read on the raw pool, no ORM.
+
+    Always reads the database (no cache), so a revocation is seen by the next request anywhere.
+    Records `last_used_at` at most once per minute per key.
+    """
     parsed = parse_key(token)
     if parsed is None:
         return None

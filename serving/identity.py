@@ -90,7 +90,7 @@ class Authenticator:
         return await self._from_access_token(token)
 
     async def _from_api_key(self, token: str) -> Principal:
-        key = await store.find_active_key_and_tenant(await self.database.pool(), token)
+        key = await store.find_active_key(await self.database.pool(), token)
         if key is None:
             log.info("authentication refused: unknown, revoked or expired API key")
             raise unauthorized()
@@ -149,13 +149,11 @@ async def ensure_bootstrap_admin_key(database: Database, data_dir: Path) -> Path
     Returns the path when a key was written, None when the file already holds a live key.
     """
     path = Path(data_dir) / ADMIN_KEY_FILE
+    if path.exists():
+        existing = path.read_text(encoding="utf-8").strip()
+        if await store.find_active_key(await database.pool(), existing) is not None:
+            return None
     async with database.sessions() as session:
-        if path.exists():
-            existing = path.read_text(encoding="utf-8").strip()
-            key = await store.find_active_key(session, existing)
-            await session.commit()
-            if key is not None:
-                return None
         actor = store.SystemActor()
         await store.ensure_tenant(session, actor, store.SYSTEM_TENANT, "Platform")
         created = await store.create_key(

@@ -6,7 +6,6 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from pg import pg_db, pg_url  # noqa: F401  (session fixtures)
 from sqlalchemy import func, select, update
 
 from agencyllm.quotas import admin as store
@@ -126,19 +125,19 @@ async def test_key_lifecycle(pg_db):
         stored = await session.get(ApiKey, created.key.id)
         assert created.secret.startswith("sk-agency-") and created.secret not in stored.key_hash
 
-        found = await store.find_active_key(session, created.secret)
+        found = await store.find_active_key(await pg_db.pool(), created.secret)
         await session.commit()
         assert found is not None and found.id == created.key.id
         first_use = (await session.get(ApiKey, created.key.id, populate_existing=True)).last_used_at
         assert first_use is not None
-        await store.find_active_key(session, created.secret)  # within the minute: no new write
+        await store.find_active_key(await pg_db.pool(), created.secret)  # within the minute: no new write
         await session.commit()
         assert (await session.get(ApiKey, created.key.id, populate_existing=True)).last_used_at == first_use
 
-        assert await store.find_active_key(session, created.secret[:-2] + "xx") is None
-        assert await store.find_active_key(session, "sk-agency-nope") is None
+        assert await store.find_active_key(await pg_db.pool(), created.secret[:-2] + "xx") is None
+        assert await store.find_active_key(await pg_db.pool(), "sk-agency-nope") is None
         await store.revoke_key(session, ACTOR, created.key.id)
-        assert await store.find_active_key(session, created.secret) is None
+        assert await store.find_active_key(await pg_db.pool(), created.secret) is None
         listed = await store.list_keys(session, tenant_name=name, include_revoked=True)
         events = await audit_rows(session, str(created.key.id))
     assert [k.id for k, _ in listed] == [created.key.id]
@@ -154,13 +153,13 @@ async def test_expired_key_is_refused(pg_db):
             session, ACTOR, tenant_name=name, kind="service", name="ci",
             expires_at=datetime.now(timezone.utc) + timedelta(hours=1),
         )
-        assert await store.find_active_key(session, created.secret) is not None
+        assert await store.find_active_key(await pg_db.pool(), created.secret) is not None
         await session.execute(
             update(ApiKey).where(ApiKey.id == created.key.id)
             .values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
         )
         await session.commit()
-        assert await store.find_active_key(session, created.secret) is None
+        assert await store.find_active_key(await pg_db.pool(), created.secret) is None
         with pytest.raises(store.Invalid, match="future"):
             await store.create_key(
                 session, ACTOR, tenant_name=name, kind="service", name="old",
