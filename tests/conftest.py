@@ -97,12 +97,12 @@ def _warm_up(stack: RunningStack) -> None:
     client.embeddings.create(model="all-MiniLM-L6-v2", input="hi")
 
 
-async def _stack_identities(pg_url: str, data_dir) -> tuple[str, str, str]:
+async def _stack_identities(database_url: str, data_dir) -> tuple[str, str, str]:
     """A tenant (mapped to a Keycloak group) with a staff key, and the bootstrap platform-admin key."""
     from agencyllm.quotas import admin as store
     from agencyllm.serving.identity import ensure_bootstrap_admin_key
 
-    database = Database(pg_url)
+    database = Database(database_url)
     try:
         admin_key_file = await ensure_bootstrap_admin_key(database, data_dir)
         async with database.sessions() as session:

@@ -1,5 +1,5 @@
-"""Shared embedded-Postgres fixtures. A conftest.py exposes them with
-`from pg import pg_url, pg_db, make_tenant  # noqa: F401` (tests/ is on sys.path under pytest)."""
+"""Shared embedded-Postgres fixtures, exposed to every test module by tests/conftest.py (one
+server per session: a module that imported them itself would start its own)."""
 
 from __future__ import annotations
 
@@ -95,13 +95,3 @@ async def set_user_policy(db: Database, tenant: str, subject: str | None, **fiel
     async with pool.acquire() as conn, conn.transaction():
         tenant_id = await conn.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
         await set_policy(conn, tenant_id, subject, **fields)
-
-
-def fixtures_unless_conftest_has_them() -> dict[str, object]:
-    """For test modules: the fixtures, unless a conftest.py already provides them."""
-    import sys
-
-    conftest = sys.modules.get("conftest")
-    if conftest is not None and hasattr(conftest, "pg_url"):
-        return {}
-    return {"pg_url": pg_url, "pg_db": pg_db, "make_tenant": make_tenant}

@@ -14,8 +14,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 from fastapi import FastAPI
-from oidc_issuer import LocalOIDCIssuer, oidc_issuer  # noqa: F401  (session fixture)
-from pg import pg_db, pg_url  # noqa: F401  (session fixtures)
+from oidc_issuer import LocalOIDCIssuer
 from sqlalchemy import select, update
 
 from agencyllm.auth.oidc import OIDCVerifier

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from pg import pg_url  # noqa: F401  (session fixture)
 
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.ledger import Ledger

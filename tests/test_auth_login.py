@@ -6,7 +6,7 @@ import stat
 import time
 
 import pytest
-from oidc_issuer import LocalOIDCIssuer, oidc_issuer  # noqa: F401
+from oidc_issuer import LocalOIDCIssuer
 
 from agencyllm.auth.login import (
     LoginError,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from oidc_issuer import LocalOIDCIssuer, fresh_oidc_issuer, new_rsa_key, oidc_issuer  # noqa: F401
+from oidc_issuer import LocalOIDCIssuer, new_rsa_key
 
 from agencyllm.auth.oidc import AuthenticationError, OIDCVerifier
 

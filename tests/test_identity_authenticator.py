@@ -8,8 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from oidc_issuer import LocalOIDCIssuer, oidc_issuer  # noqa: F401  (session fixture)
-from pg import pg_db, pg_url  # noqa: F401  (session fixtures)
+from oidc_issuer import LocalOIDCIssuer
 
 from agencyllm.auth.oidc import OIDCVerifier
 from agencyllm.auth.principal import Role

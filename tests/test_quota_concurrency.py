@@ -10,12 +10,9 @@ import random
 import sys
 import uuid
 
-from pg import fixtures_unless_conftest_has_them
-
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.ledger import AdmissionRefused, Ledger, ReservationRequest
 
-globals().update(fixtures_unless_conftest_has_them())
 
 PROMPT, MAX_TOKENS = 100, 100
 BUDGET = 50 * (PROMPT + MAX_TOKENS)  # room for ~50 reservations at once

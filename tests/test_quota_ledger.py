@@ -8,12 +8,11 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from pg import fixtures_unless_conftest_has_them, set_user_policy
+from pg import set_user_policy
 
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.ledger import AdmissionRefused, Ledger, Reservation, ReservationRequest
 
-globals().update(fixtures_unless_conftest_has_them())
 
 _ids = itertools.count()
 

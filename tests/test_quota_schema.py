@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from pg import fixtures_unless_conftest_has_them
 
 from agencyllm.quotas.db import (
     Database,
@@ -22,8 +21,6 @@ from agencyllm.quotas.db import (
     upgrade_schema,
 )
 from agencyllm.quotas.models import Base
-
-globals().update(fixtures_unless_conftest_has_them())
 
 
 async def test_migration_matches_models(pg_db):

@@ -41,6 +41,11 @@ def chat(key: str, *, max_tokens: int = 4, stream: bool = False, model: str = PL
     }
 
 
+def post_chat(stack, key: str, **options) -> httpx.Response:
+    with httpx.Client(base_url=stack.url, timeout=60) as client:
+        return client.post(**chat(key, **options))
+
+
 async def ledger_rows(pg_url: str, tenant: str) -> list[dict]:
     database = Database(pg_url)
     try:
@@ -66,7 +71,7 @@ def wait_for_ledger_row(pg_url: str, tenant: str, request_id: str, timeout: floa
 
 
 def _prompt_tokens(stack, key: str) -> int:
-    response = httpx.post(f"{stack.url}{chat(key)['url']}", json=chat(key)["json"], headers=chat(key)["headers"], timeout=60)
+    response = post_chat(stack, key)
     assert response.status_code == 200, response.text
     return response.json()["usage"]["prompt_tokens"]
 
@@ -156,7 +161,7 @@ def test_suspended_tenant_is_403(stack):
     tenant, key = new_tenant(stack)
     with stack.admin() as admin:
         assert admin.post(f"/admin/v1/tenants/{tenant}/suspend").status_code == 200
-    response = httpx.post(f"{stack.url}/v1/chat/completions", json=chat(key)["json"], headers=chat(key)["headers"], timeout=60)
+    response = post_chat(stack, key)
     assert response.status_code == 403
     assert "suspended" in response.json()["error"]["message"]
 
@@ -181,7 +186,7 @@ def test_max_tokens_over_cap(stack):
 
 def test_quota_headers_on_admitted_requests(stack):
     _, key = new_tenant(stack, tokens_per_day=100_000)
-    response = httpx.post(f"{stack.url}/v1/chat/completions", json=chat(key)["json"], headers=chat(key)["headers"], timeout=60)
+    response = post_chat(stack, key)
     assert response.status_code == 200
     assert int(response.headers["x-ratelimit-remaining-tokens"]) < 100_000
 
@@ -209,8 +214,8 @@ def test_killed_ingress_replica_is_settled_by_the_reaper(stack, pg_url):
     # The client stays connected: only the replica's death can end this request. Its lease lapses
     # (30 s in the test stack) and a restarted replica's reaper settles it.
     rows = wait_for_ledger_row(pg_url, tenant, request_id, timeout=180)
+    del lines
     with contextlib.suppress(httpx.HTTPError):
-        del lines
         response.close()
     client.close()
     assert request_id in rows, "the reservation of the killed replica was never settled"
