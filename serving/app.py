@@ -1,4 +1,19 @@
-"""The Ray Serve application: one vLLM engine deployment per model behind our ingress deployment."""
+"""The Ray Serve application: one vLLM engine deployment per model behind our ingress deployment.
+
+`build_app` is the application builder a Serve config names (`serve deploy`, KubeRay's
+`serveConfigV2`):
+
+```yaml
+applications:
+  - name: agencyllm
+    route_prefix: /
+    import_path: agencyllm.serving.app:build_app
+    args: {models: [{id: llama-3.1-8b-instruct, path: /models/llama-3.1-8b-instruct}]}
+```
+
+`args` holds only the models (the same schema as `--config`): it is visible in the Serve config and
+the custom resource, so settings and secrets come from `AGENCYLLM_*` environment variables.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +22,7 @@ from ray.llm._internal.serve.core.ingress.builder import to_model_metadata
 from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
 from ray.serve.deployment import Application
 
-from agencyllm.serving.config import ServingConfig, cpu_only
+from agencyllm.serving.config import ConfigError, ServingConfig, cpu_only, parse_config
 from agencyllm.serving.engines import engine_deployment, llm_config
 from agencyllm.serving.http import create_app
 from agencyllm.serving.ingress import ENDPOINTS, AgencyIngress
@@ -32,3 +47,20 @@ def build_application(settings: Settings, serving: ServingConfig, *, cpu: bool |
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(llm_deployments=engines, model_cards=cards, settings=settings, serving=serving)
+
+
+def build_app(args: dict) -> Application:
+    """Serve config entry point: `args` is `{"models": [...]}`; everything else from the environment."""
+    if not isinstance(args, dict):
+        raise ConfigError(f"application args must be a mapping with a 'models' list, not {type(args).__name__}")
+    unknown = sorted(set(args) - {"models"})
+    if unknown:
+        raise ConfigError(
+            f"application args: unknown field(s) {', '.join(unknown)}; only 'models' belongs here "
+            "(settings and secrets come from AGENCYLLM_* environment variables)"
+        )
+    serving = parse_config(args, "application args")
+    settings = Settings()
+    if settings.database_url is None:
+        raise ConfigError("AGENCYLLM_DATABASE_URL must be set where the application is built (a Serve config has no embedded database)")
+    return build_application(settings, serving)

@@ -103,6 +103,14 @@ def _describe(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def parse_config(raw: Any, source: str) -> ServingConfig:
+    """Validate a models configuration already read (a YAML file's content, a Serve config's args)."""
+    try:
+        return ServingConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
 def load_config(file: Path) -> ServingConfig:
     try:
         raw = yaml.safe_load(Path(file).read_text())
@@ -110,10 +118,7 @@ def load_config(file: Path) -> ServingConfig:
         raise ConfigError(f"cannot read models configuration {file}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"models configuration {file} is not valid YAML: {exc}") from None
-    try:
-        return ServingConfig.model_validate(raw or {})
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, str(file))) from None
+    return parse_config(raw, str(file))
 
 
 def single_model_config(path: Path, *, task: str = "generate", engine_args: dict | None = None) -> ServingConfig:
