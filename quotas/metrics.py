@@ -4,6 +4,8 @@ prometheus_client's default registry. Names are Prometheus names either way."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
 import threading
 from typing import Any, Protocol
@@ -13,6 +15,25 @@ REQUESTS_ADMITTED = "agencyllm_requests_admitted_total"
 REQUESTS_REFUSED = "agencyllm_requests_refused_total"
 RESERVATION_SECONDS = "agencyllm_reservation_seconds"
 RESERVATION_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+
+log = logging.getLogger(__name__)
+
+
+def _never_raises(method):
+    """A metric is never worth a request: its failure is logged (once per metric) and dropped."""
+    failed = False
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        nonlocal failed
+        try:
+            method(*args, **kwargs)
+        except Exception as exc:
+            if not failed:
+                failed = True
+                log.warning("metric %s not recorded: %s", method.__name__, type(exc).__name__)
+
+    return wrapper
 
 
 class QuotaMetrics(Protocol):
@@ -46,15 +67,20 @@ class _PrometheusMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    @_never_raises
     def tokens_charged(self, tenant: str, model: str, tokens: int) -> None:
-        self._child(self._charged, tenant, model).inc(tokens)
+        if tokens > 0:
+            self._child(self._charged, tenant, model).inc(tokens)
 
+    @_never_raises
     def admitted(self, tenant: str, model: str) -> None:
         self._child(self._admitted, tenant, model).inc()
 
+    @_never_raises
     def refused(self, tenant: str, model: str, reason: str) -> None:
         self._child(self._refused, tenant, model, reason).inc()
 
+    @_never_raises
     def reservation_seconds(self, seconds: float) -> None:
         self._latency.observe(seconds)
 
@@ -71,15 +97,20 @@ class _RayMetrics:
         self._latency = Histogram(RESERVATION_SECONDS, "Time to admit (reserve) a request",
                                   RESERVATION_BUCKETS)
 
+    @_never_raises
     def tokens_charged(self, tenant: str, model: str, tokens: int) -> None:
-        self._charged.inc(tokens, {"tenant": tenant, "model": model})
+        if tokens > 0:  # Ray's Counter.inc refuses 0 (a request refused by its engine charges 0)
+            self._charged.inc(tokens, {"tenant": tenant, "model": model})
 
+    @_never_raises
     def admitted(self, tenant: str, model: str) -> None:
         self._admitted.inc(1, {"tenant": tenant, "model": model})
 
+    @_never_raises
     def refused(self, tenant: str, model: str, reason: str) -> None:
         self._refused.inc(1, {"tenant": tenant, "model": model, "reason": reason})
 
+    @_never_raises
     def reservation_seconds(self, seconds: float) -> None:
         self._latency.observe(seconds)
 

@@ -37,7 +37,7 @@ def build_application(settings: Settings, serving: ServingConfig, *, cpu: bool |
     cpu = cpu_only() if cpu is None else cpu
     engines = {spec.id: engine_deployment(spec, cpu=cpu) for spec in serving.models}
     cards = {spec.id: to_model_metadata(spec.id, llm_config(spec, cpu=cpu)) for spec in serving.models}
-    app = create_app(cors_origins=settings.cors_origins, max_request_bytes=settings.max_request_bytes)
+    app = create_app(cors_origins=settings.cors_origins, max_request_bytes=settings.max_request_bytes, api_docs=settings.api_docs)
     ingress_cls = make_fastapi_ingress(AgencyIngress, endpoint_map=ENDPOINTS, app=app)
     ingress = serve.deployment(
         ingress_cls,

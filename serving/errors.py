@@ -14,6 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from agencyllm.quotas import db as quotas_db
+from agencyllm.serving.inputs import InvalidInput
+
 log = logging.getLogger("agencyllm.errors")
 
 _TYPE_BY_STATUS = {
@@ -62,6 +65,35 @@ class OpenAIError(Exception):
         return f"data: {json.dumps(self.body())}\n\n"
 
 
+class EngineUnavailable(RuntimeError):
+    """No engine replica could take or finish the request (crashed, restarting, overloaded)."""
+
+
+def unavailable(message: str) -> OpenAIError:
+    return OpenAIError(
+        503, message, type="service_unavailable", code="service_unavailable",
+        headers={"Retry-After": str(quotas_db.RETRY_AFTER_SECONDS)},
+    )
+
+
+DATABASE_UNAVAILABLE_MESSAGE = "The service is temporarily unavailable (its database cannot be reached). Please retry."
+ENGINE_UNAVAILABLE_MESSAGE = "The model is temporarily unavailable. Please retry."
+
+
+def as_openai_error(exc: BaseException) -> OpenAIError | None:
+    """The one mapping of domain errors to HTTP answers; None for a fault of our own (500)."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, InvalidInput):
+        return OpenAIError(400, exc.message, param=exc.param, code=exc.code)
+    if isinstance(exc, EngineUnavailable):
+        return unavailable(ENGINE_UNAVAILABLE_MESSAGE)
+    if quotas_db.database_unavailable(exc):
+        quotas_db.availability.failed(exc)
+        return unavailable(DATABASE_UNAVAILABLE_MESSAGE)
+    return None
+
+
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
     errors = exc.errors()
     first = errors[0] if errors else {}
@@ -93,8 +125,21 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "Unknown route."
         return OpenAIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
 
+    async def _domain(request: Request, exc: Exception) -> JSONResponse:
+        error = as_openai_error(exc)
+        return error.response() if error is not None else _server_error(request, exc)
+
+    # Registered by class, so Starlette's ExceptionMiddleware answers them (no traceback per
+    # request in the log while the database is down); anything else reaches `_unexpected`.
+    for kind in (InvalidInput, EngineUnavailable, *quotas_db.UNAVAILABLE_ERRORS):
+        app.add_exception_handler(kind, _domain)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Full detail stays in the server log (no request body: it may hold prompts or secrets).
-        log.error("unhandled error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
-        return OpenAIError(500, "The server had an error while processing your request.", type="server_error").response()
+        return await _domain(request, exc)
+
+
+def _server_error(request: Request, exc: BaseException) -> JSONResponse:
+    # Full detail stays in the server log (no request body: it may hold prompts or secrets).
+    log.error("unhandled error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+    return OpenAIError(500, "The server had an error while processing your request.", type="server_error").response()

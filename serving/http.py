@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -11,7 +12,8 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agencyllm.serving.admin import router as admin_router
-from agencyllm.serving.errors import OpenAIError, install_error_handlers
+from agencyllm.serving.errors import OpenAIError, as_openai_error, install_error_handlers
+from agencyllm.serving.inputs import InvalidInput, check_query, check_text, load_json
 
 T = TypeVar("T")
 
@@ -27,7 +29,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+        if declared is not None and not declared.isdigit():
+            error = OpenAIError(400, "The Content-Length header is not a number.", code="invalid_request")
+            return await error.response()(scope, _no_receive, send)
+        if declared is not None and int(declared) > self.limit:
             return await self._refuse(send)
         received = 0
 
@@ -58,19 +63,86 @@ async def _no_receive() -> Message:  # pragma: no cover - JSONResponse never rea
     return {"type": "http.disconnect"}
 
 
-async def parse_body(request: Request, model: type[T] | TypeAdapter) -> T:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise OpenAIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+_BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+PARSED_BODY = "agencyllm.json_body"
+
+
+class InputGuard:
+    """Refuse what no route may see, in OpenAI's shape: NUL bytes in the path or query values, and
+    JSON bodies that are not valid, too deep, or hold NUL bytes or lone surrogates. The parsed
+    body is kept in the request state, so the OpenAI routes do not parse it twice."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            check_text(scope.get("path", ""), "path")
+            query = scope.get("query_string", b"").decode("latin-1")
+            check_query(parse_qsl(query, keep_blank_values=True, errors="replace"))
+            if scope.get("method") in _BODY_METHODS and _json_or_untyped(scope):
+                receive = await self._checked_body(scope, receive)
+        except InvalidInput as exc:
+            return await as_openai_error(exc).response()(scope, _no_receive, send)
+        await self.app(scope, receive, send)
+
+    async def _checked_body(self, scope: Scope, receive: Receive) -> Receive:
+        chunks: list[bytes] = []
+        pending: list[Message] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client left while sending
+                pending.append(message)
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        if raw.strip():
+            scope.setdefault("state", {})[PARSED_BODY] = load_json(raw)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                if pending:
+                    return pending.pop(0)
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+def _json_or_untyped(scope: Scope) -> bool:
+    content_type = dict(scope.get("headers") or []).get(b"content-type", b"").lower()
+    return not content_type or b"json" in content_type
+
+
+async def parse_body(
+    request: Request, model: type[T] | TypeAdapter, *, check: Callable[[dict], None] | None = None
+) -> T:
+    """The JSON body as `model`; `check` sees the raw object first (strict types, bounds)."""
+    data = request.scope.get("state", {}).get(PARSED_BODY, _UNPARSED)
+    if data is _UNPARSED:
+        try:
+            data = load_json(await request.body())
+        except InvalidInput as exc:
+            raise as_openai_error(exc) from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    if check is not None:
+        check(data)
     adapter = model if isinstance(model, TypeAdapter) else TypeAdapter(model)
     try:
         return adapter.validate_python(data)
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+_UNPARSED: Any = object()
 
 
 def _invalid(exc: ValidationError) -> OpenAIError:
@@ -86,11 +158,15 @@ def _invalid(exc: ValidationError) -> OpenAIError:
     return OpenAIError(400, message, param=param, code="invalid_value")
 
 
-def create_app(*, cors_origins: list[str], max_request_bytes: int) -> FastAPI:
+def create_app(*, cors_origins: list[str], max_request_bytes: int, api_docs: bool = False) -> FastAPI:
+    docs = {} if api_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
     app = FastAPI(
         title="agencyllm",
         summary="OpenAI-compatible API and administration for the agency's private models.",
         version="0.1.0",
+        # `/v1/models/` would otherwise answer an unauthenticated 307 that echoes the Host header.
+        redirect_slashes=False,
+        **docs,
     )
     install_error_handlers(app)
     if cors_origins:
@@ -101,6 +177,7 @@ def create_app(*, cors_origins: list[str], max_request_bytes: int) -> FastAPI:
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["authorization", "content-type"],
         )
-    app.add_middleware(BodySizeLimit, limit=max_request_bytes)
+    app.add_middleware(InputGuard)
+    app.add_middleware(BodySizeLimit, limit=max_request_bytes)  # outermost: before anything reads
     app.include_router(admin_router)
     return app

@@ -32,8 +32,10 @@ from agencyllm.auth.principal import Principal
 from agencyllm.quotas.db import Database, assert_schema_current
 from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.config import ModelSpec, ServingConfig
-from agencyllm.serving.errors import OpenAIError
+from agencyllm.serving.admin.schemas import ErrorBody
+from agencyllm.serving.errors import EngineUnavailable, OpenAIError, unavailable
 from agencyllm.serving.http import parse_body
+from agencyllm.serving.inputs import check_openai_params
 from agencyllm.serving.identity import Authenticator
 from agencyllm.serving.metering import Admitted, Metering
 from agencyllm.serving.settings import Settings
@@ -47,20 +49,79 @@ _DONE = "data: [DONE]\n\n"
 # Ray Serve already answers with its own `x-request-id`; this one names the usage-ledger row.
 REQUEST_ID_HEADER = "x-agencyllm-request-id"
 
+
+def _errors(*statuses: int) -> dict:
+    text = {
+        400: "Invalid request (the parameter is in `error.param`)",
+        401: "Missing or invalid credentials",
+        403: "Not allowed for this caller or tenant",
+        404: "Unknown model",
+        413: "Request body too large",
+        429: "Quota or rate limit reached (`Retry-After` when known)",
+        503: "Model or database temporarily unavailable (`Retry-After`)",
+    }
+    return {status: {"model": ErrorBody, "description": text[status]} for status in statuses}
+
+
+_CALL_ERRORS = _errors(400, 401, 403, 404, 413, 429, 503)
+
+
+def _body(*required: str, **properties: dict) -> dict:
+    """The documented part of a request body (vLLM accepts more; unknown fields are ignored)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object", "required": list(required), "properties": properties}}},
+        }
+    }
+
+
+_SAMPLING = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "n": {"type": ["integer", "null"], "minimum": 1},
+    "stream": {"type": ["boolean", "null"]},
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+    "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "seed": {"type": ["integer", "null"]},
+    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
+}
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}},
+}
+_TEXTS = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+
 ENDPOINTS = {
-    "chat": lambda app: app.post("/v1/chat/completions", tags=["openai"]),
-    "completions": lambda app: app.post("/v1/completions", tags=["openai"]),
-    "embeddings": lambda app: app.post("/v1/embeddings", tags=["openai"]),
-    "models": lambda app: app.get("/v1/models", tags=["openai"]),
-    "model_data": lambda app: app.get("/v1/models/{model:path}", tags=["openai"]),
-    "healthz": lambda app: app.get("/healthz", tags=["health"]),
-    "readyz": lambda app: app.get("/readyz", tags=["health"]),
+    "chat": lambda app: app.post(
+        "/v1/chat/completions", tags=["openai"], summary="Chat completion (OpenAI)", responses=_CALL_ERRORS,
+        openapi_extra=_body("model", "messages", messages={"type": "array", "items": _MESSAGE}, **_SAMPLING),
+    ),
+    "completions": lambda app: app.post(
+        "/v1/completions", tags=["openai"], summary="Text completion (OpenAI)", responses=_CALL_ERRORS,
+        openapi_extra=_body("model", "prompt", prompt=_TEXTS, **_SAMPLING),
+    ),
+    "embeddings": lambda app: app.post(
+        "/v1/embeddings", tags=["openai"], summary="Embeddings (OpenAI)", responses=_CALL_ERRORS,
+        openapi_extra=_body("model", "input", model={"type": "string"}, input=_TEXTS),
+    ),
+    "models": lambda app: app.get("/v1/models", tags=["openai"], summary="List models", responses=_errors(401, 403, 503)),
+    "model_data": lambda app: app.get(
+        "/v1/models/{model:path}", tags=["openai"], summary="Read a model", responses=_errors(401, 403, 404, 503)
+    ),
+    "healthz": lambda app: app.get("/healthz", tags=["health"], summary="Liveness: the ingress answers"),
+    "readyz": lambda app: app.get(
+        "/readyz", tags=["health"], summary="Readiness: database and every engine answer",
+        responses={503: {"description": "Not ready: `checks` says what is down"}},
+    ),
 }
 
 
 class AgencyIngress(OpenAiIngress):
     async def __init__(self, llm_deployments, model_cards, *, settings: Settings, serving: ServingConfig) -> None:
         super().__init__(llm_deployments, model_cards)
+        self._settings = settings
         self._specs: dict[str, ModelSpec] = {m.id: m for m in serving.models}
         self._counters = {m.id: PromptCounter(m.path, m.context_length()) for m in serving.models}
         self._database = Database(settings.database_url.get_secret_value())
@@ -93,7 +154,7 @@ class AgencyIngress(OpenAiIngress):
 
     async def chat(self, request: Request) -> Response:
         principal = await self._authenticate(request)
-        body = await parse_body(request, ChatCompletionRequest)
+        body = await parse_body(request, ChatCompletionRequest, check=self._checks("chat"))
         spec = self._spec(body.model)
         prompt_tokens = self._counters[spec.id].chat(body.messages)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -106,7 +167,7 @@ class AgencyIngress(OpenAiIngress):
 
     async def completions(self, request: Request) -> Response:
         principal = await self._authenticate(request)
-        body = await parse_body(request, CompletionRequest)
+        body = await parse_body(request, CompletionRequest, check=self._checks("completions"))
         spec = self._spec(body.model)
         prompt_tokens = self._counters[spec.id].prompts(body.prompt)
         n = body.n or 1
@@ -117,7 +178,7 @@ class AgencyIngress(OpenAiIngress):
 
     async def embeddings(self, request: Request) -> Response:
         principal = await self._authenticate(request)
-        body = await parse_body(request, _EMBEDDING_REQUEST)
+        body = await parse_body(request, _EMBEDDING_REQUEST, check=self._checks("embeddings"))
         spec = self._spec(body.model)
         if spec.task != "embed":
             raise OpenAIError(400, f"Model '{spec.id}' does not serve embeddings.", param="model", code="model_not_supported")
@@ -167,6 +228,16 @@ class AgencyIngress(OpenAiIngress):
             raise OpenAIError(403, "Your account lacks the role needed to call models.")
         return principal
 
+    def _checks(self, endpoint: str):
+        settings = self._settings
+
+        def check(data: dict) -> None:
+            check_openai_params(
+                data, endpoint=endpoint, max_choices=settings.max_choices, max_prompts=settings.max_prompts_per_request
+            )
+
+        return check
+
     def _spec(self, model: str | None) -> ModelSpec:
         if model is None and len(self._specs) == 1:
             return next(iter(self._specs.values()))
@@ -212,6 +283,8 @@ class AgencyIngress(OpenAiIngress):
         return admitted, granted
 
     async def _generate(self, body: Any, method: str, admitted: Admitted, client_wants_usage: bool) -> Response:
+        """Engine call and settlement. Every way out settles `admitted` exactly once: a request
+        the engine never took is charged nothing; one it worked on, the tokens it read and made."""
         request_id = admitted.reservation.request_id
         if hasattr(body, "request_id"):
             body.request_id = request_id
@@ -220,29 +293,33 @@ class AgencyIngress(OpenAiIngress):
         try:
             upstream = getattr(self._get_configured_serve_handle(body.model), method).remote(body, None)
             first = await upstream.__anext__()
-        except BaseException as exc:
-            if upstream is not None:
-                upstream.cancel()
-            status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "engine_error"
-            await self._metering.settle(admitted, prompt_tokens=0, completion_tokens=0, status=status)
-            if status == "cancelled":
-                raise
+        except asyncio.CancelledError:  # the client left while the engine worked on the prompt
+            _cancel(upstream)
+            self._metering.settle_later(admitted, status="cancelled", completion_tokens=0)
+            raise
+        except BaseException as exc:  # engine down, or the call never left (e.g. not serialisable)
+            _cancel(upstream)
+            await self._metering.settle(admitted, prompt_tokens=0, completion_tokens=0, status="engine_error")
             log.error("engine call failed for request %s: %s", request_id, type(exc).__name__)
-            raise OpenAIError(503, "The model is temporarily unavailable. Please retry.", type="service_unavailable") from None
+            raise EngineUnavailable(type(exc).__name__) from None
         item = first[0] if isinstance(first, list) and first else first
 
         if isinstance(item, ErrorResponse):
-            upstream.cancel()
-            code = int(item.error.code or 500)
-            await self._metering.settle(admitted, prompt_tokens=0, completion_tokens=0, status="client_error" if code < 500 else "engine_error")
-            raise OpenAIError(code if code < 500 else 503, item.error.message, type=item.error.type, param=getattr(item.error, "param", None))
+            _cancel(upstream)
+            code = _status_of(item)
+            status = "client_error" if code < 500 else "engine_error"
+            await self._metering.settle(admitted, prompt_tokens=0, completion_tokens=0, status=status)
+            if code >= 500:
+                log.error("engine refused request %s with %d", request_id, code)
+                raise EngineUnavailable(str(code))
+            raise OpenAIError(code, item.error.message, type=item.error.type, param=getattr(item.error, "param", None))
 
         if isinstance(item, (*NON_STREAMING_RESPONSE_TYPES, EmbeddingResponse)):
             usage = item.usage
             await self._metering.settle(
                 admitted,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=(usage.completion_tokens or 0) if usage else 0,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=(usage.completion_tokens or 0) if usage else None,
                 status="ok",
             )
             return JSONResponse(item.model_dump(), headers=headers)
@@ -258,6 +335,7 @@ class AgencyIngress(OpenAiIngress):
             status = "ok"
             try:
                 async for event in relay(chain(), usage, client_wants_usage=client_wants_usage, on_first_event=admitted.mark_first_token):
+                    admitted.completion_tokens = usage.best_completion_tokens()
                     yield event
             except (asyncio.CancelledError, GeneratorExit):
                 status = "cancelled"
@@ -265,20 +343,39 @@ class AgencyIngress(OpenAiIngress):
             except Exception as exc:  # engine died mid-stream: tell the client in-band, then end
                 status = "engine_error"
                 log.error("stream for request %s failed: %s", request_id, type(exc).__name__)
-                yield OpenAIError(503, "The model stopped unexpectedly. Please retry.", type="service_unavailable").sse()
+                yield unavailable("The model stopped unexpectedly. Please retry.").sse()
                 yield _DONE
             finally:
-                upstream.cancel()
+                _cancel(upstream)
                 if status == "ok" and usage.failed:
                     status = "engine_error"
                 self._metering.settle_later(
                     admitted,
-                    prompt_tokens=usage.prompt_tokens,
+                    prompt_tokens=usage.prompt_tokens if usage.reported else None,
                     completion_tokens=usage.best_completion_tokens(),
                     status=status,
                 )
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _cancel(upstream: Any) -> None:
+    """Abort the engine call; a call that already failed may raise again here, which must never
+    keep its request from being settled."""
+    if upstream is None:
+        return
+    try:
+        upstream.cancel()
+    except Exception as exc:
+        log.debug("cancelling an engine call raised %s", type(exc).__name__)
+
+
+def _status_of(error: ErrorResponse) -> int:
+    try:
+        code = int(error.error.code or 500)
+    except (TypeError, ValueError):
+        return 500
+    return code if 400 <= code <= 599 else 500
 
 
 def _sanitized(body: ChatCompletionRequest) -> ChatCompletionRequest:

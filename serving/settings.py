@@ -43,6 +43,12 @@ class Settings(BaseSettings):
 
     # Requests larger than this are refused with 413 before they are parsed.
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Bounds on one request's work, checked before admission: choices per prompt (`n`), and
+    # prompts (completions) or inputs (embeddings) in one list.
+    max_choices: int = Field(default=16, ge=1, le=128)
+    max_prompts_per_request: int = Field(default=256, ge=1, le=2048)
+    # Serve /docs and /openapi.json (off: they describe every route to anyone who asks).
+    api_docs: bool = False
     # Browser origins allowed to call the API (none by default: the API is for SDKs and scripts).
     cors_origins: list[str] = []
     ingress_replicas: int = Field(default=1, ge=1)

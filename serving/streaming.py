@@ -43,6 +43,8 @@ class StreamUsage:
         return False  # the usage-only final chunk
 
     def best_completion_tokens(self) -> int:
+        """The engine's own count when it reported one; otherwise one token per chunk of text
+        (the ingress asks for unbatched output: one chunk per generated token and choice)."""
         return self.completion_tokens if self.reported else self.content_chunks
 
 

@@ -12,12 +12,12 @@ from agencyllm.quotas.models import ApiKey
 from agencyllm.serving.admin.access import (
     StoreErrorRoute,
     TenantAdmin,
-    forbidden,
     may_admin,
 )
 from agencyllm.serving.admin.schemas import KeyCreate, KeyCreated, KeyOut
 from agencyllm.serving.deps import CurrentPrincipal, DbSession
 from agencyllm.serving.errors import OpenAIError
+from agencyllm.serving.inputs import as_utc
 
 router = APIRouter(tags=["keys"], route_class=StoreErrorRoute)
 
@@ -35,9 +35,12 @@ def expiry(body: KeyCreate) -> datetime | None:
         raise OpenAIError(400, "Give 'expires_at' or 'expires_in_days', not both.", param="expires_at")
     if body.expires_in_days is not None:
         return datetime.now(timezone.utc) + timedelta(days=body.expires_in_days)
-    if body.expires_at is not None and body.expires_at.tzinfo is None:
-        return body.expires_at.replace(tzinfo=timezone.utc)
-    return body.expires_at
+    if body.expires_at is None:
+        return None
+    expires_at = as_utc(body.expires_at, "expires_at")
+    if expires_at <= datetime.now(timezone.utc):
+        raise OpenAIError(400, "'expires_at' must be in the future.", param="expires_at", code="invalid_value")
+    return expires_at
 
 
 @router.post(
@@ -72,6 +75,7 @@ def may_revoke(principal: Principal, key: ApiKey, tenant: str) -> bool:
 async def revoke_key(key_id: str, principal: CurrentPrincipal, session: DbSession) -> KeyOut:
     key, tenant = await store.get_key(session, key_id)
     if not may_revoke(principal, key, tenant):
-        raise forbidden("You may revoke only your own personal keys or keys of a tenant you administer.")
+        # Exactly the answer for a key that does not exist: nobody learns which ids are real.
+        raise store.NotFound(f"No API key with id '{key_id}'.", param="id")
     key, tenant = await store.revoke_key(session, principal, key.id)
     return key_out(key, tenant)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -16,6 +16,7 @@ from agencyllm.serving.admin.access import StoreErrorRoute, forbidden, require_t
 from agencyllm.serving.admin.schemas import UsageReport
 from agencyllm.serving.deps import CurrentPrincipal, DbSession, SettingsDep
 from agencyllm.serving.errors import OpenAIError
+from agencyllm.serving.inputs import as_utc, check_date_range
 
 router = APIRouter(tags=["usage"], route_class=StoreErrorRoute)
 
@@ -31,6 +32,7 @@ def parse_bound(value: str | None, param: str, time_zone: str, *, end: bool) -> 
     except ValueError:
         day = None
     if day is not None:
+        check_date_range(day, param)
         since, until = store.day_bounds(day, day, time_zone)
         return until if end else since
     try:
@@ -39,7 +41,7 @@ def parse_bound(value: str | None, param: str, time_zone: str, *, end: bool) -> 
         raise OpenAIError(
             400, f"'{param}' must be a date (YYYY-MM-DD) or an ISO 8601 date-time.", param=param
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return as_utc(moment, param)
 
 
 def scoped_tenant(principal: Principal, tenant: str | None) -> str | None:
