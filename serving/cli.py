@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from agencyllm.serving.settings import Settings
@@ -37,7 +35,8 @@ def _database_url(settings: Settings):
 
 def cmd_up(args: argparse.Namespace) -> int:
     from agencyllm.serving.config import ConfigError
-    from agencyllm.serving.stack import PLACEHOLDER_WARNING, LocalStack, resolve_models
+    from agencyllm.serving.stack import PLACEHOLDER_WARNING, resolve_models
+    from agencyllm.serving.supervisor import Supervisor
 
     settings = _settings(args)
     try:
@@ -47,28 +46,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     if placeholder:
         print(PLACEHOLDER_WARNING, file=sys.stderr, flush=True)
-    stack = LocalStack(settings, serving)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    try:
-        print(f"Starting agencyllm: models {', '.join(m.id for m in serving.models)}; data in {settings.data_dir}", flush=True)
-        stack.start_database()
-        admin_key = _bootstrap_admin_key(stack.settings)
-        if admin_key is not None:
-            print(f"Platform admin API key written to {admin_key} (readable by you only).", flush=True)
-        stack.start()
-        print(f"Ready: {stack.base_url}/v1", flush=True)
-        while not stopping.wait(1):
-            pass
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:  # startup failed: say what, not a traceback
-        print(f"agencyllm: could not start: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        print("Stopping agencyllm…", file=sys.stderr, flush=True)
-        stack.stop()
-    return 0
+    print(f"Starting agencyllm: models {', '.join(m.id for m in serving.models)}; data in {settings.data_dir}", flush=True)
+    return Supervisor(settings, args.model).run()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The stack process `up` runs (Ray, engines, ingress); the database is already there."""
+    from agencyllm.serving.supervisor import serve
+
+    return serve(_settings(args), args.model)
 
 
 def _bootstrap_admin_key(settings: Settings) -> Path | None:
@@ -124,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", type=Path, help="models YAML file")
     source.add_argument("--model", type=Path, help="serve one model directory (its id is the directory name)")
     up.set_defaults(func=cmd_up)
+    stack = sub.add_parser("_serve")  # internal: the stack process of `up` (no help: not for users)
+    stack.add_argument("--model", type=Path)
+    stack.set_defaults(func=cmd_serve)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     placeholder = model.add_parser("placeholder", help="write the tiny random-weight placeholder model")

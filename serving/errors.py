@@ -6,8 +6,10 @@ mistake is never a 500 and no stack trace or internal detail reaches the wire.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -88,6 +90,11 @@ def as_openai_error(exc: BaseException) -> OpenAIError | None:
         return OpenAIError(400, exc.message, param=exc.param, code=exc.code)
     if isinstance(exc, EngineUnavailable):
         return unavailable(ENGINE_UNAVAILABLE_MESSAGE)
+    engine_errors = sys.modules.get("vllm.exceptions")  # imported where engines' models are used
+    if engine_errors is not None and isinstance(exc, engine_errors.VLLMClientError):
+        # The engine's request models validate some fields themselves; never echo the value.
+        message = str(exc.args[0]) if exc.args else "Invalid request."
+        return OpenAIError(400, message, param=getattr(exc, "parameter", None), code="invalid_value")
     if quotas_db.database_unavailable(exc):
         quotas_db.availability.failed(exc)
         return unavailable(DATABASE_UNAVAILABLE_MESSAGE)
@@ -99,7 +106,11 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return OpenAIError(400, "The request body is not valid JSON.", code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # FastAPI prefixes where a value came from (`query.group_by`); OpenAI names the parameter.
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]
+    loc = [str(p) for p in loc]
     param = ".".join(loc) or None
     reason = first.get("msg", "invalid value")
     if first.get("type") == "missing":
@@ -133,6 +144,10 @@ def install_error_handlers(app: FastAPI) -> None:
     # request in the log while the database is down); anything else reaches `_unexpected`.
     for kind in (InvalidInput, EngineUnavailable, *quotas_db.UNAVAILABLE_ERRORS):
         app.add_exception_handler(kind, _domain)
+    with contextlib.suppress(ImportError):
+        from vllm.exceptions import VLLMClientError
+
+        app.add_exception_handler(VLLMClientError, _domain)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
