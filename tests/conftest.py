@@ -24,6 +24,11 @@ STACK_GROUP = "office-stack"
 STACK_TENANT = "stack"
 
 
+def pytest_collection_modifyitems(items):
+    """Fault tests (marked `fault`) kill engines, Postgres or whole stacks: run them after the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("fault") is not None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

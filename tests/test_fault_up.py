@@ -1,0 +1,285 @@
+"""`agencyllm up` as an operator runs it, in a subprocess with its own data dir and one engine:
+its embedded Postgres SIGKILLed under load (503 with Retry-After, a restart, recovery, every
+admitted request in the ledger), then SIGTERM with a request in flight (exit 0, no process of its
+tree left, Postgres stopped, the ledger complete), then a start and stop over the stale state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from agencyllm.quotas.db import EmbeddedPostgres
+from agencyllm.serving.placeholder import write_placeholder_model
+
+pytestmark = [pytest.mark.fault]
+
+MODEL = "placeholder"
+START_TIMEOUT = 900
+STOP_TIMEOUT = 120  # the supervisor's own bound is 45 s + 10 s; leave room on a loaded machine
+
+
+@dataclass
+class Up:
+    process: subprocess.Popen
+    url: str
+    data_dir: Path
+    output: list[str] = field(default_factory=list)
+    tree: dict[int, float] = field(default_factory=dict)
+
+    def remember_tree(self) -> None:
+        try:
+            root = psutil.Process(self.process.pid)
+            for p in [root, *root.children(recursive=True)]:
+                self.tree.setdefault(p.pid, p.create_time())
+        except psutil.Error:
+            pass
+
+    def admin(self) -> httpx.Client:
+        key = (self.data_dir / "admin.key").read_text().strip()
+        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {key}"}, timeout=30)
+
+    def postgres_pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "postgres" / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENCYLLM_")}
+    env["AGENCYLLM_RESERVATION_LEASE_SECONDS"] = "60"
+    return env
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    from conftest import free_port
+
+    data_dir = tmp_path_factory.mktemp("up")
+    model_dir = write_placeholder_model(data_dir / "weights" / MODEL)
+    port = free_port()
+    command = [sys.executable, "-m", "agencyllm.serving.cli", "up", "--data-dir", str(data_dir), "--port", str(port), "--model", str(model_dir)]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    running = Up(process, f"http://127.0.0.1:{port}", data_dir)
+
+    def read() -> None:
+        for line in process.stdout:
+            running.output.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while "Ready:" not in running.text():
+            assert process.poll() is None, f"up exited with {process.returncode}:\n{running.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"up was not ready in {START_TIMEOUT} s:\n{running.text()[-3000:]}"
+            time.sleep(1)
+        running.remember_tree()
+        yield running
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for pid, created in running.tree.items():
+            try:
+                leftover = psutil.Process(pid)
+                if leftover.create_time() == created:
+                    leftover.kill()
+            except psutil.Error:
+                pass
+        pid = running.postgres_pid()
+        if pid is not None and psutil.pid_exists(pid):
+            EmbeddedPostgres(data_dir).stop()
+
+
+@pytest.fixture(scope="module")
+def tenant_key(up) -> tuple[str, str]:
+    name = f"up-{uuid.uuid4().hex[:8]}"
+    with up.admin() as admin:
+        assert admin.post("/admin/v1/tenants", json={"name": name}).status_code == 201
+        response = admin.post(f"/admin/v1/tenants/{name}/keys", json={"name": "fault"})
+        assert response.status_code == 201, response.text
+    return name, response.json()["key"]
+
+
+def chat(key: str, **extra) -> dict:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Report."}], "max_tokens": 4, **extra}
+    return {"url": "/v1/chat/completions", "json": body, "headers": {"authorization": f"Bearer {key}"}}
+
+
+def ledger(up: Up, tenant: str) -> list[dict]:
+    """Read the ledger over the server's own socket (joining the server as a handle would keep
+    the supervisor from stopping it)."""
+    import asyncpg
+
+    lines = (up.data_dir / "postgres" / "postmaster.pid").read_text().split("\n")
+
+    async def read() -> list[dict]:
+        connection = await asyncpg.connect(host=lines[4], port=int(lines[3]), user="postgres", database="agencyllm")
+        try:
+            rows = await connection.fetch(
+                "SELECT u.request_id, u.status FROM usage_ledger u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1", tenant
+            )
+            open_count = await connection.fetchval(
+                "SELECT count(*) FROM quota_reservations r JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1", tenant
+            )
+        finally:
+            await connection.close()
+        return [dict(r) for r in rows] + [{"open": open_count}]
+
+    return asyncio.run(read())
+
+
+def test_up_serves_requests(up, tenant_key):
+    _, key = tenant_key
+    with httpx.Client(base_url=up.url, timeout=60) as client:
+        response = client.post(**chat(key))
+    assert response.status_code == 200, response.text
+    up.remember_tree()
+
+
+def test_database_death_gives_503_then_recovers_without_restart(up, tenant_key):
+    tenant, key = tenant_key
+    admitted: list[str] = []
+
+    def stream_through_the_outage(results: list) -> None:
+        with httpx.Client(base_url=up.url, timeout=120) as client:
+            with client.stream("POST", **chat(key, max_tokens=120, ignore_eos=True, stream=True)) as response:
+                results.append(response.headers.get("x-agencyllm-request-id"))
+                for _ in response.iter_lines():
+                    pass
+
+    streams: list = []
+    workers = [threading.Thread(target=stream_through_the_outage, args=(streams,)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)  # both admitted and streaming
+    pid = up.postgres_pid()
+    assert pid is not None
+    psutil.Process(pid).kill()
+
+    seen: dict[str, list[httpx.Response]] = {"chat": [], "admin": [], "readyz": []}
+    deadline = time.monotonic() + 60
+    with httpx.Client(base_url=up.url, timeout=30) as client, up.admin() as admin:
+        while time.monotonic() < deadline:
+            seen["chat"].append(response := client.post(**chat(key, max_tokens=1)))
+            if response.status_code == 200:
+                admitted.append(response.headers["x-agencyllm-request-id"])
+            seen["admin"].append(admin.get("/admin/v1/tenants"))
+            seen["readyz"].append(client.get("/readyz"))
+            recovered = all(seen[name][-1].status_code == 200 for name in seen)
+            if recovered and any(r.status_code == 503 for r in seen["chat"]):
+                break
+            time.sleep(0.1)
+    for worker in workers:
+        worker.join(120)
+
+    for name, responses in seen.items():
+        statuses = [r.status_code for r in responses]
+        assert 500 not in statuses, (name, statuses)
+        assert set(statuses) <= {200, 503}, (name, statuses)
+        assert statuses[-1] == 200, f"{name} did not recover: {statuses}"
+    outage = [r for name in ("chat", "admin") for r in seen[name] if r.status_code == 503]
+    assert outage, "no request saw the outage"
+    for response in outage:
+        assert response.json()["error"]["type"] == "service_unavailable"
+        assert int(response.headers["retry-after"]) >= 1
+    assert any(r.status_code == 503 for r in seen["readyz"]), "/readyz never said not ready"
+    assert up.text().count("stopped unexpectedly; restarting") == 1, up.text()[-2000:]
+
+    # Every admitted request has its one ledger row, the two streams included, none left open.
+    expected = set(admitted) | {s for s in streams if s}
+    deadline = time.monotonic() + 60
+    while True:
+        rows = ledger(up, tenant)
+        ids = {r["request_id"] for r in rows if "request_id" in r}
+        if expected <= ids and rows[-1]["open"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert expected <= ids, f"missing ledger rows: {expected - ids}"
+    assert rows[-1]["open"] == 0
+    up.remember_tree()
+
+
+def test_sigterm_stops_everything_it_started(up, tenant_key):
+    tenant, key = tenant_key
+    up.remember_tree()
+    postgres = up.postgres_pid()
+    assert postgres is not None and psutil.pid_exists(postgres)
+    request_ids: list[str] = []
+
+    def in_flight() -> None:
+        try:
+            with httpx.Client(base_url=up.url, timeout=120) as client:
+                with client.stream("POST", **chat(key, max_tokens=600, ignore_eos=True, stream=True)) as response:
+                    request_ids.append(response.headers["x-agencyllm-request-id"])
+                    for _ in response.iter_lines():
+                        pass
+        except httpx.HTTPError:
+            pass
+
+    worker = threading.Thread(target=in_flight)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not request_ids and time.monotonic() < deadline:
+        time.sleep(0.1)
+    up.remember_tree()
+    started = time.monotonic()
+    up.process.send_signal(signal.SIGTERM)
+    code = up.process.wait(STOP_TIMEOUT)
+    took = time.monotonic() - started
+    worker.join(60)
+    assert code == 0, up.text()[-3000:]
+
+    time.sleep(1)
+    left = []
+    for pid, created in up.tree.items():
+        try:
+            process = psutil.Process(pid)
+            if process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid} {' '.join(process.cmdline())[:120]}")
+        except psutil.Error:
+            pass
+    assert not left, f"left running after SIGTERM ({took:.0f} s): {left}"
+    assert not psutil.pid_exists(postgres) or psutil.Process(postgres).status() == psutil.STATUS_ZOMBIE, "Postgres left running"
+    print(f"up stopped in {took:.1f} s")
+
+    # The in-flight request was settled before the database went down, and a stale handle
+    # from a crashed process does not keep a later stop from stopping the server.
+    handles = up.data_dir / "postgres" / ".handle_pids.json"
+    dead_pid = _dead_pid()
+    handles.write_text(json.dumps([dead_pid]))
+    server = EmbeddedPostgres(up.data_dir)
+    server.start()
+    try:
+        rows = ledger(up, tenant)
+    finally:
+        server.stop()
+    assert not (up.data_dir / "postgres" / "postmaster.pid").exists(), "a stale handle kept Postgres running"
+    assert rows[-1]["open"] == 0
+    ids = {r["request_id"] for r in rows if "request_id" in r}
+    assert set(request_ids) <= ids, "the request in flight at SIGTERM has no ledger row"
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
