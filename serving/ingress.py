@@ -32,6 +32,7 @@ from agencyllm.auth.principal import Principal
 from agencyllm.quotas.db import Database, assert_schema_current
 from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.config import ModelSpec, ServingConfig
+from agencyllm.serving.engine_health import EngineHealth, engine_gone
 from agencyllm.serving.admin.schemas import ErrorBody
 from agencyllm.serving.errors import EngineUnavailable, OpenAIError, unavailable
 from agencyllm.serving.http import parse_body
@@ -135,6 +136,7 @@ class AgencyIngress(OpenAiIngress):
         self._authenticator = Authenticator(settings, self._database, verifier)
         self._metering = Metering(ledger)
         self._metering.start()
+        self._engines = EngineHealth(self._probe_engine)
         self._app_state = {"settings": settings, "database": self._database, "ledger": ledger, "authenticator": self._authenticator}
 
     def _set_asgi_app(self, app) -> None:
@@ -147,6 +149,7 @@ class AgencyIngress(OpenAiIngress):
     async def __del__(self) -> None:
         # Replica shutdown: write the ledger rows still being settled, then let go of connections.
         await self._metering.drain()
+        await self._engines.aclose()
         await self._authenticator.aclose()
         await self._database.dispose()
 
@@ -156,6 +159,7 @@ class AgencyIngress(OpenAiIngress):
         principal = await self._authenticate(request)
         body = await parse_body(request, ChatCompletionRequest, check=self._checks("chat"))
         spec = self._spec(body.model)
+        self._require_engine(spec)
         prompt_tokens = self._counters[spec.id].chat(body.messages)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         body = _sanitized(body)
@@ -169,6 +173,7 @@ class AgencyIngress(OpenAiIngress):
         principal = await self._authenticate(request)
         body = await parse_body(request, CompletionRequest, check=self._checks("completions"))
         spec = self._spec(body.model)
+        self._require_engine(spec)
         prompt_tokens = self._counters[spec.id].prompts(body.prompt)
         n = body.n or 1
         admitted, body.max_tokens = await self._admit(principal, spec, "completions", prompt_tokens, body.max_tokens, n, "prompt")
@@ -182,6 +187,7 @@ class AgencyIngress(OpenAiIngress):
         spec = self._spec(body.model)
         if spec.task != "embed":
             raise OpenAIError(400, f"Model '{spec.id}' does not serve embeddings.", param="model", code="model_not_supported")
+        self._require_engine(spec)
         counter = self._counters[spec.id]
         prompt_tokens = [counter.chat(body.messages)] if hasattr(body, "messages") else counter.prompts(body.input)
         admitted, _ = await self._admit(principal, spec, "embeddings", prompt_tokens, 0, 1, "input")
@@ -227,6 +233,13 @@ class AgencyIngress(OpenAiIngress):
         if not principal.may_call_models:
             raise OpenAIError(403, "Your account lacks the role needed to call models.")
         return principal
+
+    def _require_engine(self, spec: ModelSpec) -> None:
+        if self._engines.is_down(spec.id):
+            raise EngineUnavailable(spec.id)
+
+    async def _probe_engine(self, model: str) -> None:
+        await self._get_configured_serve_handle(model).check_health.remote()
 
     def _checks(self, endpoint: str):
         settings = self._settings
@@ -299,6 +312,8 @@ class AgencyIngress(OpenAiIngress):
             raise
         except BaseException as exc:  # engine down, or the call never left (e.g. not serialisable)
             _cancel(upstream)
+            if engine_gone(exc):
+                self._engines.failed(body.model, exc)
             await self._metering.settle(admitted, prompt_tokens=0, completion_tokens=0, status="engine_error")
             log.error("engine call failed for request %s: %s", request_id, type(exc).__name__)
             raise EngineUnavailable(type(exc).__name__) from None
@@ -342,6 +357,8 @@ class AgencyIngress(OpenAiIngress):
                 raise
             except Exception as exc:  # engine died mid-stream: tell the client in-band, then end
                 status = "engine_error"
+                if engine_gone(exc):
+                    self._engines.failed(body.model, exc)
                 log.error("stream for request %s failed: %s", request_id, type(exc).__name__)
                 yield unavailable("The model stopped unexpectedly. Please retry.").sse()
                 yield _DONE

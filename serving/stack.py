@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +88,15 @@ class LocalStack:
         upgrade_schema(url)
         return url
 
-    def start(self, *, timeout: float = 600) -> None:
+    def start(
+        self,
+        *,
+        timeout: float = 600,
+        on_ray_started: Callable[[], None] | None = None,
+        stopping: threading.Event | None = None,
+    ) -> None:
+        """Start everything and wait until ready. `on_ray_started` runs right after `ray.init`
+        (which replaces the SIGTERM handler); a set `stopping` ends the wait early."""
         import ray
         from ray import serve
 
@@ -99,14 +109,18 @@ class LocalStack:
         num_cpus = self.settings.ray_num_cpus or max(8, os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
         self._ray_started = True
+        if on_ray_started is not None:
+            on_ray_started()
         serve.start(http_options={"host": self.settings.host, "port": self.settings.port})
         serve.run(build_application(self.settings, self.serving), name=APP_NAME, route_prefix="/", blocking=False)
-        self.wait_ready(timeout)
+        self.wait_ready(timeout, stopping=stopping)
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, *, stopping: threading.Event | None = None) -> None:
         deadline = time.monotonic() + timeout
         last = "no answer"
         while time.monotonic() < deadline:
+            if stopping is not None and stopping.is_set():
+                return
             try:
                 response = httpx.get(f"{self.base_url}/readyz", timeout=15)
                 if response.status_code == 200:

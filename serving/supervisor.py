@@ -96,7 +96,10 @@ class Supervisor:
                 if code != 0:
                     say(f"the serving stack exited with status {code}")
                 return 0 if code == 0 else 1
-            self._keep_database()
+            try:
+                self._keep_database()
+            except Exception as exc:  # keep supervising: the next tick tries again
+                say(f"database supervision failed ({type(exc).__name__}); retrying")
         return 0
 
     # ---- the embedded Postgres --------------------------------------------------------------
@@ -267,8 +270,9 @@ def serve(settings: Settings, model_dir: Path | None) -> int:
     install()
     stack = LocalStack(settings, serving)
     try:
-        stack.start()
-        install()  # ray.init replaced the SIGTERM handler with one that exits mid-call
+        # ray.init replaces the SIGTERM handler (Python's and a native one that aborts): take it back.
+        stack.start(on_ray_started=install, stopping=stopping)
+        install()
         if stopping.is_set():
             return 0
         print(f"Ready: {stack.base_url}/v1", flush=True)

@@ -17,6 +17,7 @@ from ray.serve.llm.openai_api_models import ErrorResponse
 
 from agencyllm.auth.principal import Principal, Role
 from agencyllm.quotas.ledger import Ledger
+from agencyllm.serving.engine_health import EngineHealth
 from agencyllm.serving.errors import EngineUnavailable, OpenAIError
 from agencyllm.serving.ingress import AgencyIngress
 from agencyllm.serving.metering import Metering
@@ -66,6 +67,7 @@ class RequestPathOnly(AgencyIngress):
 def ingress_with(upstream: FakeUpstream, metering: Metering) -> AgencyIngress:
     ingress = object.__new__(RequestPathOnly)  # the request path only: no Ray deployment
     ingress._metering = metering
+    ingress._engines = EngineHealth(lambda model: asyncio.sleep(0))
 
     class Handle:
         def __getattr__(self, method):
