@@ -17,10 +17,9 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-import asyncpg
 
 from agencyllm.quotas.batching import Batcher
-from agencyllm.quotas.db import Database
+from agencyllm.quotas.db import Database, availability, database_unavailable
 from agencyllm.quotas.metrics import QuotaMetrics, quota_metrics
 from agencyllm.quotas.models import ENDPOINTS, TENANT_SCOPE, USAGE_STATUSES
 
@@ -378,8 +377,12 @@ class Ledger:
                 await self.renew(self.open_reservations)
                 if reaped := await self.reap():
                     log.info("reaped %d expired reservations", reaped)
-            except (OSError, asyncpg.PostgresError) as exc:  # keep going through DB outages
-                log.warning("quota lease maintenance failed: %s", exc)
+                availability.ok()
+            except Exception as exc:  # keep going through database outages, whatever they raise
+                if database_unavailable(exc):
+                    availability.failed(exc)  # said once per outage, not once per round
+                else:
+                    log.warning("quota lease maintenance failed: %s", type(exc).__name__)
             await asyncio.sleep(period)
 
     async def reap(self) -> int:

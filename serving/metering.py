@@ -90,6 +90,7 @@ class Metering:
             raise OpenAIError(
                 refused.status, refused.message, type=refused.type, param=refused.param, code=refused.code, headers=refused.headers
             ) from None
+        availability.ok()
         admitted = Admitted(reservation, prompt_tokens=prompt_tokens)
         self._in_flight[request_id] = admitted
         return admitted
