@@ -17,7 +17,6 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-
 from agencyllm.quotas.batching import Batcher
 from agencyllm.quotas.db import Database, availability, database_unavailable
 from agencyllm.quotas.metrics import QuotaMetrics, quota_metrics
