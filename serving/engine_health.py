@@ -18,6 +18,9 @@ log = logging.getLogger("agencyllm.engines")
 
 PROBE_INTERVAL_SECONDS = 1.0
 PROBE_TIMEOUT_SECONDS = 5.0
+# A request still waiting for its first item after this asks whether its model has a running
+# replica at all: Ray queues calls for a deployment without one until a replica is back.
+STALL_CHECK_SECONDS = 2.0
 
 
 def engine_gone(exc: BaseException) -> bool:
@@ -26,7 +29,7 @@ def engine_gone(exc: BaseException) -> bool:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
     except ImportError:  # pragma: no cover - the ingress always runs inside Ray
         return False
-    if isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError):
+    if isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError | EngineGone):
         return True
     # vLLM's engine core process died under a live replica.
     return any(type(e).__name__ == "EngineDeadError" for e in _chain(exc))
@@ -41,22 +44,63 @@ def _chain(exc: BaseException):
         current = getattr(current, "cause", None) or current.__cause__ or current.__context__
 
 
+class EngineGone(RuntimeError):
+    """The model has no running engine replica."""
+
+
 class EngineHealth:
     def __init__(
         self,
         probe: Callable[[str], Awaitable[object]],
         *,
+        has_replica: Callable[[str], Awaitable[bool]] | None = None,
         interval: float = PROBE_INTERVAL_SECONDS,
         timeout: float = PROBE_TIMEOUT_SECONDS,
+        stall_check: float = STALL_CHECK_SECONDS,
     ) -> None:
         self._probe = probe
+        self._has_replica = has_replica
         self._interval = interval
         self._timeout = timeout
+        self._stall_check = stall_check
         self._down_since: dict[str, float] = {}
+        self._checks: dict[str, tuple[float, asyncio.Future]] = {}
         self._probes: dict[str, asyncio.Task] = {}
 
     def is_down(self, model: str) -> bool:
         return model in self._down_since
+
+    async def first_item(self, model: str, next_item: Awaitable):
+        """Await `next_item`; while it takes long, check that the model still has a running
+        replica, and raise EngineGone (and mark the model down) when it has none."""
+        task = asyncio.ensure_future(next_item)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._stall_check)
+                if done:
+                    return task.result()
+                if self._has_replica is not None and not await self._replica_check(model):
+                    task.cancel()
+                    gone = EngineGone(model)
+                    self.failed(model, gone)
+                    raise gone
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
+    async def _replica_check(self, model: str) -> bool:
+        """One controller call per model per stall period, shared by every stalled request."""
+        checked_at, answer = self._checks.get(model, (0.0, None))
+        if answer is None or time.monotonic() - checked_at >= self._stall_check:
+            answer = asyncio.ensure_future(self._ask_controller(model))
+            self._checks[model] = (time.monotonic(), answer)
+        return await asyncio.shield(answer)
+
+    async def _ask_controller(self, model: str) -> bool:
+        try:
+            return await asyncio.wait_for(self._has_replica(model), self._timeout)
+        except Exception:  # the controller is busy or restarting: assume the replica is there
+            return True
 
     def failed(self, model: str, exc: BaseException) -> None:
         if model in self._down_since:

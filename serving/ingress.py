@@ -136,7 +136,7 @@ class AgencyIngress(OpenAiIngress):
         self._authenticator = Authenticator(settings, self._database, verifier)
         self._metering = Metering(ledger)
         self._metering.start()
-        self._engines = EngineHealth(self._probe_engine)
+        self._engines = EngineHealth(self._probe_engine, has_replica=self._has_running_replica)
         self._app_state = {"settings": settings, "database": self._database, "ledger": ledger, "authenticator": self._authenticator}
 
     def _set_asgi_app(self, app) -> None:
@@ -241,6 +241,15 @@ class AgencyIngress(OpenAiIngress):
     async def _probe_engine(self, model: str) -> None:
         await self._get_configured_serve_handle(model).check_health.remote()
 
+    async def _has_running_replica(self, model: str) -> bool:
+        """Whether Serve's controller counts a RUNNING replica of the model's engine."""
+        from ray import serve
+
+        handle = self._get_configured_serve_handle(model)
+        status = await asyncio.to_thread(serve.status)
+        deployment = status.applications[handle.app_name].deployments[handle.deployment_name]
+        return any(str(getattr(state, "value", state)) == "RUNNING" and count > 0 for state, count in deployment.replica_states.items())
+
     def _checks(self, endpoint: str):
         settings = self._settings
 
@@ -305,7 +314,7 @@ class AgencyIngress(OpenAiIngress):
         upstream = None
         try:
             upstream = getattr(self._get_configured_serve_handle(body.model), method).remote(body, None)
-            first = await upstream.__anext__()
+            first = await self._engines.first_item(body.model, upstream.__anext__())
         except asyncio.CancelledError:  # the client left while the engine worked on the prompt
             _cancel(upstream)
             self._metering.settle_later(admitted, status="cancelled", completion_tokens=0)

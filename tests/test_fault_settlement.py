@@ -311,3 +311,30 @@ def test_cancelled_non_streaming_request_is_charged_its_prompt(stack, pg_url):
     with httpx.Client(base_url=stack.url, timeout=60, headers={"authorization": f"Bearer {key}"}) as client:
         assert client.post("/v1/chat/completions", json=chat_body(max_tokens=2)).status_code == 200
     assert open_on_stack(pg_url, tenant) == 0
+
+
+async def test_a_call_queued_for_an_engine_with_no_replica_fails_fast_and_the_model_recovers():
+    from agencyllm.serving.engine_health import EngineGone, engine_gone
+
+    replica = {"running": False}
+
+    async def probe(model):
+        if not replica["running"]:
+            raise ConnectionError("no replica")
+
+    async def has_replica(model):
+        return replica["running"]
+
+    health = EngineHealth(probe, has_replica=has_replica, interval=0.05, stall_check=0.1)
+    started = time.monotonic()
+    with pytest.raises(EngineGone) as gone:
+        await health.first_item(PLACEHOLDER_ID, asyncio.sleep(3600))
+    assert time.monotonic() - started < 2 and engine_gone(gone.value)
+    assert health.is_down(PLACEHOLDER_ID)
+    replica["running"] = True
+    deadline = time.monotonic() + 5
+    while health.is_down(PLACEHOLDER_ID) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not health.is_down(PLACEHOLDER_ID)
+    assert await health.first_item(PLACEHOLDER_ID, asyncio.sleep(0.3, result="first")) == "first"
+    await health.aclose()
