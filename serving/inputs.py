@@ -156,6 +156,11 @@ def check_openai_params(body: dict[str, Any], *, endpoint: str, max_choices: int
                 raise _wrong_type(name, "a string", value)
         elif name in _OBJECTS and not isinstance(value, dict):
             raise _wrong_type(name, "an object", value)
+    required = {"chat": "messages", "completions": "prompt", "embeddings": "input"}.get(endpoint)
+    if required is not None and body.get(required) is None:
+        raise InvalidInput(f"Missing required parameter: '{required}'.", param=required, code="missing_required_parameter")
+    if endpoint == "chat" and not isinstance(body["messages"], list):
+        raise _wrong_type("messages", "an array", body["messages"])
     listed = {"completions": "prompt", "embeddings": "input"}.get(endpoint)
     if listed is not None:
         _check_prompt_list(listed, body.get(listed), max_prompts)
