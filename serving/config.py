@@ -63,6 +63,9 @@ class FairShare(BaseModel):
     slots: int | None = Field(default=None, ge=1, le=65536)
     # Slots only interactive requests may take. Unset: one in eight (at least 1 when slots > 1).
     interactive_reserve: int | None = Field(default=None, ge=0)
+    # Extra engine sequences (vLLM runs `slots + burst`) in which a tenant below its share starts
+    # at once when every slot is busy. Unset: one in sixteen slots, at least 1; 0 turns it off.
+    burst: int | None = Field(default=None, ge=0, le=4096)
     # A request that waits longer for a slot gets 429 with Retry-After; nothing is charged.
     max_wait_seconds: float = Field(default=60.0, gt=0, le=3600)
     # Requests one tenant may have waiting on one replica; more get 429 at once.
@@ -110,6 +113,11 @@ class ModelSpec(BaseModel):
             return self.fair_share.interactive_reserve
         slots = self.engine_slots()
         return 0 if slots < 2 else max(1, slots // 8)
+
+    def burst(self) -> int:
+        if self.fair_share.burst is not None:
+            return self.fair_share.burst
+        return max(1, self.engine_slots() // 16)
 
     def context_length(self) -> int:
         if "max_model_len" in self.engine_args:

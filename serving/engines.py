@@ -30,7 +30,7 @@ OFFLINE_ENV = {
 def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
     engine_kwargs: dict[str, Any] = {"max_model_len": spec.context_length(), **spec.engine_args}
     # The engine runs exactly the requests our fair queue lets in, and agrees on who goes first.
-    engine_kwargs["max_num_seqs"] = spec.engine_slots()
+    engine_kwargs["max_num_seqs"] = spec.engine_slots() + spec.burst()
     if spec.task == "embed":
         engine_kwargs.setdefault("runner", "pooling")
     else:
@@ -69,6 +69,7 @@ def engine_deployment(spec: ModelSpec, *, cpu: bool):
     fair_share = {
         "slots": spec.engine_slots(),
         "interactive_reserve": spec.interactive_reserve(),
+        "burst": spec.burst(),
         "max_wait_seconds": spec.fair_share.max_wait_seconds,
         "max_queued_per_tenant": spec.fair_share.max_queued_per_tenant,
     }

@@ -9,6 +9,10 @@ compete for an engine's running slots (vLLM's `max_num_seqs`). It is
   requests cannot push out one with a single request;
 - class-aware: `interactive_reserve` slots are never given to `batch` work, so a flood of batch
   requests never fills the engine; within a tenant, interactive requests go first;
+- quick to let a newcomer in: a running request cannot be preempted, so when every slot is busy
+  an interactive request of a tenant holding less than its fair share may start at once in one
+  of `burst` extra slots (the engine is sized `slots + burst`); the next slots freed are not
+  refilled until the engine is back within `slots`, so the burst is paid back at once;
 - bounded: a request waits at most `max_wait_seconds` and a tenant queues at most
   `max_queued_per_tenant` requests; past either it is refused (`QueueRefused`) and the caller
   releases its quota reservation.
@@ -107,6 +111,7 @@ class FairQueue:
         slots: int,
         *,
         interactive_reserve: int = 0,
+        burst: int = 0,
         max_wait_seconds: float = 60.0,
         max_queued_per_tenant: int = 256,
         clock: Callable[[], float] = time.monotonic,
@@ -116,8 +121,11 @@ class FairQueue:
             raise ValueError("slots must be at least 1")
         if not 0 <= interactive_reserve < slots:
             raise ValueError("interactive_reserve must be between 0 and slots - 1")
+        if burst < 0:
+            raise ValueError("burst must not be negative")
         self.slots = slots
         self.interactive_reserve = interactive_reserve
+        self.burst = burst
         self.max_wait_seconds = max_wait_seconds
         self.max_queued_per_tenant = max_queued_per_tenant
         self._clock = clock
@@ -143,7 +151,7 @@ class FairQueue:
         state = self._tenants.setdefault(ticket.tenant, _Tenant())
         state.share = ticket.share
         arrived = self._clock()
-        if self._eligible(ticket.traffic_class) and not self._anyone_ahead(ticket):
+        if (self._eligible(ticket.traffic_class) and not self._anyone_ahead(ticket)) or self._may_burst(ticket, state):
             self._start(ticket, state)
             return Slot(self, ticket, 0.0)
         if state.queued() >= self.max_queued_per_tenant:
@@ -195,6 +203,14 @@ class FairQueue:
         if self.running >= self.slots:
             return False
         return traffic_class == "interactive" or self.batch_running < self.slots - self.interactive_reserve
+
+    def _may_burst(self, ticket: Ticket, state: _Tenant) -> bool:
+        """Every slot is busy; may this interactive request start in a burst slot?"""
+        if ticket.traffic_class != "interactive" or not self.slots <= self.running < self.slots + self.burst:
+            return False
+        active = [t for t in self._tenants.values() if t.running or t.queued() or t is state]
+        fair = self.slots * state.share / sum(t.share for t in active)
+        return state.running < fair and state.queued() == 0
 
     def _anyone_ahead(self, ticket: Ticket) -> bool:
         """Whether a waiting request would take the free slot before this newcomer."""

@@ -187,3 +187,35 @@ def test_bad_shapes_are_refused():
         FairQueue(0)
     with pytest.raises(ValueError):
         FairQueue(2, interactive_reserve=2)
+
+
+async def test_a_newcomer_below_its_share_starts_at_once_in_a_burst_slot_paid_back_next():
+    queue = FairQueue(4, burst=1)
+    engine = FakeEngine(queue)
+    for i in range(10):
+        engine.submit(f"b{i}", a("bravo"))
+    await engine.settle()
+    engine.submit("a0", a("alpha"))
+    await engine.settle()
+    assert engine.started[-1] == "a0" and queue.running == 5  # no wait for a running request to end
+    engine.submit("c0", a("charlie"))
+    await engine.settle()
+    assert "c0" not in engine.started  # one burst slot only: charlie waits for the next free slot
+    await engine.finish("b0")
+    await engine.settle()
+    assert queue.running == 4 and "c0" not in engine.started  # b0's slot paid the burst back
+    await engine.finish("b1")
+    await engine.settle()
+    assert engine.started[-1] == "c0"  # then charlie (0 running) before bravo's waiting requests
+
+
+async def test_batch_work_and_tenants_at_their_share_never_burst():
+    queue = FairQueue(2, burst=1)
+    engine = FakeEngine(queue)
+    engine.submit("b0", a("bravo"))
+    engine.submit("a0", a("alpha"))
+    await engine.settle()
+    engine.submit("a1", a("alpha"))  # alpha holds its fair share (1 of 2): it waits
+    engine.submit("c0", a("charlie", "batch"))  # batch never bursts
+    await engine.settle()
+    assert queue.running == 2 and engine.started == ["b0", "a0"]
