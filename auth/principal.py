@@ -112,6 +112,8 @@ class Principal:
     roles: frozenset[Role]
     auth_method: Literal["oidc", "api_key"]
     key_id: str | None = None
+    # Fair-sharing class the caller's requests run as (an API key's; sign-ins are interactive).
+    traffic_class: Literal["interactive", "batch"] = "interactive"
 
     @classmethod
     def from_identity(cls, identity: TokenIdentity, tenant: str | None) -> Principal:

@@ -25,9 +25,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from agencyllm.auth.apikeys import mint_key, parse_key, verify_key_hash
 from agencyllm.quotas.models import (
     KEY_KINDS,
+    MAX_SHARE,
     MAX_TOKENS_MODES,
     TENANT_NAME_PATTERN,
     TENANT_STATUSES,
+    TRAFFIC_CLASSES,
     ApiKey,
     AuditEvent,
     QuotaPolicy,
@@ -44,7 +46,7 @@ QUOTA_LIMIT_FIELDS = (
     "max_concurrent_requests",
     "max_tokens_per_request",
 )
-QUOTA_FIELDS = (*QUOTA_LIMIT_FIELDS, "max_tokens_mode", "allowed_models")
+QUOTA_FIELDS = (*QUOTA_LIMIT_FIELDS, "max_tokens_mode", "allowed_models", "share")
 GROUP_BY = ("day", "user", "model", "tenant")
 # Column limits (BIGINT for token budgets, INTEGER for the rest): larger is a typo, not a budget.
 _INT32, _INT64 = 2**31 - 1, 2**63 - 1
@@ -381,6 +383,12 @@ def validate_quota(fields: Mapping[str, Any]) -> dict[str, Any]:
                 param=field,
             )
         policy[field] = value
+    share = fields.get("share")
+    if share is not None and (
+        isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= MAX_SHARE
+    ):
+        raise Invalid(f"'share' must be a number above 0 and at most {MAX_SHARE}, or null (1).", param="share")
+    policy["share"] = None if share is None else float(share)
     mode = fields.get("max_tokens_mode") or "cap"
     if mode not in MAX_TOKENS_MODES:
         raise Invalid("'max_tokens_mode' must be 'cap' or 'reject'.", param="max_tokens_mode")
@@ -428,6 +436,8 @@ async def set_quota(
     values = validate_quota(fields)
     if subject is not None and (not isinstance(subject, str) or not subject.strip()):
         raise Invalid("User subject must be a non-empty string.", param="sub")
+    if subject is not None and values["share"] is not None:
+        raise Invalid("'share' belongs to the tenant-wide quota, not to one user's.", param="share")
     async with _transaction(session):
         tenant = await get_tenant(session, tenant_name)
         policy = await _policy(session, tenant, subject)
@@ -454,6 +464,7 @@ def key_snapshot(key: ApiKey, tenant_name: str | None = None) -> dict[str, Any]:
         "prefix": key.prefix,
         "name": key.name,
         "kind": key.kind,
+        "traffic_class": key.traffic_class,
         "tenant": tenant_name,
         "owner_subject": key.owner_subject,
         "owner_username": key.owner_username,
@@ -483,10 +494,13 @@ async def create_key(
     owner_subject: str | None = None,
     owner_username: str | None = None,
     expires_at: datetime | None = None,
+    traffic_class: str = "interactive",
 ) -> CreatedKey:
     """Mint a key; a service key's owner is the key itself (`service:<key id>`)."""
     if kind not in KEY_KINDS:
         raise Invalid("Key kind must be 'personal' or 'service'.", param="kind")
+    if traffic_class not in TRAFFIC_CLASSES:
+        raise Invalid("'traffic_class' must be 'interactive' or 'batch'.", param="traffic_class")
     name = _check_optional_text(name, "name", 100) or ""
     if not name:
         raise Invalid("A key needs a name.", param="name")
@@ -509,6 +523,7 @@ async def create_key(
             key_hash=minted.key_hash,
             name=name,
             kind=kind,
+            traffic_class=traffic_class,
             tenant_id=tenant.id,
             owner_subject=owner_subject if kind == "personal" else f"service:{key_id}",
             owner_username=owner_username if kind == "personal" else name,
@@ -580,6 +595,7 @@ class ActiveKey:
 
     id: uuid.UUID
     kind: str
+    traffic_class: str
     owner_subject: str
     owner_username: str | None
     tenant: str
@@ -587,7 +603,7 @@ class ActiveKey:
 
 
 _ACTIVE_KEY_SQL = """
-SELECT k.id, k.key_hash, k.kind, k.owner_subject, k.owner_username, k.revoked_at, k.expires_at,
+SELECT k.id, k.key_hash, k.kind, k.traffic_class, k.owner_subject, k.owner_username, k.revoked_at, k.expires_at,
        k.last_used_at, t.name AS tenant, t.status AS tenant_status
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
 WHERE k.prefix = $1
@@ -617,11 +633,24 @@ async def find_active_key(pool: asyncpg.Pool, token: str) -> ActiveKey | None:
     return ActiveKey(
         id=row["id"],
         kind=row["kind"],
+        traffic_class=row["traffic_class"],
         owner_subject=row["owner_subject"],
         owner_username=row["owner_username"],
         tenant=row["tenant"],
         tenant_status=row["tenant_status"],
     )
+
+
+_SHARES_SQL = """
+SELECT t.name, p.share FROM tenants t
+JOIN quota_policies p ON p.tenant_id = t.id AND p.subject IS NULL
+WHERE p.share IS NOT NULL
+"""
+
+
+async def tenant_shares(pool: asyncpg.Pool) -> dict[str, float]:
+    """Every tenant's fair-sharing weight that differs from the default of 1."""
+    return {row["name"]: row["share"] for row in await pool.fetch(_SHARES_SQL)}
 
 
 # --- usage --------------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ TENANT_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
 TENANT_STATUSES = ("active", "suspended")
 MAX_TOKENS_MODES = ("cap", "reject")
 KEY_KINDS = ("personal", "service")
+# Classes of traffic for fair sharing (serving/fairshare.py) and the largest tenant share.
+TRAFFIC_CLASSES = ("interactive", "batch")
+MAX_SHARE = 1000
 ENDPOINTS = ("chat", "completions", "embeddings")
 USAGE_STATUSES = ("ok", "client_error", "engine_error", "cancelled", "expired")
 
@@ -91,6 +94,7 @@ class QuotaPolicy(Base):
         CheckConstraint("max_concurrent_requests >= 0", name="max_concurrent_requests"),
         CheckConstraint("max_tokens_per_request >= 0", name="max_tokens_per_request"),
         CheckConstraint(_one_of("max_tokens_mode", MAX_TOKENS_MODES), name="max_tokens_mode"),
+        CheckConstraint(f"share IS NULL OR (share > 0 AND share <= {MAX_SHARE})", name="share"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(
@@ -105,6 +109,8 @@ class QuotaPolicy(Base):
     max_tokens_per_request: Mapped[int | None] = mapped_column(Integer)
     max_tokens_mode: Mapped[str] = mapped_column(String(8), default="cap", server_default="cap")
     allowed_models: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    # Weight of the tenant's claim on contended engine slots (tenant-wide policy only; NULL = 1).
+    share: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[datetime] = _timestamp(onupdate=func.now())
 
 
@@ -112,6 +118,7 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
     __table_args__ = (
         CheckConstraint(_one_of("kind", KEY_KINDS), name="kind"),
+        CheckConstraint(_one_of("traffic_class", TRAFFIC_CLASSES), name="traffic_class"),
         Index(None, "tenant_id"),
         Index(None, "owner_subject"),
     )
@@ -123,6 +130,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(255))
     name: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(16))
+    # Requests made with the key run as this class unless they ask for batch themselves.
+    traffic_class: Mapped[str] = mapped_column(String(16), default="interactive", server_default="interactive")
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     owner_subject: Mapped[str] = mapped_column(Text)
     owner_username: Mapped[str | None] = mapped_column(Text)

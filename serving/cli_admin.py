@@ -28,7 +28,7 @@ QUOTA_OPTIONS = {
     "max_tokens_per_request": "--max-tokens-per-request",
 }
 TENANT_COLUMNS = ("name", "display_name", "keycloak_group", "status")
-KEY_COLUMNS = ("id", "prefix", "name", "kind", "tenant", "owner_username", "expires_at", "revoked_at", "last_used_at")
+KEY_COLUMNS = ("id", "prefix", "name", "kind", "traffic_class", "tenant", "owner_username", "expires_at", "revoked_at", "last_used_at")
 USAGE_TOTALS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
 # Tests replace this to talk to an in-process app.
@@ -192,6 +192,19 @@ def limit(value: str) -> int | None:
     return number
 
 
+def share(value: str) -> float | None:
+    """A tenant's fair-sharing weight (above 0), or `none` for the default of 1."""
+    if value.lower() in ("none", "default"):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0: {value}")
+    return number
+
+
 _UNSET = object()
 
 
@@ -203,6 +216,8 @@ def quota_set(args: argparse.Namespace) -> int:
         value = getattr(args, field)
         if value is not _UNSET:
             policy[field] = value
+    if args.share is not _UNSET:
+        policy["share"] = args.share
     if args.max_tokens_mode is not None:
         policy["max_tokens_mode"] = args.max_tokens_mode
     if args.allowed_models is not None:
@@ -221,7 +236,7 @@ def quota_show(args: argparse.Namespace) -> int:
 
 
 def keys_create(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"name": args.name}
+    body: dict[str, Any] = {"name": args.name, "traffic_class": args.traffic_class}
     if args.expires_in_days is not None:
         body["expires_in_days"] = args.expires_in_days
     path = f"/tenants/{segment(args.tenant)}/keys" if args.tenant else "/me/keys"
@@ -349,6 +364,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--user", help="user subject (sub) for a per-user override")
     for field, flag in QUOTA_OPTIONS.items():
         p.add_argument(flag, dest=field, type=limit, default=_UNSET, metavar="N")
+    p.add_argument("--share", type=share, default=_UNSET, metavar="W",
+                   help="weight of the tenant's claim on engine slots when tenants compete ('none' = 1)")
     p.add_argument("--max-tokens-mode", choices=("cap", "reject"))
     p.add_argument("--allowed-models", metavar="A,B", help="comma-separated model names; 'all' = every model")
     p = _command(quota, "show", quota_show, "show a tenant's (or user's) quota")
@@ -360,6 +377,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tenant")
     p.add_argument("--name", default="cli")
     p.add_argument("--expires-in-days", type=int, metavar="D")
+    p.add_argument("--class", dest="traffic_class", choices=("interactive", "batch"), default="interactive",
+                   help="batch: the key's requests queue behind interactive work when engines are busy")
     p = _command(keys, "list", keys_list, "list your keys, or a tenant's with --tenant")
     p.add_argument("--tenant")
     p.add_argument("--all", action="store_true", help="include revoked keys")

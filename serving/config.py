@@ -50,6 +50,28 @@ class Accelerator(BaseModel):
     strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
+# Running slots per engine replica when `engine_args` does not set vLLM's `max_num_seqs`.
+DEFAULT_ENGINE_SLOTS = 256
+
+
+class FairShare(BaseModel):
+    """Fair admission in front of each engine replica (docs/quotas.md, "Fair sharing")."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Running slots the queue hands out; the engine gets the same `max_num_seqs`. Unset:
+    # `engine_args.max_num_seqs`, else DEFAULT_ENGINE_SLOTS.
+    slots: int | None = Field(default=None, ge=1, le=65536)
+    # Slots only interactive requests may take. Unset: one in eight (at least 1 when slots > 1).
+    interactive_reserve: int | None = Field(default=None, ge=0)
+    # Extra engine sequences (vLLM runs `slots + burst`) in which a tenant below its share starts
+    # at once when every slot is busy. Unset: one in sixteen slots, at least 1; 0 turns it off.
+    burst: int | None = Field(default=None, ge=0, le=4096)
+    # A request that waits longer for a slot gets 429 with Retry-After; nothing is charged.
+    max_wait_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Requests one tenant may have waiting on one replica; more get 429 at once.
+    max_queued_per_tenant: int = Field(default=256, ge=1, le=100_000)
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -59,6 +81,7 @@ class ModelSpec(BaseModel):
     replicas: Replicas = Replicas()
     accelerator: Accelerator = Accelerator()
     max_ongoing_requests: int = Field(default=64, ge=1)
+    fair_share: FairShare = FairShare()
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -71,6 +94,30 @@ class ModelSpec(BaseModel):
         if not (path / "config.json").is_file():
             raise ValueError(f"no model at {path} (config.json not found)")
         return path
+
+    @model_validator(mode="after")
+    def _reserve_below_slots(self) -> ModelSpec:
+        reserve = self.fair_share.interactive_reserve
+        if reserve is not None and reserve >= self.engine_slots():
+            raise ValueError(f"fair_share.interactive_reserve ({reserve}) must be below the slots ({self.engine_slots()})")
+        return self
+
+    def engine_slots(self) -> int:
+        """Running slots per replica: what the fair queue hands out and vLLM's `max_num_seqs`."""
+        if self.fair_share.slots is not None:
+            return self.fair_share.slots
+        return int(self.engine_args.get("max_num_seqs", DEFAULT_ENGINE_SLOTS))
+
+    def interactive_reserve(self) -> int:
+        if self.fair_share.interactive_reserve is not None:
+            return self.fair_share.interactive_reserve
+        slots = self.engine_slots()
+        return 0 if slots < 2 else max(1, slots // 8)
+
+    def burst(self) -> int:
+        if self.fair_share.burst is not None:
+            return self.fair_share.burst
+        return max(1, self.engine_slots() // 16)
 
     def context_length(self) -> int:
         if "max_model_len" in self.engine_args:

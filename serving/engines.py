@@ -1,13 +1,17 @@
-"""One Ray Serve LLM engine deployment (`LLMServer` running vLLM) per configured model."""
+"""One Ray Serve LLM engine deployment per configured model: vLLM in Ray's `LLMServer`, with our
+fair admission queue (`serving/fairshare.py`) in front of each replica's engine."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ray.serve.llm import LLMConfig, LLMServer, ModelLoadingConfig
-from ray.serve.llm import build_llm_deployment
+from ray.serve.llm import LLMConfig, LLMServer, ModelLoadingConfig, build_llm_deployment
+from ray.serve.llm.openai_api_models import ErrorResponse
+from ray.util import metrics
 
 from agencyllm.serving.config import ModelSpec
+from agencyllm.serving.fairshare import ENGINE_PRIORITY, FairQueue, QueueRefused, TenantLoad, Ticket
 
 # vLLM on CPU: fp32 kernels, no CUDA graphs, a bounded KV cache (GiB) instead of a share of GPU memory.
 _CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True}
@@ -25,8 +29,12 @@ OFFLINE_ENV = {
 
 def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
     engine_kwargs: dict[str, Any] = {"max_model_len": spec.context_length(), **spec.engine_args}
+    # The engine runs exactly the requests our fair queue lets in, and agrees on who goes first.
+    engine_kwargs["max_num_seqs"] = spec.engine_slots() + spec.burst()
     if spec.task == "embed":
         engine_kwargs.setdefault("runner", "pooling")
+    else:
+        engine_kwargs.setdefault("scheduling_policy", "priority")
     env = dict(OFFLINE_ENV)
     if cpu:
         engine_kwargs = {**_CPU_ENGINE_DEFAULTS, **engine_kwargs}
@@ -57,5 +65,111 @@ def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
 
 
 def engine_deployment(spec: ModelSpec, *, cpu: bool):
-    """The bound `LLMServer` deployment for one model."""
-    return build_llm_deployment(llm_config(spec, cpu=cpu), deployment_cls=LLMServer)
+    """The bound engine deployment for one model (deployment names stay `LLMServer:<model>`)."""
+    fair_share = {
+        "slots": spec.engine_slots(),
+        "interactive_reserve": spec.interactive_reserve(),
+        "burst": spec.burst(),
+        "max_wait_seconds": spec.fair_share.max_wait_seconds,
+        "max_queued_per_tenant": spec.fair_share.max_queued_per_tenant,
+    }
+    return build_llm_deployment(
+        llm_config(spec, cpu=cpu),
+        deployment_cls=FairLLMServer,
+        name_prefix="LLMServer:",
+        bind_kwargs={"fair_share": fair_share},
+    )
+
+
+class FairLLMServer(LLMServer):
+    """`LLMServer` whose OpenAI methods take a slot from the replica's fair queue first.
+
+    The ingress passes a `Ticket` (tenant, share, class) as a third argument after admitting the
+    request; calls without one (health checks, Ray's own callers) go straight to the engine.
+    """
+
+    async def __init__(self, llm_config: LLMConfig, *, fair_share: dict[str, Any], **kwargs: Any) -> None:
+        self._model = llm_config.model_id
+        self._fair_metrics = _FairQueueMetrics()
+        self._queue = FairQueue(**fair_share, on_change=lambda load: self._fair_metrics.load(self._model, load))
+        await super().__init__(llm_config, **kwargs)
+
+    async def chat(self, request, raw_request_info=None, ticket: Ticket | None = None):
+        return await self._in_turn(super().chat, request, raw_request_info, ticket)
+
+    async def completions(self, request, raw_request_info=None, ticket: Ticket | None = None):
+        return await self._in_turn(super().completions, request, raw_request_info, ticket)
+
+    async def embeddings(self, request, raw_request_info=None, ticket: Ticket | None = None):
+        return await self._in_turn(super().embeddings, request, raw_request_info, ticket)
+
+    async def _in_turn(
+        self, method: Callable[..., Awaitable[AsyncIterator]], request: Any, raw_request_info: Any, ticket: Ticket | None
+    ) -> AsyncIterator:
+        if ticket is None:
+            return await method(request, raw_request_info)
+        try:
+            slot = await self._queue.acquire(ticket)
+        except QueueRefused as refused:
+            self._fair_metrics.refused(self._model, ticket, refused.reason)
+            return _one(_too_busy(refused))
+        self._fair_metrics.waited(self._model, ticket, slot.waited)
+        if hasattr(request, "priority"):
+            request.priority = ENGINE_PRIORITY[ticket.traffic_class]
+        try:
+            stream = await method(request, raw_request_info)
+        except BaseException:
+            slot.release()
+            raise
+        return _holding(stream, slot)
+
+
+async def _holding(stream: AsyncIterator, slot) -> AsyncIterator:
+    """Relay the engine's output; the slot is free again the moment the stream ends or is cancelled."""
+    try:
+        async for item in stream:
+            yield item
+    finally:
+        slot.release()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _one(item: Any) -> AsyncIterator:
+    yield item
+
+
+def _too_busy(refused: QueueRefused) -> ErrorResponse:
+    return ErrorResponse.model_validate(
+        {"error": {"message": refused.message, "type": "rate_limit_exceeded", "param": None, "code": 429}}
+    )
+
+
+class _FairQueueMetrics:
+    """Per tenant and model: waiting and running requests, time waited, refusals (docs/quotas.md)."""
+
+    def __init__(self) -> None:
+        tags = ("tenant", "model")
+        self._waiting = metrics.Gauge("agencyllm_fair_queue_waiting", "Requests waiting for an engine slot", tag_keys=tags)
+        self._running = metrics.Gauge("agencyllm_fair_queue_running", "Requests holding an engine slot", tag_keys=tags)
+        self._wait = metrics.Histogram(
+            "agencyllm_fair_queue_wait_seconds",
+            "Time a request waited for an engine slot",
+            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+            tag_keys=(*tags, "traffic_class"),
+        )
+        self._refused = metrics.Counter(
+            "agencyllm_fair_queue_refused_total", "Requests refused by the fair queue", tag_keys=(*tags, "reason")
+        )
+
+    def load(self, model: str, load: TenantLoad) -> None:
+        tags = {"tenant": load.tenant, "model": model}
+        self._waiting.set(load.waiting, tags=tags)
+        self._running.set(load.running, tags=tags)
+
+    def waited(self, model: str, ticket: Ticket, seconds: float) -> None:
+        self._wait.observe(seconds, tags={"tenant": ticket.tenant, "model": model, "traffic_class": ticket.traffic_class})
+
+    def refused(self, model: str, ticket: Ticket, reason: str) -> None:
+        self._refused.inc(1, tags={"tenant": ticket.tenant, "model": model, "reason": reason})

@@ -105,6 +105,7 @@ class Authenticator:
             roles=roles,
             auth_method="api_key",
             key_id=str(key.id),
+            traffic_class=key.traffic_class,
         )
 
     async def _from_access_token(self, token: str) -> Principal:

@@ -29,12 +29,14 @@ from vllm.entrypoints.generate.base.protocol import StreamOptions
 
 from agencyllm.auth.oidc import OIDCVerifier
 from agencyllm.auth.principal import Principal
+from agencyllm.quotas import admin as store
 from agencyllm.quotas.db import Database, assert_schema_current
 from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.config import ModelSpec, ServingConfig
 from agencyllm.serving.engine_health import EngineHealth, engine_gone
 from agencyllm.serving.admin.schemas import ErrorBody
 from agencyllm.serving.errors import EngineUnavailable, OpenAIError, unavailable
+from agencyllm.serving.fairshare import TenantShares, Ticket, retry_after_seconds
 from agencyllm.serving.http import parse_body
 from agencyllm.serving.inputs import check_openai_params
 from agencyllm.serving.identity import Authenticator
@@ -49,6 +51,9 @@ _EMBEDDING_REQUEST = TypeAdapter(EmbeddingRequest)
 _DONE = "data: [DONE]\n\n"
 # Ray Serve already answers with its own `x-request-id`; this one names the usage-ledger row.
 REQUEST_ID_HEADER = "x-agencyllm-request-id"
+# A caller may run a request as batch work (docs/quotas.md, "Fair sharing"); so does OpenAI's
+# `service_tier: "flex"`. Nothing lets a batch key's request run as interactive.
+TRAFFIC_CLASS_HEADER = "x-agencyllm-traffic-class"
 
 
 def _errors(*statuses: int) -> dict:
@@ -137,6 +142,8 @@ class AgencyIngress(OpenAiIngress):
         self._metering = Metering(ledger)
         self._metering.start()
         self._engines = EngineHealth(self._probe_engine, has_replica=self._has_running_replica)
+        self._shares = TenantShares(self._fetch_shares)
+        await self._shares.refresh()
         self._app_state = {"settings": settings, "database": self._database, "ledger": ledger, "authenticator": self._authenticator}
 
     def _set_asgi_app(self, app) -> None:
@@ -167,7 +174,7 @@ class AgencyIngress(OpenAiIngress):
         body.model = spec.id
         body.max_completion_tokens, body.max_tokens = per_sequence, None
         client_wants_usage = _force_stream_usage(body)
-        return await self._generate(body, "chat", admitted, client_wants_usage)
+        return await self._generate(body, "chat", admitted, client_wants_usage, self._ticket(principal, request, body))
 
     async def completions(self, request: Request) -> Response:
         principal = await self._authenticate(request)
@@ -179,7 +186,7 @@ class AgencyIngress(OpenAiIngress):
         admitted, body.max_tokens = await self._admit(principal, spec, "completions", prompt_tokens, body.max_tokens, n, "prompt")
         body.model = spec.id
         client_wants_usage = _force_stream_usage(body)
-        return await self._generate(body, "completions", admitted, client_wants_usage)
+        return await self._generate(body, "completions", admitted, client_wants_usage, self._ticket(principal, request, body))
 
     async def embeddings(self, request: Request) -> Response:
         principal = await self._authenticate(request)
@@ -192,7 +199,7 @@ class AgencyIngress(OpenAiIngress):
         prompt_tokens = [counter.chat(body.messages)] if hasattr(body, "messages") else counter.prompts(body.input)
         admitted, _ = await self._admit(principal, spec, "embeddings", prompt_tokens, 0, 1, "input")
         body.model = spec.id
-        return await self._generate(body, "embeddings", admitted, client_wants_usage=True)
+        return await self._generate(body, "embeddings", admitted, True, self._ticket(principal, request, body))
 
     async def models(self, request: Request) -> Response:
         await self._authenticate(request)
@@ -260,6 +267,21 @@ class AgencyIngress(OpenAiIngress):
 
         return check
 
+    async def _fetch_shares(self) -> dict[str, float]:
+        return await store.tenant_shares(await self._database.pool())
+
+    def _ticket(self, principal: Principal, request: Request, body: Any) -> Ticket:
+        """Who the engine replica's fair queue should weigh this request against, and how."""
+        asked = request.headers.get(TRAFFIC_CLASS_HEADER)
+        if asked is not None and asked not in ("interactive", "batch"):
+            raise OpenAIError(400, f"'{TRAFFIC_CLASS_HEADER}' must be 'interactive' or 'batch'.", param=TRAFFIC_CLASS_HEADER, code="invalid_value")
+        if getattr(body, "service_tier", None) == "flex":
+            asked = "batch"
+        if hasattr(body, "service_tier"):
+            body.service_tier = None
+        traffic_class = "batch" if "batch" in (asked, principal.traffic_class) else "interactive"
+        return Ticket(tenant=principal.tenant, share=self._shares.share(principal.tenant), traffic_class=traffic_class)
+
     def _spec(self, model: str | None) -> ModelSpec:
         if model is None and len(self._specs) == 1:
             return next(iter(self._specs.values()))
@@ -304,7 +326,7 @@ class AgencyIngress(OpenAiIngress):
             raise OpenAIError(400, "Your per-request token cap leaves no room for this many completions.", param="n")
         return admitted, granted
 
-    async def _generate(self, body: Any, method: str, admitted: Admitted, client_wants_usage: bool) -> Response:
+    async def _generate(self, body: Any, method: str, admitted: Admitted, client_wants_usage: bool, ticket: Ticket) -> Response:
         """Engine call and settlement. Every way out settles `admitted` exactly once: a request
         the engine never took is charged nothing; one it worked on, the tokens it read and made."""
         request_id = admitted.reservation.request_id
@@ -313,7 +335,7 @@ class AgencyIngress(OpenAiIngress):
         headers = {REQUEST_ID_HEADER: request_id, **admitted.reservation.headers}
         upstream = None
         try:
-            upstream = getattr(self._get_configured_serve_handle(body.model), method).remote(body, None)
+            upstream = getattr(self._get_configured_serve_handle(body.model), method).remote(body, None, ticket)
             first = await self._engines.first_item(body.model, upstream.__anext__())
         except asyncio.CancelledError:  # the client left while the engine worked on the prompt
             _cancel(upstream)
@@ -336,7 +358,9 @@ class AgencyIngress(OpenAiIngress):
             if code >= 500:
                 log.error("engine refused request %s with %d", request_id, code)
                 raise EngineUnavailable(str(code))
-            raise OpenAIError(code, item.error.message, type=item.error.type, param=getattr(item.error, "param", None))
+            # 429: the replica's fair queue was full or the wait too long (nothing ran, nothing charged).
+            retry = {"Retry-After": str(retry_after_seconds(self._specs[body.model].fair_share.max_wait_seconds))} if code == 429 else None
+            raise OpenAIError(code, item.error.message, type=item.error.type, param=getattr(item.error, "param", None), headers=retry)
 
         if isinstance(item, (*NON_STREAMING_RESPONSE_TYPES, EmbeddingResponse)):
             usage = item.usage

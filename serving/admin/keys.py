@@ -52,7 +52,8 @@ async def create_service_key(
     name: str, body: KeyCreate, principal: TenantAdmin, session: DbSession
 ) -> KeyCreated:
     created = await store.create_key(
-        session, principal, tenant_name=name, kind="service", name=body.name, expires_at=expiry(body)
+        session, principal, tenant_name=name, kind="service", name=body.name, expires_at=expiry(body),
+        traffic_class=body.traffic_class,
     )
     return created_out(created)
 

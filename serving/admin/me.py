@@ -49,6 +49,7 @@ async def create_personal_key(body: KeyCreate, principal: CurrentPrincipal, sess
         owner_subject=principal.subject,
         owner_username=principal.username,
         expires_at=expiry(body),
+        traffic_class=body.traffic_class,
     )
     return created_out(created)
 

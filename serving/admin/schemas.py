@@ -5,14 +5,23 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints
 
-from agencyllm.quotas.models import TENANT_NAME_PATTERN
+from agencyllm.quotas.models import MAX_SHARE, TENANT_NAME_PATTERN
 
 TenantName = Annotated[str, StringConstraints(pattern=TENANT_NAME_PATTERN)]
 Budget = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 SmallLimit = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+def _a_number(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    return value
+
+
+Share = Annotated[float, BeforeValidator(_a_number), Field(gt=0, le=MAX_SHARE)]
 
 
 class Strict(BaseModel):
@@ -70,6 +79,10 @@ class Quota(Strict):
         default="cap", description="Over max_tokens_per_request: lower the request's max_tokens, or refuse it."
     )
     allowed_models: list[ModelName] | None = Field(default=None, description="null: every model.")
+    share: Share | None = Field(
+        default=None,
+        description="Weight of the tenant's claim on engine slots when tenants compete (tenant-wide only); null: 1.",
+    )
 
 
 class QuotaOut(Quota):
@@ -77,8 +90,14 @@ class QuotaOut(Quota):
     user: str | None = Field(default=None, description="User subject of an override; null: tenant-wide.")
 
 
+TrafficClass = Literal["interactive", "batch"]
+
+
 class KeyCreate(Strict):
     name: str = Field(min_length=1, max_length=100)
+    traffic_class: TrafficClass = Field(
+        default="interactive", description="batch: the key's requests queue behind interactive ones (fair sharing)."
+    )
     expires_at: datetime | None = Field(default=None, description="Absent: the key never expires.")
     expires_in_days: Annotated[StrictInt, Field(ge=1, le=3650)] | None = None
 
@@ -88,6 +107,7 @@ class KeyOut(BaseModel):
     prefix: str
     name: str
     kind: Literal["personal", "service"]
+    traffic_class: TrafficClass
     tenant: str
     owner_subject: str
     owner_username: str | None
