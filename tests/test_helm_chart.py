@@ -595,3 +595,28 @@ def test_checkov_has_no_unexplained_findings(rendered, tmp_path):
         if accepted is None or not accepted[1](kind, name):
             unexplained.append(f"{failed['check_id']} {failed['check_name']}: {failed['resource']} ({failed['file_path']})")
     assert unexplained == []
+
+
+# --- versions agree across the chart, the image and the package -------------------------------
+
+
+def test_chart_image_and_package_agree():
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ray_pin = next(d for d in project["dependencies"] if d.startswith("ray[")).split("==")[1]
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert meta["appVersion"] == project["version"]
+    assert values["ray"]["version"] == ray_pin
+    assert values["image"]["tag"] == f"{project['version']}-ray{ray_pin}"
+    containerfile = (ROOT / "infra" / "image" / "Containerfile").read_text()
+    base = re.search(r"^ARG RAY_LLM_IMAGE=(\S+)$", containerfile, re.M).group(1)
+    assert f":{ray_pin}-" in base
+    users = re.findall(r"^USER (\S+)$", containerfile, re.M)
+    assert users[-1] == f"{values['podSecurityContext']['runAsUser']}:{values['podSecurityContext']['runAsGroup']}"
+    constraints = (ROOT / "infra" / "image" / "constraints.txt").read_text()
+    gpu_extra = project["optional-dependencies"]["gpu"]
+    for pin in gpu_extra:
+        assert pin in constraints, pin
