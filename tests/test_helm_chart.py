@@ -351,11 +351,17 @@ def test_ray_pods_share_weights_and_run_offline(rendered, case):
     for group in cluster["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert int(limits["nvidia.com/gpu"]) >= 1, group["groupName"]
-    for name, pod in ray_pods(rayservice):
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group, (name, pod) in zip(groups, ray_pods(rayservice)):
         spec = pod["spec"]
         claims = {v["name"]: v for v in spec["volumes"]}
         assert claims["weights"]["persistentVolumeClaim"]["readOnly"] is True
         assert claims["dshm"]["emptyDir"]["medium"] == "Memory"
+        shm = claims["dshm"]["emptyDir"]["sizeLimit"]
+        shm_bytes = int(shm[:-2]) * units[shm[-2:]]
+        # Ray's object store must fit in /dev/shm, or Ray moves it to the slow /tmp.
+        assert 0.5 * shm_bytes <= int(group["rayStartParams"]["object-store-memory"]) <= shm_bytes, name
         ray = spec["containers"][0]
         mounts = {m["mountPath"]: m for m in ray["volumeMounts"]}
         assert mounts[mount]["name"] == "weights" and mounts[mount]["readOnly"] is True, name

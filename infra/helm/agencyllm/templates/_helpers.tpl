@@ -285,3 +285,13 @@ imagePullSecrets:
       mountPath: /tmp
     {{- include "agencyllm.caVolumeMount" . | nindent 4 }}
 {{- end -}}
+
+{{/* Ray's object store lives in /dev/shm: size it to 80% of that emptyDir (Ray's default, 30% of
+the pod's memory, can exceed it and would then fall back to the slow /tmp). Usage: include
+"agencyllm.objectStoreBytes" "16Gi" */}}
+{{- define "agencyllm.objectStoreBytes" -}}
+{{- $number := regexFind "^[0-9]+" . -}}
+{{- $unit := trimPrefix $number . -}}
+{{- $multiplier := get (dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776) $unit -}}
+{{- div (mul (int64 $number) $multiplier 4) 5 -}}
+{{- end -}}

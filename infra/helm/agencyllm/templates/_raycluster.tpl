@@ -32,6 +32,7 @@ headGroupSpec:
     num-gpus: "0"
     num-cpus: {{ .Values.ray.head.rayCpus | quote }}
     dashboard-host: "0.0.0.0"
+    object-store-memory: {{ include "agencyllm.objectStoreBytes" .Values.ray.head.shmSizeLimit | quote }}
   template:
     metadata:
       labels:
@@ -96,7 +97,8 @@ workerGroupSpecs:
     replicas: {{ .replicas }}
     minReplicas: {{ .minReplicas }}
     maxReplicas: {{ .maxReplicas }}
-    rayStartParams: {}
+    rayStartParams:
+      object-store-memory: {{ include "agencyllm.objectStoreBytes" .shmSizeLimit | quote }}
     template:
       metadata:
         labels:
