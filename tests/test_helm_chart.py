@@ -163,6 +163,32 @@ def test_every_value_is_documented():
     assert undocumented == []
 
 
+def test_packaged_chart_installs_offline(tmp_path):
+    """`helm package`, then Helm's install action (client dry run, in-memory release storage, no
+    cluster) on the archive: what the air-gap bundle ships is installable as it is."""
+    archive = Path(helm_python.package(str(CHART), destination=str(tmp_path)))
+    assert archive.name == "agencyllm-0.1.0.tgz"
+    kubeconfig = tmp_path / "kubeconfig"  # never contacted: dry_run="client"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "none",
+        "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
+        "users": [{"name": "none", "user": {}}],
+    }))
+    packaged = helm_python.Chart.load_archive(archive.read_bytes())
+    config = helm_python.Config(kubeconfig_path=str(kubeconfig), storage_driver="memory", namespace=NAMESPACE)
+    try:
+        for case in ("defaults", "production"):
+            release = config.install(packaged, RELEASE, copy.deepcopy(CASES[case]), namespace=NAMESPACE, dry_run="client")
+            kinds = [d["kind"] for d in yaml.safe_load_all(release["manifest"]) if d]
+            assert "RayService" in kinds and "NetworkPolicy" in kinds
+            assert "Job" not in kinds  # the migrations Job is a hook, not part of the release manifest
+            assert release["notes"].startswith(f"agencyllm 0.1.0 is installing as RayService {RELEASE}")
+    finally:
+        config.close()
+        packaged.close()
+
+
 @pytest.mark.parametrize("bad, where", [
     ({"ray": {"workerGroups": [{"name": "gpu", "replicas": "two", "minReplicas": 1, "maxReplicas": 2, "gpus": 1,
                                 "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}}}]}},
