@@ -49,17 +49,25 @@ def build_application(settings: Settings, serving: ServingConfig, *, cpu: bool |
     return ingress.bind(llm_deployments=engines, model_cards=cards, settings=settings, serving=serving)
 
 
-def build_app(args: dict) -> Application:
-    """Serve config entry point: `args` is `{"models": [...]}`; everything else from the environment."""
+def application_config(args: object) -> ServingConfig:
+    """Validate a Serve config's `args` (`{"models": [...]}`, the models YAML schema) without
+    building anything. Ray hands the builder a plain dict, so this is the only check it gets."""
     if not isinstance(args, dict):
         raise ConfigError(f"application args must be a mapping with a 'models' list, not {type(args).__name__}")
-    unknown = sorted(set(args) - {"models"})
+    unknown = sorted(map(str, set(args) - {"models"}))
     if unknown:
         raise ConfigError(
             f"application args: unknown field(s) {', '.join(unknown)}; only 'models' belongs here "
             "(settings and secrets come from AGENCYLLM_* environment variables)"
         )
-    serving = parse_config(args, "application args")
+    if "models" not in args:
+        raise ConfigError("application args: 'models' is required (the list of models to serve)")
+    return parse_config(args, "application args")
+
+
+def build_app(args: dict) -> Application:
+    """Serve config entry point: `args` is `{"models": [...]}`; everything else from the environment."""
+    serving = application_config(args)
     settings = Settings()
     if settings.database_url is None:
         raise ConfigError("AGENCYLLM_DATABASE_URL must be set where the application is built (a Serve config has no embedded database)")

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = db.add_parser("upgrade", help="apply migrations (AGENCYLLM_DATABASE_URL or the embedded server)")
     data_dir_option(upgrade)
     upgrade.set_defaults(func=cmd_db_upgrade)
+    from agencyllm.serving import cluster_init
+
+    cluster_init.register(db, data_dir_option)
 
     from agencyllm.serving import cli_admin
 
