@@ -11,6 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agencyllm.serving.admin import router as admin_router
+from agencyllm.serving.console import mount as mount_console
 from agencyllm.serving.errors import OpenAIError, install_error_handlers
 
 T = TypeVar("T")
@@ -103,4 +104,5 @@ def create_app(*, cors_origins: list[str], max_request_bytes: int) -> FastAPI:
         )
     app.add_middleware(BodySizeLimit, limit=max_request_bytes)
     app.include_router(admin_router)
+    mount_console(app)
     return app
