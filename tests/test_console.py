@@ -483,7 +483,7 @@ async def test_usage_chart_and_csv_reflect_the_ledger(keyed):
     assert by_model.status_code == 200
     svg = re.search(r'<svg class="chart".*?</svg>', by_model.text, re.S).group(0)
     assert 'role="img"' in svg and "m1: 100 tokens" in svg and "m2: 57 tokens" in svg
-    assert "157 tokens in 3 requests" in by_model.text
+    assert "157 tokens in 3 requests." in by_model.text
     by_user = await client.get("/console/usage", params={"tenant": name, "split": "user"})
     assert "dora: 107 tokens" in by_user.text and "eli: 50 tokens" in by_user.text
     top = by_user.text[by_user.text.index("Top users"):]
