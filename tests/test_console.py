@@ -518,3 +518,15 @@ async def test_static_assets_are_served(keyed):
     js = await client.get("/console/static/console.js")
     assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
     assert js.status_code == 200 and "clipboard" in js.text
+
+
+async def test_key_sign_out_ends_the_session(keyed):
+    client, admin_key, _ = keyed
+    await key_sign_in(client, admin_key)
+    page = await client.get("/console/tenants")
+    out = await client.post("/console/logout", data={"csrf_token": csrf_of(page.text)})
+    assert out.status_code == 303 and out.headers["location"] == "/console/login?signed_out=1"
+    assert SESSION_COOKIE not in client.cookies
+    shown = await client.get(out.headers["location"])
+    assert "You are signed out." in shown.text
+    assert (await client.get("/console/tenants")).status_code == 303

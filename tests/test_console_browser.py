@@ -145,7 +145,7 @@ async def test_admin_gives_an_office_a_budget_and_a_key_and_sees_its_first_reque
     assert "200,000" in budget and "4,000,000" in budget
     await chromium.check(page, "04-tenant-quota")
 
-    await page.get_by_role("link", name="Keys").click()
+    await page.get_by_role("link", name="Keys", exact=True).click()
     await page.fill("#name", "notebook")
     await page.fill("#expires-in-days", "30")
     await page.click("button:has-text('Mint key')")
@@ -173,7 +173,7 @@ async def test_admin_gives_an_office_a_budget_and_a_key_and_sees_its_first_reque
     assert f"placeholder: {tokens:,} tokens" in await chart.inner_html()
     assert f"{tokens:,} tokens in 1 request." in await page.inner_text("main")
     await chromium.check(page, "06-usage-by-model")
-    await page.get_by_label("User").check()
+    await page.get_by_label("User", exact=True).check()
     await page.click("button:has-text('Show')")
     await page.wait_for_url("**split=user**")
     assert f"notebook: {tokens:,} tokens" in await page.locator("svg.chart").inner_html()
@@ -241,7 +241,7 @@ async def test_tenant_admin_is_kept_to_their_tenant_and_forged_posts_are_refused
     await chromium.check(page, "10-other-tenant-refused")
 
     await page.goto(f"/console/tenants/{mine}/keys")
-    token = await page.input_value("input[name=csrf_token]")
+    token = await page.locator("input[name=csrf_token]").first.input_value()
     forged = await page.evaluate(
         """async ([path, token]) => (await fetch(path, {method: "POST",
               body: new URLSearchParams({csrf_token: token, name: "stolen"})})).status""",
@@ -293,7 +293,7 @@ async def test_keyboard_only_mint_copy_revoke_and_staff_pages(chromium, stack):
     await page.keyboard.press("Enter")
     await tab_to("#name")
     await page.keyboard.type("laptop")
-    await tab_to("button[type=submit]:has-text('Mint key')", limit=5)
+    await tab_to("form[action$='/me/keys'] button[type=submit]", limit=5)
     await page.keyboard.press("Enter")
     await page.wait_for_selector("#new-key")
     assert await page.evaluate("document.activeElement.id") == "new-key-title"  # focus moved to the new key
@@ -320,7 +320,7 @@ async def test_keyboard_only_mint_copy_revoke_and_staff_pages(chromium, stack):
         response = await page.goto(path)
         assert response.status == 403
     await page.goto("/console/me")
-    await tab_to("header button:has-text('Sign out')")
+    await tab_to("header button[type=submit]")
     await page.keyboard.press("Enter")
     await page.wait_for_url("**/console/login?signed_out=1")
     await context.close()

@@ -77,7 +77,7 @@ async def usage_chart(
     if any(value > 0 for value in rest.values()):
         series.append((OTHER, rest))
     colours = series_colours([label for label, _ in series], OTHER)
-    drawn = [Series(label, values, colour) for (label, values), colour in zip(series, colours)]
+    drawn = [Series(label, values, colour) for (label, values), colour in zip(series, colours, strict=True)]
     split_words = "model" if split == "model" else "user"
     scope_words = subject_label or (f"tenant {tenant}" if tenant else "all tenants")
     tokens = sum(totals.values())

@@ -65,7 +65,7 @@ def _redirect_uri(request: Request) -> str:
 
 
 def _login_page(request: Request, *, next_path: str, status_code: int = 200, error: str | None = None,
-                notice: str | None = None) -> Response:
+                notice: dict | None = None) -> Response:
     console = console_of(request)
     token = secrets.token_urlsafe(32)
     response = render(
@@ -85,7 +85,7 @@ async def login_page(request: Request, next: str | None = None, signed_out: bool
         viewer = None
     if viewer is not None:
         return redirect(safe_next(next, home_for(viewer)))
-    notice = "You are signed out." if signed_out else None
+    notice = {"message": "You are signed out."} if signed_out else None
     return _login_page(request, next_path=safe_next(next), notice=notice)
 
 

@@ -269,7 +269,7 @@ def nav_items(viewer: Viewer | None) -> list[tuple[str, str]]:
 def render(request: Request, template: str, viewer: Viewer | None, *, status_code: int = 200, **context: Any) -> Response:
     path = request.url.path
     current = None
-    for label, href in nav_items(viewer):
+    for _, href in nav_items(viewer):
         if path == href or path.startswith(href + "/"):
             current = href
     context.setdefault("title", "Console")
