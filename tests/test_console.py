@@ -530,3 +530,9 @@ async def test_key_sign_out_ends_the_session(keyed):
     shown = await client.get(out.headers["location"])
     assert "You are signed out." in shown.text
     assert (await client.get("/console/tenants")).status_code == 303
+
+
+def test_chart_axis_uses_round_steps():
+    from agencyllm.serving.console.charts import axis_step
+
+    assert [axis_step(n) for n in (0, 3, 27, 100, 157, 88_328, 2_000_000)] == [1, 1, 10, 25, 50, 25_000, 500_000]

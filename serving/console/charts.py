@@ -27,15 +27,15 @@ def series_colours(labels: list[str], other: str | None = None) -> list[str]:
     return [OTHER_COLOUR if label == other else PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)]
 
 
-def nice_ceiling(value: int) -> int:
-    """The smallest 1, 2 or 5 × 10^k at or above `value` (at least 10)."""
-    if value <= 10:
-        return 10
-    exponent = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 5, 10):
-        if step * exponent >= value:
-            return step * exponent
-    return 10 * exponent  # pragma: no cover - the loop always returns
+def axis_step(maximum: int, ticks: int = 4) -> int:
+    """A round whole step (1, 2, 2.5 or 5 × 10^k) so that `ticks` steps reach `maximum`."""
+    raw = max(maximum, ticks) / ticks
+    exponent = 10 ** math.floor(math.log10(raw))
+    for factor in (1, 2, 2.5, 5, 10):
+        step = factor * exponent
+        if step >= raw and step == int(step):
+            return int(step)
+    return int(10 * exponent)  # pragma: no cover - the loop always returns
 
 
 def short_number(value: int) -> str:
@@ -49,7 +49,8 @@ def short_number(value: int) -> str:
 def stacked_bars(days: list[date], series: list[Series], *, title: str, description: str, chart_id: str) -> Markup:
     """Tokens per day, one stacked bar per day, one colour per series."""
     totals = [sum(s.values.get(day, 0) for s in series) for day in days]
-    top = nice_ceiling(max(totals, default=0))
+    step = axis_step(max(totals, default=0))
+    top = step * 4
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     slot = plot_w / max(len(days), 1)
     bar_w = max(slot * 0.7, 1.0)
@@ -60,7 +61,7 @@ def stacked_bars(days: list[date], series: list[Series], *, title: str, descript
         f'<desc id="{chart_id}-desc">{escape(description)}</desc>',
     ]
     for i in range(5):
-        value = top * i // 4
+        value = step * i
         y = TOP + plot_h - plot_h * i / 4
         parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
         parts.append(f'<text class="axis" x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{short_number(value)}</text>')
