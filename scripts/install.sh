@@ -37,6 +37,12 @@ if [[ "$extra" == "cpu" ]]; then
   python3 -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 
+# --- web console browser tests: Debian's Chromium (Playwright drives it; it never downloads a browser)
+if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+# --- end web console block
+
 python3 -c 'import agencyllm.serving.cli, vllm, ray' >/dev/null 2>&1 || { echo "install check failed: cannot import agencyllm, vllm and ray" >&2; exit 1; }
 echo "agencyllm installed. Run the platform: agencyllm up   Run the tests: python3 -m pytest"
 

@@ -12,6 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agencyllm.serving.admin import router as admin_router
+from agencyllm.serving.console import mount as mount_console
 from agencyllm.serving.errors import OpenAIError, as_openai_error, install_error_handlers
 from agencyllm.serving.inputs import InvalidInput, check_query, check_text, load_json
 
@@ -180,4 +181,5 @@ def create_app(*, cors_origins: list[str], max_request_bytes: int, api_docs: boo
     app.add_middleware(InputGuard)
     app.add_middleware(BodySizeLimit, limit=max_request_bytes)  # outermost: before anything reads
     app.include_router(admin_router)
+    mount_console(app)
     return app

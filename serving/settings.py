@@ -54,3 +54,16 @@ class Settings(BaseSettings):
     ingress_replicas: int = Field(default=1, ge=1)
     # Logical CPUs Ray may hand out on this host (local run). Unset: Ray's own count, at least 8.
     ray_num_cpus: int | None = None
+
+    # Web console (/console, see docs/console.md). The URL users reach the platform at, as the
+    # Keycloak realm's AGENCYLLM_PUBLIC_URL (https behind a TLS proxy); unset: each request's own.
+    public_url: str | None = None
+    # The realm's web client (authorization code + PKCE); its secret if the client is confidential.
+    console_client_id: str = "agencyllm-gateway"
+    console_client_secret: SecretStr | None = None
+    # A console session ends after this many idle minutes, and this many hours after sign-in.
+    console_idle_minutes: int = Field(default=30, ge=1, le=720)
+    console_max_hours: int = Field(default=8, ge=1, le=24)
+    # Encrypts session cookies; every ingress replica needs the same one. Unset: a random key
+    # kept in DATA_DIR/console.key (enough when all replicas share one host).
+    console_session_secret: SecretStr | None = None

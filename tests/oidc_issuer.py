@@ -10,13 +10,21 @@ No Keycloak server runs in CI, so tests (unit and end-to-end) use this instead:
     issuer.jwks_fetches  # how often the JWKS was downloaded
 
 Paths follow Keycloak: `<base>/realms/agency/.well-known/openid-configuration`,
-`…/protocol/openid-connect/{certs,token,auth/device}`. The device endpoint approves immediately
-(after `device_pending_polls` polls answered `authorization_pending`).
+`…/protocol/openid-connect/{certs,token,auth/device,auth,logout}`. The device endpoint approves
+immediately (after `device_pending_polls` polls answered `authorization_pending`).
+
+Browser sign-in, as Keycloak's authorization-code flow with PKCE (S256 only, as the realm's web
+client requires): `…/auth` shows a login form for the users added with `add_user`, redirects back
+with a one-time code, and `…/token` exchanges it once, checking client, redirect URI and verifier:
+
+    issuer.add_user("ada", "pw", realm_roles=["llm-user", "llm-platform-admin"], groups=[])
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import html
 import json
 import secrets
 import threading
@@ -26,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
 import pytest
@@ -63,6 +71,14 @@ def new_rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+@dataclass
+class User:
+    username: str
+    password: str
+    realm_roles: tuple[str, ...]
+    groups: tuple[str, ...]
+
+
 class LocalOIDCIssuer:
     def __init__(self, *, realm: str = REALM, audience: str = AUDIENCE) -> None:
         self.realm = realm
@@ -78,6 +94,12 @@ class LocalOIDCIssuer:
         # Tests may set this to publish a discovery document that names another issuer.
         self.discovery_issuer_override: str | None = None
         self._devices: dict[str, int] = {}
+        # Browser sign-in: users, one-time codes, and the counts tests look at.
+        self.users: dict[str, User] = {}
+        self._codes: dict[str, dict[str, Any]] = {}
+        self.code_exchanges = 0
+        self.logouts = 0
+        self.access_token_lifetime = 300
         self._refresh_tokens: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -254,17 +276,32 @@ class LocalOIDCIssuer:
             "scopes_supported": ["openid", "basic", "roles", "profile", "email", "groups", "agencyllm"],
         }
 
-    def _issue(self, client_id: str, username: str | None = None) -> dict[str, Any]:
+    def add_user(self, username: str, password: str, *, realm_roles: Iterable[str] = ("llm-user",),
+                 groups: Iterable[str] = ()) -> User:
+        user = User(username, password, tuple(realm_roles), tuple(groups))
+        with self._lock:
+            self.users[username] = user
+        return user
+
+    def _issue(self, client_id: str, username: str | None = None, *, nonce: str | None = None) -> dict[str, Any]:
+        lifetime = self.access_token_lifetime
+        user = self.users.get(username) if username is not None else None
         if username is None:  # client credentials: Keycloak's service-account token layout
             access = self.mint(username=f"service-account-{client_id}", client_id=client_id, groups=())
+        elif user is not None:  # a browser user: their own roles and groups
+            access = self.mint(username=username, client_id=client_id, realm_roles=user.realm_roles,
+                               groups=user.groups, lifetime=lifetime)
         else:
             access = self.mint(username=username, client_id=client_id)
         refresh = secrets.token_urlsafe(32)
         with self._lock:
             self._refresh_tokens[refresh] = {"client_id": client_id, "username": username}
-        return {
+        extra: dict[str, Any] = {}
+        if nonce is not None:
+            extra["id_token"] = self.id_token(username, client_id, nonce)
+        return {**extra,
             "access_token": access,
-            "expires_in": 300,
+            "expires_in": lifetime,
             "refresh_expires_in": 1800,
             "refresh_token": refresh,
             "token_type": "Bearer",
@@ -272,6 +309,72 @@ class LocalOIDCIssuer:
             "session_state": str(uuid.uuid4()),
             "scope": "openid profile email",
         }
+
+    def id_token(self, username: str, client_id: str, nonce: str) -> str:
+        """An ID token as Keycloak returns it from the token endpoint (`typ: ID`, aud = client)."""
+        claims = self.claims(username=username, client_id=client_id)
+        payload = {k: claims[k] for k in ("exp", "iat", "auth_time", "iss", "sub", "sid", "preferred_username", "email")}
+        payload.update({"aud": client_id, "azp": client_id, "typ": "ID", "nonce": nonce,
+                        "jti": str(uuid.uuid4()), "at_hash": secrets.token_urlsafe(16)})
+        key = next(k for k in self.keys if k.kid == self.active_kid)
+        return jwt.encode(payload, key.private_key, algorithm="RS256", headers={"kid": key.kid, "typ": "JWT"})
+
+    # Authorization endpoint: Keycloak's login page, reduced to a form.
+    def authorize_problem(self, query: dict[str, str]) -> str | None:
+        if query.get("response_type") != "code":
+            return "unsupported_response_type"
+        if not query.get("client_id") or not query.get("redirect_uri", "").startswith(("http://", "https://")):
+            return "invalid_request: client_id and redirect_uri are required"
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            return "invalid_request: Missing parameter: code_challenge_method"  # Keycloak's words
+        if "openid" not in query.get("scope", "").split():
+            return "invalid_scope"
+        return None
+
+    def login_form(self, query: dict[str, str], error: str | None = None) -> str:
+        hidden = "".join(
+            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">' for k, v in query.items()
+        )
+        problem = f'<p role="alert" id="input-error">{html.escape(error)}</p>' if error else ""
+        return (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in to agency</title></head>'
+            f'<body><main><h1>Sign in to your account</h1>{problem}<form id="kc-form-login" method="post">{hidden}'
+            '<label for="username">Username or email</label><input id="username" name="username" autofocus>'
+            '<label for="password">Password</label><input id="password" name="password" type="password">'
+            '<button id="kc-login" type="submit" name="login">Sign In</button></form></main></body></html>'
+        )
+
+    def handle_login(self, form: dict[str, str]) -> tuple[int, str | None, str]:
+        """(status, redirect location or None, HTML) for a submitted login form."""
+        params = {k: v for k, v in form.items() if k not in ("username", "password", "login")}
+        problem = self.authorize_problem(params)
+        if problem:
+            return 400, None, f"<p>{html.escape(problem)}</p>"
+        user = self.users.get(form.get("username", ""))
+        if user is None or not secrets.compare_digest(user.password, form.get("password", "")):
+            return 200, None, self.login_form(params, "Invalid username or password.")
+        code = secrets.token_urlsafe(32)
+        with self._lock:
+            self._codes[code] = {**params, "username": user.username, "at": time.time()}
+        query = {"state": params.get("state", ""), "session_state": str(uuid.uuid4()), "iss": self.issuer, "code": code}
+        return 302, f"{params['redirect_uri']}?{urlencode(query)}", ""
+
+    def _exchange_code(self, form: dict[str, str], basic_client: str | None) -> tuple[int, dict[str, Any]]:
+        client_id = basic_client or form.get("client_id", "")
+        with self._lock:
+            self.code_exchanges += 1
+            grant = self._codes.pop(form.get("code", ""), None)  # one use only
+        if grant is None or time.time() - grant["at"] > 60:
+            return 400, {"error": "invalid_grant", "error_description": "Code not valid"}
+        if grant["client_id"] != client_id:
+            return 400, {"error": "invalid_grant", "error_description": "Code not issued to this client"}
+        if grant["redirect_uri"] != form.get("redirect_uri"):
+            return 400, {"error": "invalid_grant", "error_description": "Incorrect redirect_uri"}
+        verifier = form.get("code_verifier", "")
+        digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        if not verifier or digest != grant["code_challenge"]:
+            return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
+        return 200, self._issue(client_id, grant["username"], nonce=grant.get("nonce", ""))
 
     def handle_device(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         if not form.get("client_id"):
@@ -290,11 +393,13 @@ class LocalOIDCIssuer:
             "interval": 5,
         }
 
-    def handle_token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    def handle_token(self, form: dict[str, str], basic_client: str | None = None) -> tuple[int, dict[str, Any]]:
         with self._lock:
             self.token_requests += 1
         grant = form.get("grant_type")
-        client_id = form.get("client_id", "")
+        client_id = basic_client or form.get("client_id", "")
+        if grant == "authorization_code":
+            return self._exchange_code(form, basic_client)
         if grant == "urn:ietf:params:oauth:grant-type:device_code":
             code = form.get("device_code", "")
             with self._lock:
@@ -331,11 +436,46 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_html(self, status: int, body: str, location: str | None = None) -> None:
+        data = body.encode()
+        self.send_response(status)
+        if location:
+            self.send_header("Location", location)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _basic_client(self) -> str | None:
+        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            return base64.b64decode(value).decode().partition(":")[0] or None
+        except ValueError:
+            return None
+
     def do_GET(self) -> None:  # noqa: N802
         owner = self.owner
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
+        query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         prefix = f"/realms/{owner.realm}"
-        if path == f"{prefix}/.well-known/openid-configuration":
+        if path == f"{prefix}/protocol/openid-connect/auth":
+            problem = owner.authorize_problem(query)
+            if problem:
+                self._send_html(400, f"<p>{html.escape(problem)}</p>")
+            else:
+                self._send_html(200, owner.login_form(query))
+        elif path == f"{prefix}/protocol/openid-connect/logout":
+            with owner._lock:
+                owner.logouts += 1
+            target = query.get("post_logout_redirect_uri")
+            if target:
+                self._send_html(302, "", location=target)
+            else:
+                self._send_html(200, "<p>You are logged out.</p>")
+        elif path == f"{prefix}/.well-known/openid-configuration":
             with owner._lock:
                 owner.discovery_fetches += 1
             self._send(200, owner.discovery_document())
@@ -355,8 +495,11 @@ class _Handler(BaseHTTPRequestHandler):
         prefix = f"/realms/{owner.realm}/protocol/openid-connect"
         if path == f"{prefix}/auth/device":
             self._send(*owner.handle_device(form))
+        elif path == f"{prefix}/auth":
+            status, location, body = owner.handle_login(form)
+            self._send_html(status, body, location=location)
         elif path == f"{prefix}/token":
-            self._send(*owner.handle_token(form))
+            self._send(*owner.handle_token(form, self._basic_client()))
         else:
             self._send(404, {"error": "not_found"})
 
