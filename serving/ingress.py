@@ -246,13 +246,14 @@ class AgencyIngress(OpenAiIngress):
             raise EngineUnavailable(spec.id)
 
     async def _probe_engine(self, model: str) -> None:
-        await self._get_configured_serve_handle(model).check_health.remote()
+        # The unary handle: the configured one streams, and check_health is not a generator.
+        await self._default_serve_handles[model].check_health.remote()
 
     async def _has_running_replica(self, model: str) -> bool:
         """Whether Serve's controller counts a RUNNING replica of the model's engine."""
         from ray import serve
 
-        handle = self._get_configured_serve_handle(model)
+        handle = self._default_serve_handles[model]
         status = await asyncio.to_thread(serve.status)
         deployment = status.applications[handle.app_name].deployments[handle.deployment_name]
         return any(str(getattr(state, "value", state)) == "RUNNING" and count > 0 for state, count in deployment.replica_states.items())

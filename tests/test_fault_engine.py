@@ -4,7 +4,6 @@ back, every request has its ledger row, no reservation stays open, and the stack
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
