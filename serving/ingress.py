@@ -167,6 +167,7 @@ class AgencyIngress(OpenAiIngress):
         body = await parse_body(request, ChatCompletionRequest, check=self._checks("chat"))
         spec = self._spec(body.model)
         self._require_engine(spec)
+        ticket = self._ticket(principal, request, body)
         prompt_tokens = self._counters[spec.id].chat(body.messages)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         body = _sanitized(body)
@@ -174,24 +175,26 @@ class AgencyIngress(OpenAiIngress):
         body.model = spec.id
         body.max_completion_tokens, body.max_tokens = per_sequence, None
         client_wants_usage = _force_stream_usage(body)
-        return await self._generate(body, "chat", admitted, client_wants_usage, self._ticket(principal, request, body))
+        return await self._generate(body, "chat", admitted, client_wants_usage, ticket)
 
     async def completions(self, request: Request) -> Response:
         principal = await self._authenticate(request)
         body = await parse_body(request, CompletionRequest, check=self._checks("completions"))
         spec = self._spec(body.model)
         self._require_engine(spec)
+        ticket = self._ticket(principal, request, body)
         prompt_tokens = self._counters[spec.id].prompts(body.prompt)
         n = body.n or 1
         admitted, body.max_tokens = await self._admit(principal, spec, "completions", prompt_tokens, body.max_tokens, n, "prompt")
         body.model = spec.id
         client_wants_usage = _force_stream_usage(body)
-        return await self._generate(body, "completions", admitted, client_wants_usage, self._ticket(principal, request, body))
+        return await self._generate(body, "completions", admitted, client_wants_usage, ticket)
 
     async def embeddings(self, request: Request) -> Response:
         principal = await self._authenticate(request)
         body = await parse_body(request, _EMBEDDING_REQUEST, check=self._checks("embeddings"))
         spec = self._spec(body.model)
+        ticket = self._ticket(principal, request, body)
         if spec.task != "embed":
             raise OpenAIError(400, f"Model '{spec.id}' does not serve embeddings.", param="model", code="model_not_supported")
         self._require_engine(spec)
@@ -199,7 +202,7 @@ class AgencyIngress(OpenAiIngress):
         prompt_tokens = [counter.chat(body.messages)] if hasattr(body, "messages") else counter.prompts(body.input)
         admitted, _ = await self._admit(principal, spec, "embeddings", prompt_tokens, 0, 1, "input")
         body.model = spec.id
-        return await self._generate(body, "embeddings", admitted, True, self._ticket(principal, request, body))
+        return await self._generate(body, "embeddings", admitted, True, ticket)
 
     async def models(self, request: Request) -> Response:
         await self._authenticate(request)

@@ -3,11 +3,11 @@ and a tenant's share changes nothing a lone caller can see."""
 
 from __future__ import annotations
 
-import uuid
+import asyncio
 
 import openai
 import pytest
-from test_serving_quotas import PROMPT, new_tenant
+from test_serving_quotas import PROMPT, ledger_rows, new_tenant
 
 from agencyllm.serving.ingress import TRAFFIC_CLASS_HEADER
 from agencyllm.serving.stack import PLACEHOLDER_ID
@@ -35,13 +35,16 @@ def test_batch_key_and_flex_tier_stream_and_complete(stack):
     assert completion.usage.completion_tokens == 2
 
 
-def test_unknown_traffic_class_is_a_400_naming_the_header(stack):
-    _, key = new_tenant(stack)
+def test_unknown_traffic_class_is_a_400_naming_the_header_before_any_reservation(stack, pg_url):
+    tenant, key = new_tenant(stack, max_concurrent_requests=1)
     with pytest.raises(openai.BadRequestError) as bad:
         stack.openai(key).chat.completions.create(
             model=PLACEHOLDER_ID, messages=PROMPT, max_tokens=2, extra_headers={TRAFFIC_CLASS_HEADER: "urgent"}
         )
     assert bad.value.body["param"] == TRAFFIC_CLASS_HEADER
+    assert asyncio.run(ledger_rows(pg_url, tenant)) == []  # refused before admission: nothing held
+    ok = stack.openai(key).chat.completions.create(model=PLACEHOLDER_ID, messages=PROMPT, max_tokens=1)
+    assert ok.usage.completion_tokens == 1  # its single concurrency slot is free
 
 
 def test_a_weighted_tenant_is_served(stack):
