@@ -340,13 +340,13 @@ async def test_quota_form_sets_every_dimension_and_shows_use_against_limits(keye
     saved = await client.post(path, data={
         "csrf_token": token, "tokens_per_day": "2,000,000", "tokens_per_month": "40000000",
         "requests_per_minute": "120", "max_concurrent_requests": "16", "max_tokens_per_request": "4096",
-        "max_tokens_mode": "reject", "allowed_models": "placeholder, all-MiniLM-L6-v2"})
+        "max_tokens_mode": "reject", "allowed_models": "placeholder, all-MiniLM-L6-v2", "share": "2.5"})
     assert saved.status_code == 303
     async with store_session(client) as session:
         policy = await store.get_quota(session, name)
     assert policy == {"tokens_per_day": 2_000_000, "tokens_per_month": 40_000_000, "requests_per_minute": 120,
                       "max_concurrent_requests": 16, "max_tokens_per_request": 4096, "max_tokens_mode": "reject",
-                      "allowed_models": ["placeholder", "all-MiniLM-L6-v2"]}
+                      "allowed_models": ["placeholder", "all-MiniLM-L6-v2"], "share": 2.5}
     page = (await client.get(f"/console/tenants/{name}")).text
     assert "Quota saved" in page and "2,000,000" in page and "is refused" in page
 
@@ -427,12 +427,15 @@ async def test_tenant_admin_cannot_reach_another_tenants_pages_or_forms(oidc_app
         (f"/console/tenants/{theirs}/quota", {"tokens_per_day": "1"}),
         (f"/console/tenants/{theirs}/suspend", {}),
         (f"/console/tenants/{mine}/quota", {"tokens_per_day": "1"}),  # reading is allowed, setting is not
-        (f"/console/keys/{other_key.key.id}/revoke", {}),
         ("/console/tenants", {"name": new_name()}),
     ]
     for path, data in forged:
         response = await client.post(path, data={"csrf_token": token, **data})
         assert response.status_code == 403, path
+    # Another tenant's key answers exactly like a key that does not exist: its id cannot be probed.
+    revoke = await client.post(f"/console/keys/{other_key.key.id}/revoke", data={"csrf_token": token})
+    unknown = await client.post(f"/console/keys/{uuid.uuid4()}/revoke", data={"csrf_token": token})
+    assert revoke.status_code == unknown.status_code == 404
     async with store_session(client) as session:
         assert [k.name for k, _ in await store.list_keys(session, tenant_name=theirs)] == ["t"]
         assert (await store.get_quota(session, mine))["tokens_per_day"] is None

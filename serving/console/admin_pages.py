@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from agencyllm.quotas import admin as store
+from agencyllm.quotas.models import MAX_SHARE
 from agencyllm.serving.admin import access, keys, quotas, tenants, usage
 from agencyllm.serving.admin.schemas import KeyCreate, Quota, TenantCreate, TenantUpdate
 from agencyllm.serving.console import reports
@@ -67,6 +68,19 @@ def whole_number(form, name: str) -> int | None:
     value = int(raw)
     if value > store.QUOTA_MAXIMUMS.get(name, 3650):
         raise FormProblem(name, f"Enter a number no larger than {store.QUOTA_MAXIMUMS.get(name, 3650):,}.")
+    return value
+
+
+def share_number(form, name: str = "share") -> float | None:
+    raw = (text(form, name) or "").replace(" ", "")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_SHARE:
+        raise FormProblem(name, f"Enter a number above 0 and at most {MAX_SHARE}, such as 2, or leave it empty for 1.")
     return value
 
 
@@ -126,6 +140,7 @@ async def _tenant_page(request: Request, viewer: Viewer, name: str, session, led
         **{field: getattr(policy, field) for field in QUOTA_LABELS},
         "max_tokens_mode": policy.max_tokens_mode,
         "allowed_models": ", ".join(policy.allowed_models) if policy.allowed_models else "",
+        "share": "" if policy.share is None else f"{policy.share:g}",
     }
     settings_values = values if form_name == "settings" and values is not None else {
         "display_name": tenant.display_name, "keycloak_group": tenant.keycloak_group or ""}
@@ -187,11 +202,12 @@ async def set_quota(request: Request, name: str, viewer: CurrentViewer, session:
                     ledger: LedgerDep) -> Response:
     form = await posted(request, viewer)
     await access.platform_admin(viewer.principal)
-    values: dict[str, Any] = {field: text(form, field) for field in (*QUOTA_LABELS, "max_tokens_mode", "allowed_models")}
+    values: dict[str, Any] = {field: text(form, field) for field in (*QUOTA_LABELS, "max_tokens_mode", "allowed_models", "share")}
     try:
         numbers = {field: whole_number(form, field) for field in QUOTA_LABELS}
         models = [m.strip() for m in (values["allowed_models"] or "").split(",") if m.strip()]
-        body = Quota(**numbers, max_tokens_mode=values["max_tokens_mode"] or "cap", allowed_models=models or None)
+        body = Quota(**numbers, max_tokens_mode=values["max_tokens_mode"] or "cap", allowed_models=models or None,
+                     share=share_number(form))
         await quotas.put_tenant_quota(name, body, viewer.principal, session)
     except FormProblem as problem:
         return await _tenant_page(request, viewer, name, session, ledger, status_code=400,

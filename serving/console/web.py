@@ -227,6 +227,7 @@ FIELD_HELP = {
     "keycloak_group": "Use at most 255 characters, such as 'roads' or '/agencies/roads'.",
     "expires_in_days": "Enter a whole number of days from 1 to 3650, or leave it empty.",
     "allowed_models": "List model names separated by commas, or leave it empty to allow every model.",
+    "share": "Enter a number above 0 and at most 1000, such as 2, or leave it empty for 1.",
 }
 
 
