@@ -19,11 +19,14 @@ from agencyllm.auth.principal import Principal, Role
 from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.engine_health import EngineHealth
 from agencyllm.serving.errors import EngineUnavailable, OpenAIError
+from agencyllm.serving.fairshare import Ticket
 from agencyllm.serving.ingress import AgencyIngress
 from agencyllm.serving.metering import Metering
 from agencyllm.serving.stack import PLACEHOLDER_ID
 
 PROMPT_TOKENS = 11
+
+TICKET = Ticket(tenant="t")
 
 
 class FakeUpstream:
@@ -73,7 +76,7 @@ def ingress_with(upstream: FakeUpstream, metering: Metering) -> AgencyIngress:
         def __getattr__(self, method):
             class Method:
                 @staticmethod
-                def remote(body, raw_request_info):
+                def remote(body, raw_request_info, ticket):
                     return upstream
 
             return Method
@@ -145,7 +148,7 @@ async def test_call_that_fails_before_the_first_item_charges_nothing(pg_db, mete
     admitted = await admit()
     upstream = FakeUpstream(fail=RecursionError("maximum recursion depth exceeded while pickling"))
     with pytest.raises(EngineUnavailable):
-        await ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, True)
+        await ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, True, TICKET)
     assert upstream.cancelled == 1
     await assert_settled(pg_db, metered, admitted, status="engine_error", prompt=0, completion=0)
 
@@ -157,7 +160,7 @@ async def test_engine_refusal_settles_at_zero(pg_db, metered):
         {"error": {"message": "temperature must be >= 0", "type": "BadRequestError", "code": 400}}
     )
     with pytest.raises(OpenAIError) as err:
-        await ingress_with(FakeUpstream([refusal]), metered[0])._generate(Body(), "chat", admitted, True)
+        await ingress_with(FakeUpstream([refusal]), metered[0])._generate(Body(), "chat", admitted, True, TICKET)
     assert err.value.status == 400
     await assert_settled(pg_db, metered, admitted, status="client_error", prompt=0, completion=0)
 
@@ -167,7 +170,7 @@ async def test_engine_5xx_is_503_and_settles_at_zero(pg_db, metered):
     admitted = await admit()
     failure = ErrorResponse.model_validate({"error": {"message": "engine dead", "type": "InternalServerError", "code": 500}})
     with pytest.raises(EngineUnavailable):
-        await ingress_with(FakeUpstream([failure]), metered[0])._generate(Body(), "chat", admitted, True)
+        await ingress_with(FakeUpstream([failure]), metered[0])._generate(Body(), "chat", admitted, True, TICKET)
     await assert_settled(pg_db, metered, admitted, status="engine_error", prompt=0, completion=0)
 
 
@@ -175,7 +178,7 @@ async def test_client_gone_before_the_first_item_is_charged_its_prompt(pg_db, me
     _, _, _, admit = metered
     admitted = await admit()
     upstream = FakeUpstream(hang=True)
-    call = asyncio.ensure_future(ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, True))
+    call = asyncio.ensure_future(ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, True, TICKET))
     await asyncio.sleep(0.2)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -187,7 +190,7 @@ async def test_stream_that_dies_midway_gets_an_error_event_and_is_charged_what_i
     _, _, _, admit = metered
     admitted = await admit()
     upstream = FakeUpstream([CHUNK, CHUNK, CHUNK], fail=ConnectionError("replica died"))
-    response = await ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, False)
+    response = await ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, False, TICKET)
     events = [event async for event in response.body_iterator]
     assert '"service_unavailable"' in events[-2] and events[-1] == "data: [DONE]\n\n"
     # No usage chunk arrived: the prompt counted at admission, one token per chunk of text.
@@ -198,7 +201,7 @@ async def test_stream_the_client_left_is_charged_its_real_tokens(pg_db, metered)
     _, _, _, admit = metered
     admitted = await admit()
     upstream = FakeUpstream([CHUNK] * 5, hang=True)
-    response = await ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, False)
+    response = await ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, False, TICKET)
     stream = response.body_iterator
     for _ in range(4):
         await stream.__anext__()
