@@ -25,7 +25,6 @@ from agencyllm.serving.metering import Metering
 from agencyllm.serving.stack import PLACEHOLDER_ID
 
 PROMPT_TOKENS = 11
-
 TICKET = Ticket(tenant="t")
 
 
