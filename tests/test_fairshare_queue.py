@@ -9,10 +9,24 @@ import pytest
 from agencyllm.serving.fairshare import FairQueue, QueueRefused, Ticket
 
 
+ENGINES: list[FakeEngine] = []
+
+
+@pytest.fixture(autouse=True)
+async def no_request_outlives_its_test():
+    yield
+    for engine in ENGINES:
+        for task in engine.tasks.values():
+            task.cancel()
+        await asyncio.gather(*engine.tasks.values(), return_exceptions=True)
+    ENGINES.clear()
+
+
 class FakeEngine:
     """Records the order in which requests get a slot; each runs until the test finishes it."""
 
     def __init__(self, queue: FairQueue) -> None:
+        ENGINES.append(self)
         self.queue = queue
         self.started: list[str] = []
         self._done: dict[str, asyncio.Event] = {}
