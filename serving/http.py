@@ -12,6 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agencyllm.serving.admin import router as admin_router
 from agencyllm.serving.errors import OpenAIError, install_error_handlers
+from agencyllm.serving.feedback import router as feedback_router
+from agencyllm.serving.governance import RequestSource
+from agencyllm.serving.metrics_route import router as metrics_router
 
 T = TypeVar("T")
 
@@ -102,5 +105,8 @@ def create_app(*, cors_origins: list[str], max_request_bytes: int) -> FastAPI:
             allow_headers=["authorization", "content-type"],
         )
     app.add_middleware(BodySizeLimit, limit=max_request_bytes)
+    app.add_middleware(RequestSource)  # the caller's address, for audit records
     app.include_router(admin_router)
+    app.include_router(feedback_router)
+    app.include_router(metrics_router)
     return app

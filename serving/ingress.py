@@ -33,6 +33,7 @@ from agencyllm.quotas.db import Database, assert_schema_current
 from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.config import ModelSpec, ServingConfig
 from agencyllm.serving.errors import OpenAIError
+from agencyllm.serving.governance import Governance, retention_job
 from agencyllm.serving.http import parse_body
 from agencyllm.serving.identity import Authenticator
 from agencyllm.serving.metering import Admitted, Metering
@@ -65,7 +66,10 @@ class AgencyIngress(OpenAiIngress):
         self._counters = {m.id: PromptCounter(m.path, m.context_length()) for m in serving.models}
         self._database = Database(settings.database_url.get_secret_value())
         await assert_schema_current(self._database)
-        ledger = Ledger(self._database, timezone=settings.quota_timezone, lease_seconds=settings.reservation_lease_seconds)
+        ledger = Ledger(self._database, timezone=settings.quota_timezone, lease_seconds=settings.reservation_lease_seconds,
+                        retention=retention_job(settings, self._database))
+        self._ledger_audit = ledger.audit
+        self._governance = await Governance.load(self._database)
         verifier = (
             OIDCVerifier(settings.oidc_issuer, settings.oidc_audience, leeway=settings.oidc_leeway_seconds)
             if settings.oidc_issuer
@@ -86,6 +90,8 @@ class AgencyIngress(OpenAiIngress):
     async def __del__(self) -> None:
         # Replica shutdown: write the ledger rows still being settled, then let go of connections.
         await self._metering.drain()
+        await self._governance.drain()
+        await self._ledger_audit.aclose()
         await self._authenticator.aclose()
         await self._database.dispose()
 
@@ -213,8 +219,10 @@ class AgencyIngress(OpenAiIngress):
 
     async def _generate(self, body: Any, method: str, admitted: Admitted, client_wants_usage: bool) -> Response:
         request_id = admitted.reservation.request_id
+        tenant = admitted.reservation.tenant
         if hasattr(body, "request_id"):
             body.request_id = request_id
+        self._governance.salt(body, tenant)
         headers = {REQUEST_ID_HEADER: request_id, **admitted.reservation.headers}
         upstream = None
         try:
@@ -245,6 +253,7 @@ class AgencyIngress(OpenAiIngress):
                 completion_tokens=(usage.completion_tokens or 0) if usage else 0,
                 status="ok",
             )
+            self._governance.keep_response(request_id, tenant, body, item)
             return JSONResponse(item.model_dump(), headers=headers)
 
         async def chain():
@@ -278,7 +287,7 @@ class AgencyIngress(OpenAiIngress):
                     status=status,
                 )
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(self._governance.tap(request_id, tenant, body, events()), media_type="text/event-stream", headers=headers)
 
 
 def _sanitized(body: ChatCompletionRequest) -> ChatCompletionRequest:
