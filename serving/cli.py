@@ -135,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_option(upgrade)
     upgrade.set_defaults(func=cmd_db_upgrade)
 
-    from agencyllm.serving import cli_admin
+    from agencyllm.serving import cli_admin, cli_audit
 
     cli_admin.register(sub)
+    cli_audit.register(sub)
     return parser
 
 
