@@ -249,7 +249,7 @@ async def verify_chain(conn: asyncpg.Connection) -> Verification:
                 details = json.loads(row["details"]) if isinstance(row["details"], str) else row["details"]
                 purges[int(details["through_seq"])] = details["through_hash"]
             if record_hash(row["canonical"]) != row["hash"]:
-                return broken(row["seq"], "record was modified (its hash does not match its content)")
+                return broken(row["seq"], "record was modified or moved (its hash does not match its content and position)")
             if previous is None:
                 first = row  # seq > 1: older records were purged; a purge record must vouch
             else:

@@ -31,7 +31,7 @@ _PURGE_CONTENT_SQL = """
 WITH gone AS (
     DELETE FROM request_content c USING tenants t
      WHERE t.id = c.tenant_id
-       AND c.created_at < $1 - make_interval(days => coalesce(t.content_retention_days, 0))
+       AND c.created_at < $1::timestamptz - make_interval(days => coalesce(t.content_retention_days, 0))
     RETURNING t.name AS tenant
 )
 SELECT tenant, count(*) AS n FROM gone GROUP BY tenant ORDER BY tenant
