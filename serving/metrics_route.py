@@ -36,13 +36,20 @@ async def _allowed(request: Request) -> bool:
     return principal.is_platform_admin
 
 
+_agent_url: list[str] = []
+
+
 def _ray_agent_url() -> str | None:
+    """This node's Ray metrics agent, found through Ray's public API (once per process)."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return None
-    node = ray._private.worker.global_worker.node
-    port = getattr(node, "metrics_export_port", None)
-    return f"http://{node.node_ip_address}:{port}/metrics" if port else None
+    if not _agent_url:
+        node_id = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+                _agent_url.append(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics")
+    return _agent_url[0] if _agent_url else None
 
 
 def _platform_series(text: str) -> str:

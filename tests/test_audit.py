@@ -396,3 +396,19 @@ async def test_aggregation_caps_distinct_sources_per_minute(pg_db, monkeypatch):
         log.auth_failure("invalid_api_key", source=f"198.51.100.{i}")
     assert log.pending == 4  # three sources and the overflow bucket
     await log.aclose()
+
+
+async def test_reaped_requests_are_audited_as_expired(pg_db, make_tenant):
+    tenant = await make_tenant()
+    now = datetime.now(UTC)
+    ledger = Ledger(pg_db, lease_seconds=10, clock=lambda: now)
+    req = request(tenant)
+    await ledger.reserve(req)
+    reaper = Ledger(pg_db, clock=lambda: now + timedelta(seconds=11))  # another replica, later
+    assert await reaper.reap() >= 1
+    pool = await pg_db.pool()
+    [record] = await audit_rows(pool, "request_id = $1", req.request_id)
+    assert record["action"] == "model.request" and record["outcome"] == "failure"
+    assert record["source"] == "reaper" and record["details"]["status"] == "expired"
+    assert record["details"]["completion_tokens"] == 10  # charged in full: max_tokens
+    assert record["tenant"] == tenant and record["actor_subject"] == "staff-sub"

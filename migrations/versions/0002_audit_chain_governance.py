@@ -164,12 +164,8 @@ def downgrade() -> None:
     op.execute(next(f for f in initial.FUNCTIONS if "FUNCTION quota_reap" in f))
     for table in ("platform_secrets", "feedback", "request_content", "audit_chain_head"):
         op.drop_table(table)
-    op.drop_constraint("ck_tenants_content_retention_days", "tenants")
+    # Dropping a column drops the constraints and indexes on it.
     op.drop_column("tenants", "content_retention_days")
-    op.drop_constraint("ck_audit_events_outcome", "audit_events")
-    op.drop_constraint("ck_audit_events_category", "audit_events")
-    op.drop_index("ix_audit_events_tenant_at", "audit_events")
-    op.drop_constraint("uq_audit_events_seq", "audit_events")
     for column in ("hash", "prev_hash", "details", "request_id", "source", "actor_key_id",
                    "actor_client_id", "tenant", "outcome", "category", "seq"):
         op.drop_column("audit_events", column)
