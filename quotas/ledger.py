@@ -24,6 +24,7 @@ from agencyllm.quotas.batching import Batcher
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.metrics import QuotaMetrics, quota_metrics
 from agencyllm.quotas.models import ENDPOINTS, TENANT_SCOPE, USAGE_STATUSES
+from agencyllm.quotas.retention import Retention
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +220,14 @@ class Ledger:
     def __init__(self, db: Database, *, timezone: str = "UTC", lease_seconds: int = 120,
                  clock: Callable[[], datetime] = utc_now,
                  metrics: QuotaMetrics | None = None, audit: AuditLog | None = None,
-                 retention: Any = None) -> None:
+                 retention: Retention | None = None) -> None:
         self._db = db
         self.timezone = ZoneInfo(timezone)
         self.lease = timedelta(seconds=lease_seconds)
         self._clock = clock
         self._metrics = metrics or quota_metrics()
         self.audit = audit or AuditLog(db, clock=clock)
-        self._retention = retention  # quotas.retention.Retention: run from maintain()
+        self._retention = retention  # run from maintain()
         self._background: set[asyncio.Task[None]] = set()
         self._open: dict[int, Reservation] = {}  # admitted here, not yet settled: leases to renew
         self._reserver = Batcher(self._reserve_batch, self._reserve_one,

@@ -76,7 +76,11 @@ class Retention:
         if self._last_run is not None and now - self._last_run < self._interval:
             return None
         self._last_run = now
-        report = await self.run()
+        try:
+            report = await self.run()
+        except Exception as exc:  # never take the caller (the lease maintenance loop) down
+            log.error("retention run failed: %s: %s", type(exc).__name__, exc)
+            return None
         if not report.skipped and (report.ledger or report.audit or report.content):
             log.info(report.summary())
         return report
