@@ -107,6 +107,8 @@ async def test_every_event_type_lands_with_its_au3_fields(pg_url, pg_db, make_te
                    "tenant.resume", "model.request", "quota.refusal", "auth.failure"):
         assert action in by_action, action
 
+    for action in ("tenant.create", "quota.set", "key.create", "key.revoke", "tenant.suspend"):
+        assert all(r["tenant"] == name and r["category"] == "admin" for r in by_action[action]), action
     suspend = by_action["tenant.suspend"][0]
     assert suspend["before"]["status"] == "active" and suspend["after"]["status"] == "suspended"
     assert suspend["actor_subject"] == "admin-sub" and suspend["actor_username"] == "admin"

@@ -240,5 +240,8 @@ async def test_opted_in_tenant_keeps_content_until_its_retention_ends(stack, pg_
         assert await pool.fetchval("SELECT count(*) FROM request_content WHERE request_id = ANY($1)", ids) == 0
         purge = await audit_rows(pool, "action = 'content.purge' AND tenant = $1", name)
         assert purge and purge[-1]["details"]["purged"] == 2
+        [opt_in] = await audit_rows(pool, "action = 'tenant.retention' AND tenant = $1", name)
+        assert opt_in["after"] == {"content_retention_days": 30}
+        assert opt_in["source"] == "127.0.0.1" and opt_in["actor_key_id"]  # the admin's key
     finally:
         await db.dispose()
