@@ -414,3 +414,34 @@ async def test_reaped_requests_are_audited_as_expired(pg_db, make_tenant):
     assert record["source"] == "reaper" and record["details"]["status"] == "expired"
     assert record["details"]["completion_tokens"] == 10  # charged in full: max_tokens
     assert record["tenant"] == tenant and record["actor_subject"] == "staff-sub"
+
+
+async def test_records_written_before_the_chain_are_chained_by_the_migration(pg_url):
+    from alembic import command
+
+    from agencyllm.quotas.db import _alembic_config, upgrade_schema
+
+    name = f"pre_{uuid.uuid4().hex[:8]}"
+    admin = await connect(pg_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        base, _, query = pg_url.partition("?")
+        url = f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
+        await asyncio.to_thread(command.upgrade, _alembic_config(url), "0001")
+        conn = await connect(url)
+        try:
+            for i in range(3):
+                await conn.execute(
+                    "INSERT INTO audit_events (actor_subject, action, target_type, target_id, after)"
+                    " VALUES ('old-admin', 'tenant.create', 'tenant', $1, '{\"status\": \"active\"}')", f"t{i}")
+            await asyncio.to_thread(upgrade_schema, url)
+            result = await verify_chain(conn)
+            assert result.ok and result.records == 3 and result.last_seq == 3, result.summary()
+            rows = await audit_rows(conn)
+            assert [r["target_id"] for r in rows] == ["t0", "t1", "t2"]
+            assert rows[0]["prev_hash"] == "0" * 64 and rows[1]["prev_hash"] == rows[0]["hash"]
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
