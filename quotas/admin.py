@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agencyllm.auth.apikeys import mint_key, parse_key, verify_key_hash
+from agencyllm.quotas.audit import request_source
 from agencyllm.quotas.models import (
     KEY_KINDS,
     MAX_SHARE,
@@ -148,11 +149,18 @@ def _audit(
     before: Mapping[str, Any] | None,
     after: Mapping[str, Any] | None,
 ) -> None:
+    snapshot = after if after is not None else before or {}
+    tenant = {"tenant": target_id, "quota": target_id.split("/", 1)[0]}.get(target_type, snapshot.get("tenant"))
     session.add(
         AuditEvent(
             at=utcnow(),
             actor_subject=actor.subject,
             actor_username=actor.username,
+            # AU-3 "who" and "where from" (a Principal carries them; SystemActor does not).
+            actor_client_id=getattr(actor, "client_id", None),
+            actor_key_id=getattr(actor, "key_id", None),
+            source=request_source.get(),
+            tenant=tenant,
             action=action,
             target_type=target_type,
             target_id=target_id,

@@ -10,17 +10,21 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from time import perf_counter
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+import asyncpg
+
+from agencyllm.quotas.audit import AuditLog, request_source
 from agencyllm.quotas.batching import Batcher
 from agencyllm.quotas.db import Database, availability, database_unavailable
 from agencyllm.quotas.metrics import QuotaMetrics, quota_metrics
 from agencyllm.quotas.models import ENDPOINTS, TENANT_SCOPE, USAGE_STATUSES
+from agencyllm.quotas.retention import Retention
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,9 @@ class ReservationRequest:
     prompt_tokens: int
     max_tokens: int | None
     context_length: int
+    # For the audit record: the OIDC client (azp) and the caller's network address.
+    client_id: str | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ class Reservation:
     headers: dict[str, str]
     tenant: str = ""
     model: str = ""
+    client_id: str | None = None
+    source: str | None = None
 
 
 class AdmissionRefused(Exception):
@@ -156,11 +165,14 @@ _RESERVE_BATCH_SQL = (
     " a.model, a.endpoint, a.prompt, a.max_tokens, a.context, $11, $12, $13, $14, $15) AS r"
     " ORDER BY a.n"
 )
-_SETTLE_SQL = "SELECT quota_settle($1, $2, $3, $4, $5, $6, $7)"
+# Settlement also writes each request's audit record, in the same statement (migration 0002).
+_SETTLE_SQL = (
+    "SELECT charged FROM quota_settle_many(ARRAY[$1::bigint], ARRAY[$2::int], ARRAY[$3::int],"
+    " ARRAY[$4::text], ARRAY[$5::float8], ARRAY[$6::float8], $7, ARRAY[$8::text], ARRAY[$9::text])"
+)
 _SETTLE_BATCH_SQL = (
-    "SELECT quota_settle(a.id, a.prompt, a.completion, a.status, a.ttft, a.latency, $7)"
-    " FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::float8[], $6::float8[])"
-    " WITH ORDINALITY AS a(id, prompt, completion, status, ttft, latency, n) ORDER BY a.n"
+    "SELECT charged FROM quota_settle_many($1::bigint[], $2::int[], $3::int[], $4::text[],"
+    " $5::float8[], $6::float8[], $7, $8::text[], $9::text[]) ORDER BY n"
 )
 _RENEW_SQL = "UPDATE quota_reservations SET lease_expires_at = $1 WHERE id = ANY($2::bigint[])"
 _REAP_SQL = "SELECT quota_reap($1, $2)"
@@ -196,7 +208,7 @@ def _reservation(req: ReservationRequest, row: Any, windows: Windows) -> Reserva
         id=row["reservation_id"], request_id=req.request_id, tenant_id=row["tenant"],
         subject=req.subject, max_tokens=row["granted_max_tokens"],
         reserved_tokens=row["reserved"], headers=_admission_headers(row, windows),
-        tenant=req.tenant, model=req.model,
+        tenant=req.tenant, model=req.model, client_id=req.client_id, source=req.source,
     )
 
 
@@ -207,12 +219,15 @@ def _lock_order(keys: list[tuple[str, str]]) -> list[int]:
 class Ledger:
     def __init__(self, db: Database, *, timezone: str = "UTC", lease_seconds: int = 120,
                  clock: Callable[[], datetime] = utc_now,
-                 metrics: QuotaMetrics | None = None) -> None:
+                 metrics: QuotaMetrics | None = None, audit: AuditLog | None = None,
+                 retention: Retention | None = None) -> None:
         self._db = db
         self.timezone = ZoneInfo(timezone)
         self.lease = timedelta(seconds=lease_seconds)
         self._clock = clock
         self._metrics = metrics or quota_metrics()
+        self.audit = audit or AuditLog(db, clock=clock)
+        self._retention = retention  # run from maintain()
         self._background: set[asyncio.Task[None]] = set()
         self._open: dict[int, Reservation] = {}  # admitted here, not yet settled: leases to renew
         self._reserver = Batcher(self._reserve_batch, self._reserve_one,
@@ -233,11 +248,16 @@ class Ledger:
             raise ValueError("token counts must be >= 0")
         if req.key_id is not None:
             UUID(req.key_id)  # raises ValueError; a bad id must not fail a whole batch
+        if req.source is None and (source := request_source.get()) is not None:
+            req = replace(req, source=source)
         started = perf_counter()
         row, windows, _ = await self._reserver.submit(req)
         self._metrics.reservation_seconds(perf_counter() - started)
         if row["outcome"] != "ok":
             self._metrics.refused(req.tenant, req.model, row["outcome"])
+            self.audit.quota_refusal(row["outcome"], tenant=req.tenant, subject=req.subject,
+                                     username=req.username, key_id=req.key_id, model=req.model,
+                                     source=req.source)
             raise self._refusal(req, row, windows)
         self._metrics.admitted(req.tenant, req.model)
         reservation = _reservation(req, row, windows)
@@ -335,13 +355,16 @@ class Ledger:
                 log.warning("request %s used %d tokens, more than the %d reserved; charged %d",
                             s.reservation.request_id, used, s.reservation.reserved_tokens, charged)
             self._metrics.tokens_charged(s.reservation.tenant, s.reservation.model, charged)
+            self._metrics.request_finished(s.reservation.tenant, s.reservation.model,
+                                           s.ttft_ms, s.latency_ms)
         return charged
 
     async def _settle_one(self, s: _Settlement) -> int | None:
         pool = await self._db.pool()
         charged = await pool.fetchval(_SETTLE_SQL, s.reservation.id, s.prompt_tokens,
                                       s.completion_tokens, s.status, s.ttft_ms, s.latency_ms,
-                                      self._clock())
+                                      self._clock(), s.reservation.client_id,
+                                      s.reservation.source)
         return self._settled(s, charged)
 
     async def _settle_batch(self, items: list[_Settlement]) -> list[int | None]:
@@ -349,8 +372,10 @@ class Ledger:
         columns = list(zip(*((items[i].reservation.id, items[i].prompt_tokens,
                                items[i].completion_tokens, items[i].status, items[i].ttft_ms,
                                items[i].latency_ms) for i in order), strict=True))
+        audit = list(zip(*((items[i].reservation.client_id, items[i].reservation.source)
+                           for i in order), strict=True))
         pool = await self._db.pool()
-        rows = await pool.fetch(_SETTLE_BATCH_SQL, *columns, self._clock())
+        rows = await pool.fetch(_SETTLE_BATCH_SQL, *columns, self._clock(), *audit)
         results: list[int | None] = [None] * len(items)
         for position, row in zip(order, rows, strict=True):
             results[position] = self._settled(items[position], row[0])
@@ -376,6 +401,9 @@ class Ledger:
                 await self.renew(self.open_reservations)
                 if reaped := await self.reap():
                     log.info("reaped %d expired reservations", reaped)
+                await self.audit.flush()
+                if self._retention is not None:
+                    await self._retention.run_if_due()
                 availability.ok()
             except Exception as exc:  # keep going through database outages, whatever they raise
                 if database_unavailable(exc):

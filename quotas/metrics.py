@@ -15,6 +15,9 @@ REQUESTS_ADMITTED = "agencyllm_requests_admitted_total"
 REQUESTS_REFUSED = "agencyllm_requests_refused_total"
 RESERVATION_SECONDS = "agencyllm_reservation_seconds"
 RESERVATION_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+TTFT_SECONDS = "agencyllm_time_to_first_token_seconds"
+E2E_SECONDS = "agencyllm_request_duration_seconds"
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ class QuotaMetrics(Protocol):
     def admitted(self, tenant: str, model: str) -> None: ...
     def refused(self, tenant: str, model: str, reason: str) -> None: ...
     def reservation_seconds(self, seconds: float) -> None: ...
+    def request_finished(self, tenant: str, model: str, ttft_ms: float | None,
+                         latency_ms: float) -> None: ...
 
 
 class _PrometheusMetrics:
@@ -57,6 +62,10 @@ class _PrometheusMetrics:
                                 ["tenant", "model", "reason"])
         self._latency = Histogram(RESERVATION_SECONDS, "Time to admit (reserve) a request",
                                   buckets=RESERVATION_BUCKETS)
+        self._ttft = Histogram(TTFT_SECONDS, "Time from admission to the first token",
+                               ["tenant", "model"], buckets=LATENCY_BUCKETS)
+        self._e2e = Histogram(E2E_SECONDS, "Time from admission to the end of the response",
+                              ["tenant", "model"], buckets=LATENCY_BUCKETS)
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -84,6 +93,12 @@ class _PrometheusMetrics:
     def reservation_seconds(self, seconds: float) -> None:
         self._latency.observe(seconds)
 
+    def request_finished(self, tenant: str, model: str, ttft_ms: float | None,
+                         latency_ms: float) -> None:
+        if ttft_ms is not None:
+            self._child(self._ttft, tenant, model).observe(ttft_ms / 1000)
+        self._child(self._e2e, tenant, model).observe(latency_ms / 1000)
+
 
 class _RayMetrics:
     def __init__(self) -> None:
@@ -96,6 +111,10 @@ class _RayMetrics:
                                 ("tenant", "model", "reason"))
         self._latency = Histogram(RESERVATION_SECONDS, "Time to admit (reserve) a request",
                                   RESERVATION_BUCKETS)
+        self._ttft = Histogram(TTFT_SECONDS, "Time from admission to the first token",
+                               LATENCY_BUCKETS, ("tenant", "model"))
+        self._e2e = Histogram(E2E_SECONDS, "Time from admission to the end of the response",
+                              LATENCY_BUCKETS, ("tenant", "model"))
 
     @_never_raises
     def tokens_charged(self, tenant: str, model: str, tokens: int) -> None:
@@ -113,6 +132,13 @@ class _RayMetrics:
     @_never_raises
     def reservation_seconds(self, seconds: float) -> None:
         self._latency.observe(seconds)
+
+    def request_finished(self, tenant: str, model: str, ttft_ms: float | None,
+                         latency_ms: float) -> None:
+        tags = {"tenant": tenant, "model": model}
+        if ttft_ms is not None:
+            self._ttft.observe(ttft_ms / 1000, tags)
+        self._e2e.observe(latency_ms / 1000, tags)
 
 
 _metrics: QuotaMetrics | None = None

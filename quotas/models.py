@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -44,6 +45,9 @@ TRAFFIC_CLASSES = ("interactive", "batch")
 MAX_SHARE = 1000
 ENDPOINTS = ("chat", "completions", "embeddings")
 USAGE_STATUSES = ("ok", "client_error", "engine_error", "cancelled", "expired")
+AUDIT_CATEGORIES = ("auth", "request", "admin", "quota", "retention")
+AUDIT_OUTCOMES = ("success", "failure", "refused")
+FEEDBACK_CATEGORIES = ("inaccurate", "harmful", "biased", "unhelpful", "helpful", "other")
 
 # The row of quota_counters that holds a tenant's aggregate (user rows hold the user's `sub`).
 TENANT_SCOPE = ""
@@ -77,6 +81,8 @@ class Tenant(Base):
     status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
     created_at: Mapped[datetime] = _timestamp()
     updated_at: Mapped[datetime] = _timestamp(onupdate=func.now())
+    # Records-law opt-in: keep prompts and outputs this many days. NULL (default): never stored.
+    content_retention_days: Mapped[int | None] = mapped_column(Integer)
 
 
 class QuotaPolicy(Base):
@@ -174,18 +180,95 @@ class UsageRecord(Base):
 
 
 class AuditEvent(Base):
+    """One audit record (NIST 800-53 AU-3: what, when, where, source, outcome, who). Append-only
+    and hash-chained: a trigger (migration 0002) sets seq, prev_hash and hash on insert; the
+    application's database role may only insert. See docs/compliance/audit.md."""
+
     __tablename__ = "audit_events"
-    __table_args__ = (Index(None, "at"), Index(None, "target_type", "target_id"))
+    __table_args__ = (
+        Index(None, "at"),
+        Index(None, "target_type", "target_id"),
+        Index(None, "tenant", "at"),
+        UniqueConstraint("seq"),
+        CheckConstraint(_one_of("category", AUDIT_CATEGORIES), name="category"),
+        CheckConstraint(_one_of("outcome", AUDIT_OUTCOMES), name="outcome"),
+    )
+    # Only the key comes back from an insert: the application role may not read the table.
+    __mapper_args__ = {"eager_defaults": False}
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
     at: Mapped[datetime] = _timestamp()
+    category: Mapped[str] = mapped_column(String(16), default="admin", server_default="admin")
+    action: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16), default="success", server_default="success")
     actor_subject: Mapped[str] = mapped_column(Text)
     actor_username: Mapped[str | None] = mapped_column(Text)
-    action: Mapped[str] = mapped_column(Text)
+    actor_client_id: Mapped[str | None] = mapped_column(Text)
+    actor_key_id: Mapped[str | None] = mapped_column(Text)
+    tenant: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str | None] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(Text)
     target_type: Mapped[str] = mapped_column(Text)
     target_id: Mapped[str | None] = mapped_column(Text)
     before: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditChainHead(Base):
+    """The chain's last seq and hash; its row lock orders every audit writer."""
+
+    __tablename__ = "audit_chain_head"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class RequestContent(Base):
+    """Prompt and output of one request, kept only for tenants that opted in, until their
+    retention period ends (quotas/retention.py purges it)."""
+
+    __tablename__ = "request_content"
+    __table_args__ = (Index(None, "tenant_id", "created_at"),)
+
+    request_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = _timestamp()
+    prompt: Mapped[Any] = mapped_column(JSONB)
+    output: Mapped[str | None] = mapped_column(Text)
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+    __table_args__ = (
+        Index(None, "tenant_id", "created_at"),
+        CheckConstraint("rating BETWEEN 1 AND 5", name="rating"),
+        CheckConstraint(_one_of("category", FEEDBACK_CATEGORIES), name="category"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    request_id: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str] = mapped_column(Text)
+    username: Mapped[str | None] = mapped_column(Text)
+    rating: Mapped[int | None] = mapped_column(SmallInteger)
+    category: Mapped[str] = mapped_column(String(16))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _timestamp()
+
+
+class PlatformSecret(Base):
+    """Per-install secrets made by the migrations (e.g. the key behind tenants' cache salts)."""
+
+    __tablename__ = "platform_secrets"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 class QuotaCounter(Base):

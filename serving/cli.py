@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster_init.register(db, data_dir_option)
 
-    from agencyllm.serving import cli_admin
+    from agencyllm.serving import cli_admin, cli_audit
 
     cli_admin.register(sub)
+    cli_audit.register(sub)
     return parser
 
 

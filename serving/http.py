@@ -14,7 +14,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agencyllm.serving.admin import router as admin_router
 from agencyllm.serving.console import mount as mount_console
 from agencyllm.serving.errors import OpenAIError, as_openai_error, install_error_handlers
+from agencyllm.serving.feedback import router as feedback_router
+from agencyllm.serving.governance import RequestSource
 from agencyllm.serving.inputs import InvalidInput, check_query, check_text, load_json
+from agencyllm.serving.metrics_route import router as metrics_router
 
 T = TypeVar("T")
 
@@ -179,7 +182,10 @@ def create_app(*, cors_origins: list[str], max_request_bytes: int, api_docs: boo
             allow_headers=["authorization", "content-type"],
         )
     app.add_middleware(InputGuard)
+    app.add_middleware(RequestSource)  # the caller's address, for audit records
     app.add_middleware(BodySizeLimit, limit=max_request_bytes)  # outermost: before anything reads
     app.include_router(admin_router)
+    app.include_router(feedback_router)
+    app.include_router(metrics_router)
     mount_console(app)
     return app

@@ -16,6 +16,7 @@ from agencyllm.auth.apikeys import looks_like_api_key
 from agencyllm.auth.oidc import AuthenticationError, OIDCVerifier
 from agencyllm.auth.principal import Principal, Role, RoleNames, identity_from_claims
 from agencyllm.quotas import admin as store
+from agencyllm.quotas.audit import AuditLog
 from agencyllm.quotas.db import Database
 from agencyllm.serving.errors import OpenAIError
 from agencyllm.serving.settings import Settings
@@ -27,18 +28,22 @@ ADMIN_KEY_FILE = "admin.key"
 BOOTSTRAP_KEY_NAME = "bootstrap-admin"
 
 
-def unauthorized() -> OpenAIError:
-    return OpenAIError(
+def unauthorized(reason: str = "invalid_credentials") -> OpenAIError:
+    error = OpenAIError(
         401,
         PUBLIC_AUTH_MESSAGE,
         type="authentication_error",
         code="invalid_api_key",
         headers={"WWW-Authenticate": "Bearer"},
     )
+    error.audit_reason = reason  # the audit trail's reason; the client sees one message for all
+    return error
 
 
-def forbidden(message: str) -> OpenAIError:
-    return OpenAIError(403, message, type="permission_error", code="tenant_unavailable")
+def forbidden(message: str, reason: str = "tenant_unavailable") -> OpenAIError:
+    error = OpenAIError(403, message, type="permission_error", code="tenant_unavailable")
+    error.audit_reason = reason
+    return error
 
 
 def key_roles(kind: str, tenant: str) -> frozenset[Role]:
@@ -69,6 +74,8 @@ class Authenticator:
         )
         # A claim other than `groups` holds tenant names directly.
         self.match_tenant_names = settings.oidc_tenant_claim != "groups"
+        # Refused credentials, folded per source, reason and minute (quotas/audit.py).
+        self.audit = AuditLog(database)
 
     @classmethod
     def from_settings(cls, settings: Settings, database: Database) -> Authenticator:
@@ -81,10 +88,18 @@ class Authenticator:
         return cls(settings, database, verifier)
 
     async def authenticate(self, authorization_header: str | None) -> Principal:
+        try:
+            return await self._authenticate(authorization_header)
+        except OpenAIError as exc:
+            if (reason := getattr(exc, "audit_reason", None)) is not None:
+                self.audit.auth_failure(reason)
+            raise
+
+    async def _authenticate(self, authorization_header: str | None) -> Principal:
         token = bearer_token(authorization_header)
         if token is None:
             log.info("authentication refused: missing or malformed Authorization header")
-            raise unauthorized()
+            raise unauthorized("missing_credentials")
         if looks_like_api_key(token):
             return await self._from_api_key(token)
         return await self._from_access_token(token)
@@ -93,10 +108,11 @@ class Authenticator:
         key = await store.find_active_key(await self.database.pool(), token)
         if key is None:
             log.info("authentication refused: unknown, revoked or expired API key")
-            raise unauthorized()
+            raise unauthorized("invalid_api_key")
         roles = key_roles(key.kind, key.tenant)
         if key.tenant_status != "active" and Role.PLATFORM_ADMIN not in roles:
-            raise forbidden(f"Tenant '{key.tenant}' is suspended; ask your platform administrator.")
+            raise forbidden(f"Tenant '{key.tenant}' is suspended; ask your platform administrator.",
+                            "tenant_suspended")
         return Principal(
             subject=key.owner_subject,
             username=key.owner_username,
@@ -111,7 +127,7 @@ class Authenticator:
     async def _from_access_token(self, token: str) -> Principal:
         if self.verifier is None:
             log.info("authentication refused: bearer token but no OIDC issuer is configured")
-            raise unauthorized()
+            raise unauthorized("token_without_issuer")
         try:
             claims = await self.verifier.verify(token)
             identity = identity_from_claims(
@@ -119,10 +135,10 @@ class Authenticator:
             )
         except AuthenticationError as exc:
             log.info("authentication refused: %s", exc.reason)
-            raise unauthorized() from None
+            raise unauthorized("invalid_token") from None
         except ValueError as exc:
             log.info("authentication refused: %s", exc)
-            raise unauthorized() from None
+            raise unauthorized("invalid_token_claims") from None
 
         async with self.database.sessions() as session:
             tenant = await store.tenant_for_hints(
@@ -133,13 +149,16 @@ class Authenticator:
             raise forbidden(
                 "Your account is not a member of any tenant on this platform "
                 f"(no match for your '{self.settings.oidc_tenant_claim}' claim); "
-                "ask an administrator to add you to a tenant's group."
+                "ask an administrator to add you to a tenant's group.",
+                "no_tenant",
             )
         if tenant is not None and tenant.status != "active" and not is_platform_admin:
-            raise forbidden(f"Tenant '{tenant.name}' is suspended; ask your platform administrator.")
+            raise forbidden(f"Tenant '{tenant.name}' is suspended; ask your platform administrator.",
+                            "tenant_suspended")
         return Principal.from_identity(identity, tenant.name if tenant is not None else None)
 
     async def aclose(self) -> None:
+        await self.audit.aclose()
         if self.verifier is not None:
             await self.verifier.aclose()
 

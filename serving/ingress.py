@@ -37,6 +37,7 @@ from agencyllm.serving.engine_health import EngineHealth, engine_gone
 from agencyllm.serving.admin.schemas import ErrorBody
 from agencyllm.serving.errors import EngineUnavailable, OpenAIError, unavailable
 from agencyllm.serving.fairshare import TenantShares, Ticket, retry_after_seconds
+from agencyllm.serving.governance import Governance, retention_job
 from agencyllm.serving.http import parse_body
 from agencyllm.serving.inputs import check_openai_params
 from agencyllm.serving.identity import Authenticator
@@ -132,7 +133,10 @@ class AgencyIngress(OpenAiIngress):
         self._counters = {m.id: PromptCounter(m.path, m.context_length()) for m in serving.models}
         self._database = Database(settings.database_url.get_secret_value())
         await assert_schema_current(self._database)
-        ledger = Ledger(self._database, timezone=settings.quota_timezone, lease_seconds=settings.reservation_lease_seconds)
+        ledger = Ledger(self._database, timezone=settings.quota_timezone, lease_seconds=settings.reservation_lease_seconds,
+                        retention=retention_job(settings, self._database))
+        self._ledger_audit = ledger.audit
+        self._governance = await Governance.load(self._database)
         verifier = (
             OIDCVerifier(settings.oidc_issuer, settings.oidc_audience, leeway=settings.oidc_leeway_seconds)
             if settings.oidc_issuer
@@ -157,6 +161,8 @@ class AgencyIngress(OpenAiIngress):
         # Replica shutdown: write the ledger rows still being settled, then let go of connections.
         await self._metering.drain()
         await self._engines.aclose()
+        await self._governance.drain()
+        await self._ledger_audit.aclose()
         await self._authenticator.aclose()
         await self._database.dispose()
 
@@ -334,8 +340,10 @@ class AgencyIngress(OpenAiIngress):
         """Engine call and settlement. Every way out settles `admitted` exactly once: a request
         the engine never took is charged nothing; one it worked on, the tokens it read and made."""
         request_id = admitted.reservation.request_id
+        tenant = admitted.reservation.tenant
         if hasattr(body, "request_id"):
             body.request_id = request_id
+        self._governance.salt(body, tenant)
         headers = {REQUEST_ID_HEADER: request_id, **admitted.reservation.headers}
         upstream = None
         try:
@@ -374,6 +382,7 @@ class AgencyIngress(OpenAiIngress):
                 completion_tokens=(usage.completion_tokens or 0) if usage else None,
                 status="ok",
             )
+            self._governance.keep_response(request_id, tenant, body, item)
             return JSONResponse(item.model_dump(), headers=headers)
 
         async def chain():
@@ -410,7 +419,7 @@ class AgencyIngress(OpenAiIngress):
                     status=status,
                 )
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(self._governance.tap(request_id, tenant, body, events()), media_type="text/event-stream", headers=headers)
 
 
 def _cancel(upstream: Any) -> None:

@@ -78,6 +78,7 @@ class Metering:
             subject=principal.subject,
             username=principal.username,
             key_id=principal.key_id,
+            client_id=principal.client_id,
             model=model,
             endpoint=endpoint,
             prompt_tokens=prompt_tokens,

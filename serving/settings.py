@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     # Browser origins allowed to call the API (none by default: the API is for SDKs and scripts).
     cors_origins: list[str] = []
     ingress_replicas: int = Field(default=1, ge=1)
+
+    # Governance (docs/compliance/): audit records are kept this many days (never fewer than 90);
+    # the usage ledger this many (unset: for ever). Content retention is a per-tenant opt-in.
+    audit_retention_days: int = Field(default=365, ge=90)
+    ledger_retention_days: int | None = Field(default=None, ge=1)
+    # GET /metrics needs `Authorization: Bearer <this token>` (for Prometheus) or a
+    # platform-admin credential; it is never public.
+    metrics_token: SecretStr | None = None
     # Logical CPUs Ray may hand out on this host (local run). Unset: Ray's own count, at least 8.
     ray_num_cpus: int | None = None
 
