@@ -20,6 +20,7 @@ from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.engine_health import EngineHealth
 from agencyllm.serving.errors import EngineUnavailable, OpenAIError
 from agencyllm.serving.fairshare import Ticket
+from agencyllm.serving.governance import Governance
 from agencyllm.serving.ingress import AgencyIngress
 from agencyllm.serving.metering import Metering
 from agencyllm.serving.stack import PLACEHOLDER_ID
@@ -70,6 +71,7 @@ def ingress_with(upstream: FakeUpstream, metering: Metering) -> AgencyIngress:
     ingress = object.__new__(RequestPathOnly)  # the request path only: no Ray deployment
     ingress._metering = metering
     ingress._engines = EngineHealth(lambda model: asyncio.sleep(0))
+    ingress._governance = Governance(metering._ledger._db, b"fault-tests")
 
     class Handle:
         def __getattr__(self, method):
