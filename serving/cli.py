@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     from agencyllm.serving import cli_admin
 
     cli_admin.register(sub)
+    from agencyllm.serving import cli_bundle; cli_bundle.register(sub)  # noqa: E702
     return parser
 
 
