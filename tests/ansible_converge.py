@@ -105,14 +105,17 @@ class Service:
         group = grp.getgrnam(unit.get("Group", unit["User"]))
         cgroup_procs = str(self.cgroup / "cgroup.procs")
 
-        def enter_cgroup() -> None:
+        def enter_cgroup_then_drop_root() -> None:
             with open(cgroup_procs, "w") as procs:
                 procs.write(str(os.getpid()))
+            os.setgroups([])
+            os.setgid(group.gr_gid)
+            os.setuid(user.pw_uid)
 
         self.log = open(log, "wb")
         self.process = subprocess.Popen(
-            shlex.split(unit["ExecStart"]), env=env, cwd=unit.get("WorkingDirectory") or "/", user=user.pw_uid,
-            group=group.gr_gid, extra_groups=[], preexec_fn=enter_cgroup, stdout=self.log, stderr=subprocess.STDOUT,
+            shlex.split(unit["ExecStart"]), env=env, cwd=unit.get("WorkingDirectory") or "/",
+            preexec_fn=enter_cgroup_then_drop_root, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.uid = user.pw_uid
@@ -222,6 +225,7 @@ def main() -> int:
             if (work / name).exists():
                 findings[f"{name}_tail"] = (work / name).read_text(errors="replace")[-3000:]
         print(json.dumps(findings))
+        (work / "findings.json").write_text(json.dumps(findings, indent=1))
     return 0
 
 
