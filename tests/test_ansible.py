@@ -111,7 +111,8 @@ def converged() -> Iterator[dict]:
     try:
         yield _converge(work)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.environ.get("AGENCYLLM_KEEP_CONVERGE"):  # set it to look at logs and findings.json
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _converge(work: Path) -> dict:
