@@ -280,6 +280,9 @@ def test_cpu_wheelhouse_installs_with_no_network(tmp_path, source, model_dir):
     info = json.loads((out / "bundle.json").read_text())
     assert info["wheels"]["cpu"]["excluded"] == ["torchvision"] and info["wheels"]["cpu"]["packages"] == 2
     assert run_verify(out).returncode == 0
+    # Rebuilt from the same inputs (the agencyllm wheel included): the same manifest.
+    assert cli_main([*argv[:2], str(tmp_path / "again"), *argv[3:]]) == 0
+    assert (tmp_path / "again" / "MANIFEST.sha256").read_bytes() == (out / "MANIFEST.sha256").read_bytes()
 
     venv = tmp_path / "venv"
     done = airgapped(["sh", "-c", f"{BASE_PYTHON} -m venv {venv} && {venv}/bin/python -m pip install -q --no-index --no-deps "
