@@ -113,12 +113,17 @@ class Service:
             os.setuid(user.pw_uid)
 
         self.log = open(log, "wb")
-        self.process = subprocess.Popen(
+        try:
+            self.process = self._spawn(unit, env, enter_cgroup_then_drop_root)
+        except Exception:
+            self.cgroup.rmdir()
+            raise
+
+    def _spawn(self, unit: dict, env: dict, preexec) -> subprocess.Popen:
+        return subprocess.Popen(
             shlex.split(unit["ExecStart"]), env=env, cwd=unit.get("WorkingDirectory") or "/",
-            preexec_fn=enter_cgroup_then_drop_root, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            preexec_fn=preexec, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        self.uid = user.pw_uid
 
     def pids(self) -> list[int]:
         return [int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()]
