@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -294,9 +295,18 @@ def test_cpu_wheelhouse_installs_with_no_network(tmp_path, source, model_dir):
 
 @pytest.mark.wheelhouse
 @needs_netns
-def test_full_cpu_wheelhouse_installs_with_no_network(tmp_path, model_dir):
+def test_full_cpu_wheelhouse_installs_with_no_network(model_dir):
     """The real thing: agencyllm[cpu] with every dependency, carried into a network namespace with
     no network and pip configuration ignored, installs into a fresh venv and runs."""
+    # Our own folder: pytest prunes old numbered basetemps (other sessions' too) during a long run.
+    tmp_path = Path(tempfile.mkdtemp(prefix="agencyllm-wheelhouse-"))
+    try:
+        _full_wheelhouse(tmp_path, model_dir)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _full_wheelhouse(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "bundle"
     started = time.monotonic()
     assert cli_main(["bundle", "build", str(out), "--cpu", "--model", f"placeholder={model_dir}"]) == 0
