@@ -337,3 +337,16 @@ def _full_wheelhouse(tmp_path: Path, model_dir: Path) -> None:
     assert "imports ok 2.60.0" in done.stdout and (home / "placeholder" / "model.safetensors").is_file()
     print(f"\nwheelhouse bundle: {size / 1e9:.2f} GB, {len(verify.bundle_files(out))} files; build {built:.0f} s, "
           f"verify {verified:.1f} s, offline install {installed:.0f} s")
+
+
+def test_chart_images_without_digest_are_listed_unresolved(source, model_dir, tmp_path):
+    """Without skopeo a tag cannot be resolved offline: a chart's image is listed for the registry
+    side to supply, while an image the builder names with --image must resolve."""
+    if shutil.which("skopeo"):
+        pytest.skip("skopeo resolves tags here")
+    tagged = tmp_path / "tagged-source"
+    shutil.copytree(source, tagged)
+    (tagged / "infra" / "helm" / "demo" / "values.yaml").write_text("image: registry.agency.gov/agencyllm/ray:2.60.0\n")
+    out = make_bundle(tmp_path / "tagged", tagged, model_dir)
+    assert "registry.agency.gov/agencyllm/ray:2.60.0 unresolved" in (out / "images.lock").read_text().splitlines()
+    assert run_verify(out).returncode == 0

@@ -147,7 +147,7 @@ def build(options: BuildOptions, progress: Progress = print) -> dict:
 
     step("images")
     images = sorted(set(options.images) | {i for c in info["charts"] for i in c.get("images", [])})
-    info["images"] = lock_images(images, out, progress)
+    info["images"] = lock_images(images, out, progress, required=set(options.images))
 
     step("models", ", ".join(options.models) or "none")
     info["models"] = copy_models(options.models, out / "models", progress)
@@ -388,8 +388,11 @@ def _chart_images(chart: Path, progress: Progress) -> list[str]:
     return sorted(images)
 
 
-def lock_images(images: Iterable[str], out: Path, progress: Progress) -> list[dict]:
-    """images.lock: `<reference> <digest>`. With skopeo, OCI layouts under images/oci/ too."""
+def lock_images(images: Iterable[str], out: Path, progress: Progress, required: set[str] = frozenset()) -> list[dict]:
+    """images.lock: `<reference> <digest>`. With skopeo, OCI layouts under images/oci/ too.
+
+    An image named with --image must resolve; one found in the chart that cannot (a tag, no
+    skopeo) is listed as `<reference> unresolved` so the registry side knows to supply it."""
     images = list(images)
     if not images:
         progress("    no images (no chart, no --image)")
@@ -418,10 +421,13 @@ def lock_images(images: Iterable[str], out: Path, progress: Progress) -> list[di
                 raise BuildError(f"skopeo could not copy {reference}: {result.stderr.strip()[-500:]}")
             entry["oci_layout"] = layout
         locked.append(entry)
-    if unresolved:
+    if missing := [r for r in unresolved if r in required]:
         raise BuildError(
-            "no digest for " + ", ".join(unresolved) + ": pin them as NAME@sha256:… or install skopeo to resolve them"
+            "no digest for " + ", ".join(missing) + ": pin them as NAME@sha256:… or install skopeo to resolve them"
         )
+    for reference in unresolved:
+        progress(f"    warning: {reference} (from the chart) has no digest: pin it in the chart's values or install skopeo")
+        locked.append({"reference": reference, "digest": "unresolved"})
     lines = [f"{e['reference']} {e['digest']}" for e in sorted(locked, key=lambda e: e["reference"])]
     (out / "images.lock").write_text("# reference digest\n" + "\n".join(lines) + "\n", encoding="utf-8")
     progress(f"    {len(locked)} image(s) locked" + ("" if skopeo else " (skopeo not installed: digests only, no OCI layouts)"))
