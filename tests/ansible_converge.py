@@ -198,6 +198,12 @@ def main() -> int:
         if findings["first"]["rc"] != 0:
             return 0
 
+        if config["runner_site"]:
+            # The --wheel-only bundle relies on the test runner's packages (ray, vllm): a venv made
+            # from the base Python sees the base's site-packages, so point it at the runner's too.
+            [site_dir] = Path("/opt/agencyllm/venv/lib").glob("python3*/site-packages")
+            (site_dir / "zz-test-runner.pth").write_text("\n".join(config["runner_site"]) + "\n")
+
         units = sorted(Path("/etc/systemd/system").glob("agencyllm-*.service"))
         findings["units"] = {}
         for unit_path in units:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import socket
 import subprocess
 import sys
@@ -30,7 +31,11 @@ BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")
 
 
 def _tool(name: str) -> str | None:
-    return shutil.which(name) or (str(Path(sys.base_prefix) / "bin" / name) if (Path(sys.base_prefix) / "bin" / name).exists() else None)
+    """The tool beside this interpreter (its venv), on PATH, or beside the base interpreter."""
+    for folder in (Path(sys.executable).parent, Path(sys.base_prefix) / "bin"):
+        if (folder / name).exists():
+            return str(folder / name)
+    return shutil.which(name)
 
 
 def test_ansible_lint_production_profile_is_clean():
@@ -167,6 +172,8 @@ def _converge(work: Path) -> dict:
         "work": str(work), "scratch": str(work / "scratch"), "inventory": str(inventory / "hosts.yml"),
         "ansible_dir": str(bundle / "ansible"), "ansible_playbook": _tool("ansible-playbook"), "ports": ports,
         "ca_file": ca_file, "ca_pem": _ca_pem(),
+        # Where this run's packages live when they are not the base Python's (a project venv).
+        "runner_site": [p for p in site.getsitepackages() if not p.startswith(sys.base_prefix)],
         "bad_variables": ["-e", "agencyllm_service_manager=upstart", "-e", "agencyllm_flavor=tpu"],
         "preflight_failure": ["-e", "agencyllm_gpus_per_host=2", "-e", "agencyllm_ca_file=/etc/pki/agency/missing.pem",
                               "-e", f"agencyllm_python_interpreter={work}/no-python"],
