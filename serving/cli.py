@@ -127,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster_init.register(db, data_dir_option)
 
-    from agencyllm.serving import cli_admin, cli_audit
+    from agencyllm.serving import cli_admin, cli_audit, cli_bundle
 
     cli_admin.register(sub)
     cli_audit.register(sub)
+    cli_bundle.register(sub)
     return parser
 
 
