@@ -23,6 +23,7 @@ from agencyllm.quotas.governance import MAX_RETENTION_DAYS, set_content_retentio
 from agencyllm.quotas.models import FEEDBACK_CATEGORIES
 from agencyllm.serving.admin.access import PlatformAdmin, StoreErrorRoute, TenantAdmin
 from agencyllm.serving.admin.usage import parse_bound, scoped_tenant
+from agencyllm.serving.admin.schemas import documented_errors
 from agencyllm.serving.deps import CurrentPrincipal, DbSession, SettingsDep
 from agencyllm.serving.errors import OpenAIError
 
@@ -71,7 +72,8 @@ router = APIRouter(route_class=StoreErrorRoute)
 
 
 @router.post("/v1/feedback", status_code=status.HTTP_201_CREATED, tags=["feedback"],
-             summary="Rate a response or report a problem with it")
+             summary="Rate a response or report a problem with it",
+             responses=documented_errors(400, 401, 403, 404, 413, 503))
 async def submit(body: FeedbackIn, principal: CurrentPrincipal, session: DbSession) -> FeedbackOut:
     if principal.tenant is None:
         raise OpenAIError(403, "Your account belongs to no tenant, so it cannot send feedback.")

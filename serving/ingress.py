@@ -34,7 +34,7 @@ from agencyllm.quotas.db import Database, assert_schema_current
 from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.config import ModelSpec, ServingConfig
 from agencyllm.serving.engine_health import EngineHealth, engine_gone
-from agencyllm.serving.admin.schemas import ErrorBody
+from agencyllm.serving.admin.schemas import documented_errors as _errors
 from agencyllm.serving.errors import EngineUnavailable, OpenAIError, unavailable
 from agencyllm.serving.fairshare import TenantShares, Ticket, retry_after_seconds
 from agencyllm.serving.governance import Governance, retention_job
@@ -57,17 +57,6 @@ REQUEST_ID_HEADER = "x-agencyllm-request-id"
 TRAFFIC_CLASS_HEADER = "x-agencyllm-traffic-class"
 
 
-def _errors(*statuses: int) -> dict:
-    text = {
-        400: "Invalid request (the parameter is in `error.param`)",
-        401: "Missing or invalid credentials",
-        403: "Not allowed for this caller or tenant",
-        404: "Unknown model",
-        413: "Request body too large",
-        429: "Quota or rate limit reached (`Retry-After` when known)",
-        503: "Model or database temporarily unavailable (`Retry-After`)",
-    }
-    return {status: {"model": ErrorBody, "description": text[status]} for status in statuses}
 
 
 _CALL_ERRORS = _errors(400, 401, 403, 404, 413, 429, 503)

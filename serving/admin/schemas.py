@@ -28,6 +28,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request (the parameter is in `error.param`)",
+    401: "Missing or invalid credentials",
+    403: "Not allowed for this caller or tenant",
+    404: "Unknown model or object",
+    413: "Request body too large",
+    429: "Quota or rate limit reached (`Retry-After` when known)",
+    503: "Model or database temporarily unavailable (`Retry-After`)",
+}
+
+
+def documented_errors(*statuses: int) -> dict:
+    """OpenAPI `responses` for the errors a route can answer, all in OpenAI's error shape."""
+    return {status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -382,7 +382,9 @@ def _chart_images(chart: Path, progress: Progress) -> list[str]:
             for item in node:
                 walk(item)
 
-    for manifest in rendered.values():
+    for template, manifest in rendered.items():
+        if not template.endswith((".yaml", ".yml")):  # NOTES.txt and other text output
+            continue
         for document in yaml.safe_load_all(manifest):
             walk(document)
     return sorted(images)
