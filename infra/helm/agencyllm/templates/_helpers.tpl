@@ -135,6 +135,30 @@ imagePullSecrets:
 - name: AGENCYLLM_ROLE_PLATFORM_ADMIN
   value: {{ .Values.oidc.roles.platformAdmin | quote }}
 {{- end }}
+{{- with .Values.console.publicUrl }}
+- name: AGENCYLLM_PUBLIC_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.console.existingSecret }}
+- name: AGENCYLLM_CONSOLE_SESSION_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: session-secret
+- name: AGENCYLLM_CONSOLE_CLIENT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: client-secret
+      optional: true
+{{- end }}
+{{- with .Values.metrics.tokenSecret }}
+- name: AGENCYLLM_METRICS_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: token
+{{- end }}
 {{- if .Values.caBundle.configMap }}
 - name: SSL_CERT_FILE
   value: {{ include "agencyllm.caPath" . }}
