@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from agencyllm.quotas.audit import AuditLog, request_source
+from agencyllm.quotas.audit import AuditLog, request_source, utc_now
 from agencyllm.quotas.batching import Batcher
 from agencyllm.quotas.db import Database, availability, database_unavailable
 from agencyllm.quotas.metrics import QuotaMetrics, quota_metrics
@@ -29,10 +29,6 @@ from agencyllm.quotas.retention import Retention
 log = logging.getLogger(__name__)
 
 REAP_BATCH = 500
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

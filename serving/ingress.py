@@ -31,6 +31,7 @@ from agencyllm.auth.oidc import OIDCVerifier
 from agencyllm.auth.principal import Principal
 from agencyllm.quotas import admin as store
 from agencyllm.quotas.db import Database, assert_schema_current
+from agencyllm.quotas.models import TRAFFIC_CLASSES
 from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.config import ModelSpec, ServingConfig
 from agencyllm.serving.engine_health import EngineHealth, engine_gone
@@ -272,7 +273,7 @@ class AgencyIngress(OpenAiIngress):
     def _ticket(self, principal: Principal, request: Request, body: Any) -> Ticket:
         """Who the engine replica's fair queue should weigh this request against, and how."""
         asked = request.headers.get(TRAFFIC_CLASS_HEADER)
-        if asked is not None and asked not in ("interactive", "batch"):
+        if asked is not None and asked not in TRAFFIC_CLASSES:
             raise OpenAIError(400, f"'{TRAFFIC_CLASS_HEADER}' must be 'interactive' or 'batch'.", param=TRAFFIC_CLASS_HEADER, code="invalid_value")
         if getattr(body, "service_tier", None) == "flex":
             asked = "batch"
