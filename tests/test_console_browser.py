@@ -92,6 +92,12 @@ async def sign_in(page, issuer, username: str) -> None:
     await page.wait_for_url("**/console/**")
 
 
+async def copied(page) -> None:
+    """Wait for the copy button's status line. A locator waits outside the page's
+    script context, so the console's CSP (no 'unsafe-eval') stays in force."""
+    await page.locator('[data-copy-status="new-key"]', has_text="Copied").wait_for()
+
+
 def new_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -154,7 +160,7 @@ async def test_admin_gives_an_office_a_budget_and_a_key_and_sees_its_first_reque
     key = await page.input_value("#new-key")
     assert key.startswith("sk-agency-")
     await page.click("button:has-text('Copy key')")
-    await page.wait_for_function("document.querySelector('[data-copy-status=\"new-key\"]').textContent.includes('Copied')")
+    await copied(page)
     assert await page.evaluate("navigator.clipboard.readText()") == key
     await chromium.check(page, "05-keys-minted")
     await page.reload()
@@ -301,7 +307,7 @@ async def test_keyboard_only_mint_copy_revoke_and_staff_pages(chromium, stack):
     key = await page.input_value("#new-key")
     await tab_to("button[data-copy='new-key']", limit=5)
     await page.keyboard.press("Enter")
-    await page.wait_for_function("document.querySelector('[data-copy-status=\"new-key\"]').textContent.includes('Copied')")
+    await copied(page)
     assert await page.evaluate("navigator.clipboard.readText()") == key
     await chromium.check(page, "12-staff-key-minted")
 
