@@ -386,6 +386,29 @@ async def test_mint_shows_the_key_once_then_lists_and_revokes_it(keyed):
     assert (await client.post(f"/console/tenants/{name}/resume", data={"csrf_token": token})).status_code == 303
 
 
+async def test_mint_a_batch_key_for_a_bulk_job(keyed):
+    client, admin_key, _ = keyed
+    await key_sign_in(client, admin_key)
+    name = new_name()
+    token = csrf_of((await client.get("/console/tenants")).text)
+    await client.post("/console/tenants", data={"csrf_token": token, "name": name})
+    form = (await client.get(f"/console/tenants/{name}/keys")).text
+    assert re.search(r'name="traffic_class" value="interactive" checked', form)  # interactive unless chosen
+
+    wrong = await client.post(f"/console/tenants/{name}/keys",
+                              data={"csrf_token": token, "name": "etl", "traffic_class": "urgent"})
+    assert wrong.status_code == 400 and field_error(wrong.text, "traffic-class") == "Choose interactive or batch."
+    assert re.search(r'name="traffic_class" value="interactive" checked', wrong.text) is None
+
+    minted = await client.post(f"/console/tenants/{name}/keys",
+                               data={"csrf_token": token, "name": "archive-summaries", "traffic_class": "batch"})
+    assert minted.status_code == 303
+    async with store_session(client) as session:
+        [(key, _)] = await store.list_keys(session, tenant_name=name)
+    assert key.traffic_class == "batch"
+    assert "service, batch" in (await client.get(f"/console/tenants/{name}/keys")).text
+
+
 async def test_forms_without_the_csrf_token_or_from_another_site_are_refused(keyed):
     client, admin_key, _ = keyed
     await key_sign_in(client, admin_key)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from agencyllm.quotas import admin as store
-from agencyllm.quotas.models import MAX_SHARE
+from agencyllm.quotas.models import MAX_SHARE, TRAFFIC_CLASSES
 from agencyllm.serving.admin import access, keys, quotas, tenants, usage
 from agencyllm.serving.admin.schemas import KeyCreate, Quota, TenantCreate, TenantUpdate
 from agencyllm.serving.console import reports
@@ -245,14 +245,19 @@ def key_body(form) -> KeyCreate:
     days = text(form, "expires_in_days")
     if days is not None and not days.isdigit():
         raise FormProblem("expires_in_days", "Enter a whole number of days, or leave it empty for no expiry.")
-    return KeyCreate(name=text(form, "name") or "", expires_in_days=int(days) if days else None)
+    traffic_class = text(form, "traffic_class") or "interactive"
+    if traffic_class not in TRAFFIC_CLASSES:
+        raise FormProblem("traffic_class", "Choose interactive or batch.")
+    return KeyCreate(name=text(form, "name") or "", expires_in_days=int(days) if days else None,
+                     traffic_class=traffic_class)
 
 
 @router.post("/tenants/{name}/keys")
 async def mint_service_key(request: Request, name: str, viewer: CurrentViewer, session: DbSession) -> Response:
     form = await posted(request, viewer)
     await access.tenant_admin(name, viewer.principal)
-    values = {"name": text(form, "name"), "expires_in_days": text(form, "expires_in_days")}
+    values = {"name": text(form, "name"), "expires_in_days": text(form, "expires_in_days"),
+              "traffic_class": text(form, "traffic_class")}
     try:
         created = await keys.create_service_key(name, key_body(form), viewer.principal, session)
     except FormProblem as problem:
