@@ -7,14 +7,14 @@ dependencies, and the routes below. Nothing here knows about Ray.
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from agencyllm.serving.admin.schemas import documented_errors as _errors
 from agencyllm.serving.gateway import REQUEST_ID_HEADER, TRAFFIC_CLASS_HEADER, Gateway
 from agencyllm.serving.http import create_app
 
-__all__ = ["ENDPOINTS", "REQUEST_ID_HEADER", "TRAFFIC_CLASS_HEADER", "http_app", "mount"]
+__all__ = ["ENDPOINTS", "REQUEST_ID_HEADER", "TRAFFIC_CLASS_HEADER", "http_app", "mount", "router"]
 
 _CALL_ERRORS = _errors(400, 401, 403, 404, 413, 429, 503)
 
@@ -71,37 +71,53 @@ ENDPOINTS = {
 }
 
 
+router = APIRouter()
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+@ENDPOINTS["chat"](router)
+async def chat(request: Request) -> Response:
+    return await _gateway(request).chat(request)
+
+
+@ENDPOINTS["completions"](router)
+async def completions(request: Request) -> Response:
+    return await _gateway(request).completions(request)
+
+
+@ENDPOINTS["embeddings"](router)
+async def embeddings(request: Request) -> Response:
+    return await _gateway(request).embeddings(request)
+
+
+@ENDPOINTS["models"](router)
+async def models(request: Request) -> Response:
+    return await _gateway(request).models(request)
+
+
+@ENDPOINTS["model_data"](router)
+async def model_data(model: str, request: Request) -> Response:
+    return await _gateway(request).model_data(model, request)
+
+
+@ENDPOINTS["healthz"](router)
+async def healthz(request: Request) -> dict:
+    return await _gateway(request).healthz()
+
+
+@ENDPOINTS["readyz"](router)
+async def readyz(request: Request) -> Response:
+    return await _gateway(request).readyz()
+
+
 def mount(app: FastAPI, gateway: Gateway) -> None:
     """Serve `gateway` from `app`: its services for the admin routes, and the OpenAI routes."""
     gateway.services.install(app)
-
-    @ENDPOINTS["chat"](app)
-    async def chat(request: Request) -> Response:
-        return await gateway.chat(request)
-
-    @ENDPOINTS["completions"](app)
-    async def completions(request: Request) -> Response:
-        return await gateway.completions(request)
-
-    @ENDPOINTS["embeddings"](app)
-    async def embeddings(request: Request) -> Response:
-        return await gateway.embeddings(request)
-
-    @ENDPOINTS["models"](app)
-    async def models(request: Request) -> Response:
-        return await gateway.models(request)
-
-    @ENDPOINTS["model_data"](app)
-    async def model_data(model: str, request: Request) -> Response:
-        return await gateway.model_data(model, request)
-
-    @ENDPOINTS["healthz"](app)
-    async def healthz() -> dict:
-        return await gateway.healthz()
-
-    @ENDPOINTS["readyz"](app)
-    async def readyz() -> Response:
-        return await gateway.readyz()
+    app.state.gateway = gateway
+    app.include_router(router)
 
 
 def http_app(gateway: Gateway, *, api_docs: bool | None = None) -> FastAPI:
