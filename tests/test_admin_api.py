@@ -307,3 +307,23 @@ async def test_key_actions_are_audited_without_secrets(api: Api):
     assert events[1].before["revoked_at"] is None and events[1].after["revoked_at"]
     assert created["key"] not in str([(e.before, e.after) for e in events])
     assert all("key_hash" not in (e.after or {}) for e in events)
+
+
+async def test_a_quota_refusal_behind_an_admin_route_is_answered_not_a_500(api: Api):
+    """`Ledger.remaining` refuses a tenant that is gone (deleted after the caller signed in):
+    the one error mapping answers it on the admin routes as on the OpenAI ones."""
+    from agencyllm.auth.principal import Principal, Role
+
+    class GoneTenant:
+        async def authenticate(self, authorization_header):
+            return Principal(subject="s-gone", username="gone", client_id=None, tenant="no-such-tenant",
+                             roles=frozenset({Role.USER}), auth_method="api_key")
+
+    state = api.client._transport.app.state  # type: ignore[attr-defined]
+    real, state.authenticator = state.authenticator, GoneTenant()
+    try:
+        response = await api.call("GET", "/me")
+    finally:
+        state.authenticator = real
+    assert response.status_code == 404, response.text
+    assert error_of(response)["code"] == "tenant_not_found"
