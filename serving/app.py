@@ -31,7 +31,7 @@ APP_NAME = "agencyllm"
 def build_application(settings: Settings, serving: ServingConfig, *, cpu: bool | None = None) -> Application:
     if settings.database_url is None:
         raise ValueError("build_application needs settings.database_url (the local run fills it in)")
-    cpu = cpu_only() if cpu is None else cpu
+    cpu = cpu_only(settings.force_cpu) if cpu is None else cpu
     engines = {spec.id: engine_deployment(spec, cpu=cpu) for spec in serving.models}
     ingress = serve.deployment(
         AgencyIngress,
