@@ -120,13 +120,9 @@ def mount(app: FastAPI, gateway: Gateway) -> None:
     app.include_router(router)
 
 
-def http_app(gateway: Gateway, *, api_docs: bool | None = None) -> FastAPI:
+def http_app(gateway: Gateway) -> FastAPI:
     """The application one replica serves, from the gateway's settings."""
     settings = gateway.settings
-    app = create_app(
-        cors_origins=settings.cors_origins,
-        max_request_bytes=settings.max_request_bytes,
-        api_docs=settings.api_docs if api_docs is None else api_docs,
-    )
+    app = create_app(cors_origins=settings.cors_origins, max_request_bytes=settings.max_request_bytes, api_docs=settings.api_docs)
     mount(app, gateway)
     return app

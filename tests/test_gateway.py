@@ -29,7 +29,7 @@ from starlette.requests import Request
 
 from agencyllm.quotas import admin as store
 from agencyllm.serving.config import ModelSpec, ServingConfig
-from agencyllm.serving.errors import EngineUnavailable, OpenAIError
+from agencyllm.serving.errors import EngineUnavailable
 from agencyllm.serving.gateway import REQUEST_ID_HEADER, Gateway, RequestModels
 from agencyllm.serving.ingress import http_app
 from agencyllm.serving.placeholder import write_placeholder_model
