@@ -112,10 +112,11 @@ class Services:
             ledger = Ledger(database, timezone=settings.quota_timezone, lease_seconds=settings.reservation_lease_seconds,
                             retention=retention_job(settings, database))
             governance = await Governance.load(database)
+            authenticator = Authenticator.from_settings(settings, database)
         except BaseException:
             await database.dispose()
             raise
-        return cls(settings, database, ledger, Authenticator.from_settings(settings, database), governance)
+        return cls(settings, database, ledger, authenticator, governance)
 
     def install(self, app: FastAPI) -> None:
         """Put the services where the admin routes' dependencies (`serving/deps.py`) find them."""
@@ -148,7 +149,11 @@ class Gateway:
     @classmethod
     async def start(cls, settings: Settings, serving: ServingConfig, engines: Engines) -> Gateway:
         services = await Services.start(settings)
-        gateway = cls(services, serving, engines)
+        try:
+            gateway = cls(services, serving, engines)
+        except BaseException:
+            await services.aclose()
+            raise
         await gateway._shares.refresh()
         gateway.metering.start()
         return gateway
