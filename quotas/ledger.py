@@ -64,26 +64,20 @@ class Reservation:
 
 
 class AdmissionRefused(Exception):
-    """An OpenAI-shaped refusal: serve `{"error": {message, type, param, code}}` with `status`,
-    plus `headers` (Retry-After when the time a window reopens is known)."""
+    """A request the quotas do not let in. `reason` says why: `tenant_not_found`,
+    `tenant_suspended`, `model_not_allowed`, `max_tokens_over_limit`, `context_length_exceeded`,
+    or the limit reached (`tokens_per_day`, `tokens_per_month`, `requests_per_minute`,
+    `max_concurrent_requests`). `retry_after`: seconds until the window reopens, when known;
+    `headers`: the limit's `x-ratelimit-*` facts. serving/errors.py turns it into an answer."""
 
-    def __init__(self, status: int, type: str, message: str, *, code: str | None = None,
-                 param: str | None = None, retry_after: float | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(self, reason: str, message: str, *, param: str | None = None,
+                 retry_after: float | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.type = type
-        self.code = code
+        self.reason = reason
         self.message = message
         self.param = param
         self.retry_after = retry_after
         self.headers = dict(headers or {})
-        if retry_after is not None:
-            self.headers.setdefault("retry-after", str(max(1, math.ceil(retry_after))))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -293,24 +287,22 @@ class Ledger:
     def _refusal(self, req: ReservationRequest, row: Any, windows: Windows) -> AdmissionRefused:
         outcome, limit = row["outcome"], row["limit_value"]
         if outcome == "unknown_tenant":
-            return AdmissionRefused(404, "invalid_request_error", f"Unknown tenant '{req.tenant}'.",
-                                    code="tenant_not_found")
+            return AdmissionRefused("tenant_not_found", f"Unknown tenant '{req.tenant}'.")
         if outcome == "suspended":
-            return AdmissionRefused(403, "permission_error",
-                                    f"Tenant '{req.tenant}' is suspended.", code="tenant_suspended")
+            return AdmissionRefused("tenant_suspended", f"Tenant '{req.tenant}' is suspended.")
         if outcome == "model_not_allowed":
-            return AdmissionRefused(403, "permission_error",
+            return AdmissionRefused("model_not_allowed",
                                     f"Model '{req.model}' is not allowed for your account.",
-                                    code="model_not_allowed", param="model")
+                                    param="model")
         if outcome == "max_tokens_over_cap":
-            return AdmissionRefused(400, "invalid_request_error",
+            return AdmissionRefused("max_tokens_over_limit",
                                     f"max_tokens must be at most {limit} for your account.",
-                                    code="max_tokens_over_limit", param="max_tokens")
+                                    param="max_tokens")
         if outcome == "context_length_exceeded":
             return AdmissionRefused(
-                400, "invalid_request_error",
+                "context_length_exceeded",
                 f"The prompt ({req.prompt_tokens} tokens) leaves no room in the model's "
-                f"context of {limit} tokens.", code="context_length_exceeded", param="messages")
+                f"context of {limit} tokens.", param="messages")
         whose = f"tenant '{req.tenant}'" if row["scope"] == "tenant" else "your user"
         what = f"The {_DIMENSION_TEXT[outcome]} of {whose} ({limit})"
         window = _DIMENSION_WINDOW[outcome]
@@ -322,16 +314,13 @@ class Ledger:
                        "(prompt + max_tokens). Lower max_tokens or retry when the window resets.")
             headers["x-ratelimit-limit-tokens"] = str(limit)
             headers["x-ratelimit-reset-tokens"] = _duration(retry_after or 0)
-            type_ = "insufficient_quota"
         else:
             message = f"{what} is reached. Retry later."
-            type_ = "rate_limit_exceeded"
             if window:
                 headers["x-ratelimit-limit-requests"] = str(limit)
                 headers["x-ratelimit-remaining-requests"] = "0"
                 headers["x-ratelimit-reset-requests"] = _duration(retry_after or 0)
-        return AdmissionRefused(429, type_, message, code=outcome, retry_after=retry_after,
-                                headers=headers)
+        return AdmissionRefused(outcome, message, retry_after=retry_after, headers=headers)
 
     async def settle(self, reservation: Reservation, *, prompt_tokens: int,
                      completion_tokens: int, status: str, ttft_ms: float | None,
@@ -427,8 +416,7 @@ class Ledger:
                                                             readonly=True):
             found = await conn.fetchrow("SELECT id, status FROM tenants WHERE name = $1", tenant)
             if found is None:
-                raise AdmissionRefused(404, "invalid_request_error",
-                                       f"Unknown tenant '{tenant}'.", code="tenant_not_found")
+                raise AdmissionRefused("tenant_not_found", f"Unknown tenant '{tenant}'.")
             policies = {p["subject"]: p for p in await conn.fetch(
                 "SELECT * FROM quota_policies WHERE tenant_id = $1"
                 " AND (subject IS NULL OR subject = $2)", found["id"], subject)}

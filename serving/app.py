@@ -18,14 +18,11 @@ the custom resource, so settings and secrets come from `AGENCYLLM_*` environment
 from __future__ import annotations
 
 from ray import serve
-from ray.llm._internal.serve.core.ingress.builder import to_model_metadata
-from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
-from ray.serve.deployment import Application
+from ray.serve import Application
 
 from agencyllm.serving.config import ConfigError, ServingConfig, cpu_only, parse_config
-from agencyllm.serving.engines import engine_deployment, llm_config
-from agencyllm.serving.http import create_app
-from agencyllm.serving.ingress import ENDPOINTS, AgencyIngress
+from agencyllm.serving.engines import engine_deployment
+from agencyllm.serving.ray_adapter import AgencyIngress
 from agencyllm.serving.settings import Settings
 
 APP_NAME = "agencyllm"
@@ -34,19 +31,16 @@ APP_NAME = "agencyllm"
 def build_application(settings: Settings, serving: ServingConfig, *, cpu: bool | None = None) -> Application:
     if settings.database_url is None:
         raise ValueError("build_application needs settings.database_url (the local run fills it in)")
-    cpu = cpu_only() if cpu is None else cpu
+    cpu = cpu_only(settings.force_cpu) if cpu is None else cpu
     engines = {spec.id: engine_deployment(spec, cpu=cpu) for spec in serving.models}
-    cards = {spec.id: to_model_metadata(spec.id, llm_config(spec, cpu=cpu)) for spec in serving.models}
-    app = create_app(cors_origins=settings.cors_origins, max_request_bytes=settings.max_request_bytes, api_docs=settings.api_docs)
-    ingress_cls = make_fastapi_ingress(AgencyIngress, endpoint_map=ENDPOINTS, app=app)
     ingress = serve.deployment(
-        ingress_cls,
+        AgencyIngress,
         name="AgencyIngress",
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(llm_deployments=engines, model_cards=cards, settings=settings, serving=serving)
+    return ingress.bind(engines, settings=settings, serving=serving)
 
 
 def application_config(args: object) -> ServingConfig:

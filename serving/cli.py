@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from agencyllm.serving.settings import Settings
+from agencyllm.serving.settings import Settings, SettingsError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -20,7 +20,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except SettingsError as exc:  # before anything starts, naming the variable to fix
+        print(f"agencyllm: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _database_url(settings: Settings):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +17,8 @@ from urllib.parse import quote
 
 import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from agencyllm.serving.settings import ClientSettings
+
 API = "/admin/v1"
 QUOTA_OPTIONS = {
     "tokens_per_day": "--tokens-per-day",
@@ -43,13 +43,12 @@ class CommandError(Exception):
 
 
 def _data_dir() -> Path:
-    from agencyllm.serving.settings import Settings
-
-    return Settings().data_dir
+    return ClientSettings().data_dir
 
 
 def credential() -> str | None:
-    if key := os.environ.get("AGENCYLLM_API_KEY", "").strip():
+    api_key = ClientSettings().api_key
+    if api_key is not None and (key := api_key.get_secret_value().strip()):
         return key
     try:
         from agencyllm.auth.login import cached_access_token
@@ -292,7 +291,7 @@ def usage(args: argparse.Namespace) -> int:
 def login(args: argparse.Namespace) -> int:
     from agencyllm.auth.login import DEFAULT_CLIENT_ID, LoginError, device_login
 
-    issuer = args.issuer or os.environ.get("AGENCYLLM_OIDC_ISSUER")
+    issuer = args.issuer or ClientSettings().oidc_issuer
     if not issuer:
         raise CommandError("no issuer: pass --issuer or set AGENCYLLM_OIDC_ISSUER")
     try:
@@ -321,7 +320,7 @@ def _common(formats: Sequence[str] = ("table", "json")) -> argparse.ArgumentPars
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
         "--url",
-        default=os.environ.get("AGENCYLLM_URL", DEFAULT_URL),
+        default=ClientSettings().url,
         help="platform URL (default: $AGENCYLLM_URL or %(default)s)",
     )
     parent.add_argument("--format", choices=formats, default="table")

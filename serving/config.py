@@ -14,7 +14,6 @@ models:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,10 +175,15 @@ def single_model_config(path: Path, *, task: str = "generate", engine_args: dict
         raise ConfigError(_describe(exc, str(path))) from None
 
 
-def cpu_only() -> bool:
-    """True where vLLM's CPU build is installed (no GPU engine on this host)."""
+def cpu_only(force_cpu: bool | None = None) -> bool:
+    """True where vLLM's CPU build is installed (no GPU engine on this host), or where the
+    settings say so (`AGENCYLLM_FORCE_CPU`; read from the environment when not given)."""
+    if force_cpu is None:
+        from agencyllm.serving.settings import Settings
+
+        force_cpu = Settings().force_cpu
     try:
         from vllm.platforms import current_platform
     except ImportError:  # pragma: no cover - vLLM always present in an install
         return True
-    return current_platform.is_cpu() or os.environ.get("AGENCYLLM_FORCE_CPU") == "1"
+    return current_platform.is_cpu() or force_cpu

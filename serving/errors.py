@@ -1,7 +1,9 @@
 """Every error leaves in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
-The handlers installed here are the only place that turns exceptions into responses, so a client
-mistake is never a 500 and no stack trace or internal detail reaches the wire.
+This is the one place that turns exceptions into HTTP answers: domain errors (quota refusals,
+store errors, bad input, engines or the database away) carry a reason, `as_openai_error` maps
+them, and the handlers installed here serve the result on every route (OpenAI, admin, console),
+so a client mistake is never a 500 and no stack trace or internal detail reaches the wire.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from agencyllm.quotas import db as quotas_db
+from agencyllm.quotas.admin import Conflict, Invalid, NotFound, StoreError
+from agencyllm.quotas.ledger import AdmissionRefused
 from agencyllm.serving.inputs import InvalidInput
 
 log = logging.getLogger("agencyllm.errors")
@@ -82,10 +88,37 @@ DATABASE_UNAVAILABLE_MESSAGE = "The service is temporarily unavailable (its data
 ENGINE_UNAVAILABLE_MESSAGE = "The model is temporarily unavailable. Please retry."
 
 
+# Quota refusals by reason: status and OpenAI error type. Limits reached are 429 (token budgets
+# as `insufficient_quota`, like OpenAI's billing limit; request limits as `rate_limit_exceeded`).
+_REFUSALS = {
+    "tenant_not_found": (404, "invalid_request_error"),
+    "tenant_suspended": (403, "permission_error"),
+    "model_not_allowed": (403, "permission_error"),
+    "max_tokens_over_limit": (400, "invalid_request_error"),
+    "context_length_exceeded": (400, "invalid_request_error"),
+    "tokens_per_day": (429, "insufficient_quota"),
+    "tokens_per_month": (429, "insufficient_quota"),
+}
+_STORE_STATUS = {NotFound: 404, Conflict: 409, Invalid: 400}
+
+
+def refusal(exc: AdmissionRefused) -> OpenAIError:
+    status, kind = _REFUSALS.get(exc.reason, (429, "rate_limit_exceeded"))
+    headers = dict(exc.headers)
+    if exc.retry_after is not None:
+        headers.setdefault("retry-after", str(max(1, math.ceil(exc.retry_after))))
+    return OpenAIError(status, exc.message, type=kind, param=exc.param, code=exc.reason, headers=headers)
+
+
 def as_openai_error(exc: BaseException) -> OpenAIError | None:
     """The one mapping of domain errors to HTTP answers; None for a fault of our own (500)."""
     if isinstance(exc, OpenAIError):
         return exc
+    if isinstance(exc, AdmissionRefused):
+        return refusal(exc)
+    if isinstance(exc, StoreError):
+        status = next((code for kind, code in _STORE_STATUS.items() if isinstance(exc, kind)), 400)
+        return OpenAIError(status, exc.message, param=exc.param)
     if isinstance(exc, InvalidInput):
         return OpenAIError(400, exc.message, param=exc.param, code=exc.code)
     if isinstance(exc, EngineUnavailable):
@@ -101,22 +134,26 @@ def as_openai_error(exc: BaseException) -> OpenAIError | None:
     return None
 
 
-def _validation_error(exc: RequestValidationError) -> OpenAIError:
-    errors = exc.errors()
+# Where FastAPI found a value (`query.group_by`), and the steps pydantic adds for unions and
+# validators (`function-after[...]`, `tagged-union[...]`, member class names): not parameters.
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
+
+
+def validation_error(errors: list[dict[str, Any]], *, from_request: bool = False) -> OpenAIError:
+    """The first of pydantic's validation errors as a 400 naming the parameter, whether FastAPI
+    validated the request (`from_request`) or a route parsed its body itself."""
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return OpenAIError(400, "The request body is not valid JSON.", code="invalid_json")
-    # FastAPI prefixes where a value came from (`query.group_by`); OpenAI names the parameter.
-    loc = list(first.get("loc", ()))
-    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+    loc = [str(p) for p in first.get("loc", ())]
+    if from_request and loc and loc[0] in _LOCATIONS:
         loc = loc[1:]
-    loc = [str(p) for p in loc]
+    loc = [p for p in loc if not p.startswith(("function-", "tagged-union")) and not p[:1].isupper()]
     param = ".".join(loc) or None
-    reason = first.get("msg", "invalid value")
     if first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'."
-    else:
-        message = f"Invalid value for '{param}': {reason}." if param else f"Invalid request: {reason}."
+        return OpenAIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ").rstrip(".")
+    message = f"Invalid value for '{param}': {reason}." if param else f"Invalid request: {reason}."
     return OpenAIError(400, message, param=param, code="invalid_value" if param else None)
 
 
@@ -127,7 +164,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return validation_error(exc.errors(), from_request=True).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -142,7 +179,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Registered by class, so Starlette's ExceptionMiddleware answers them (no traceback per
     # request in the log while the database is down); anything else reaches `_unexpected`.
-    for kind in (InvalidInput, EngineUnavailable, *quotas_db.UNAVAILABLE_ERRORS):
+    for kind in (AdmissionRefused, StoreError, InvalidInput, EngineUnavailable, *quotas_db.UNAVAILABLE_ERRORS):
         app.add_exception_handler(kind, _domain)
     with contextlib.suppress(ImportError):
         from vllm.exceptions import VLLMClientError

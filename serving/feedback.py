@@ -21,7 +21,7 @@ from agencyllm.quotas import admin as store
 from agencyllm.quotas import feedback as feedback_store
 from agencyllm.quotas.governance import MAX_RETENTION_DAYS, set_content_retention
 from agencyllm.quotas.models import FEEDBACK_CATEGORIES
-from agencyllm.serving.admin.access import PlatformAdmin, StoreErrorRoute, TenantAdmin
+from agencyllm.serving.admin.access import PlatformAdmin, TenantAdmin
 from agencyllm.serving.admin.usage import parse_bound, scoped_tenant
 from agencyllm.serving.admin.schemas import documented_errors
 from agencyllm.serving.deps import CurrentPrincipal, DbSession, SettingsDep
@@ -68,7 +68,7 @@ class RetentionOut(BaseModel):
     content_retention_days: int | None
 
 
-router = APIRouter(route_class=StoreErrorRoute)
+router = APIRouter()
 
 
 @router.post("/v1/feedback", status_code=status.HTTP_201_CREATED, tags=["feedback"],

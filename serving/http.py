@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agencyllm.serving.admin import router as admin_router
 from agencyllm.serving.console import mount as mount_console
-from agencyllm.serving.errors import OpenAIError, as_openai_error, install_error_handlers
+from agencyllm.serving.errors import OpenAIError, as_openai_error, install_error_handlers, validation_error
 from agencyllm.serving.feedback import router as feedback_router
 from agencyllm.serving.governance import RequestSource
 from agencyllm.serving.inputs import InvalidInput, check_query, check_text, load_json
@@ -143,23 +143,10 @@ async def parse_body(
     try:
         return adapter.validate_python(data)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise validation_error(exc.errors(include_url=False, include_input=False)) from None
 
 
 _UNPARSED: Any = object()
-
-
-def _invalid(exc: ValidationError) -> OpenAIError:
-    first = exc.errors(include_url=False, include_input=False)[0]
-    loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "tagged-union"))]
-    # Union members appear in `loc` as class names; the parameter is what follows them.
-    loc = [p for p in loc if not p[:1].isupper()]
-    param = ".".join(loc) or None
-    if first.get("type") == "missing":
-        return OpenAIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    message = f"Invalid value for '{param}': {reason}" if param else reason
-    return OpenAIError(400, message, param=param, code="invalid_value")
 
 
 def create_app(*, cors_origins: list[str], max_request_bytes: int, api_docs: bool = False) -> FastAPI:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from agencyllm.auth.principal import Principal
 from agencyllm.quotas.db import availability, database_unavailable
-from agencyllm.quotas.ledger import AdmissionRefused, Ledger, Reservation, ReservationRequest
+from agencyllm.quotas.ledger import Ledger, Reservation, ReservationRequest
 from agencyllm.serving.errors import OpenAIError
 
 log = logging.getLogger("agencyllm.metering")
@@ -85,12 +85,7 @@ class Metering:
             max_tokens=max_tokens,
             context_length=context_length,
         )
-        try:
-            reservation = await self._ledger.reserve(request)
-        except AdmissionRefused as refused:
-            raise OpenAIError(
-                refused.status, refused.message, type=refused.type, param=refused.param, code=refused.code, headers=refused.headers
-            ) from None
+        reservation = await self._ledger.reserve(request)  # AdmissionRefused: serving/errors.py answers it
         availability.ok()
         admitted = Admitted(reservation, prompt_tokens=prompt_tokens)
         self._in_flight[request_id] = admitted

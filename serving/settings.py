@@ -1,19 +1,56 @@
-"""The one settings object: every knob the platform reads from its environment (`AGENCYLLM_*`)."""
+"""The one settings object: every knob the platform reads from its environment (`AGENCYLLM_*`),
+validated when it is read, so bad settings stop `agencyllm up` and the application builder with
+the variable's name; `ClientSettings` holds the few the admin CLI reads on an admin's machine.
+Nothing else reads `AGENCYLLM_*` variables."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "AGENCYLLM_"
 
 
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "agencyllm"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AGENCYLLM_", extra="ignore")
+class SettingsError(ValueError):
+    """Settings that cannot work, said per environment variable (raised where they are read, so
+    `agencyllm up` and the application builder stop before anything starts)."""
+
+    def __init__(self, exc: ValidationError) -> None:
+        lines = []
+        for error in exc.errors(include_url=False):
+            name = ENV_PREFIX + str(error["loc"][0]).upper() if error.get("loc") else "settings"
+            lines.append(f"{name}: {str(error['msg']).removeprefix('Value error, ')}")
+        super().__init__("invalid settings: " + "; ".join(lines))
+
+
+class _Validated(BaseSettings):
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SettingsError(exc) from None
+
+
+def _http_url(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{what} must be an http(s) URL, not {value!r}")
+    return value
+
+
+class Settings(_Validated):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # Where the platform keeps its state when no external database is given.
     data_dir: Path = Field(default_factory=default_data_dir)
@@ -62,6 +99,8 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     # Logical CPUs Ray may hand out on this host (local run). Unset: Ray's own count, at least 8.
     ray_num_cpus: int | None = None
+    # Run the engines as on a CPU-only host even where vLLM sees an accelerator.
+    force_cpu: bool = False
 
     # Web console (/console, see docs/console.md). The URL users reach the platform at, as the
     # Keycloak realm's AGENCYLLM_PUBLIC_URL (https behind a TLS proxy); unset: each request's own.
@@ -75,3 +114,39 @@ class Settings(BaseSettings):
     # Encrypts session cookies; every ingress replica needs the same one. Unset: a random key
     # kept in DATA_DIR/console.key (enough when all replicas share one host).
     console_session_secret: SecretStr | None = None
+
+    @field_validator("quota_timezone")
+    @classmethod
+    def _time_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone; use an IANA name such as 'UTC' or 'America/New_York'") from None
+        return value
+
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _issuer(cls, value: str | None) -> str | None:
+        return _http_url(value or None, "the issuer")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        return _http_url(value or None, "the public URL")
+
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ClientSettings(_Validated):
+    """What the admin CLI (`agencyllm admin`, `agencyllm login`) reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    # The platform to call, and the credential to call it with (else `agencyllm login`'s token).
+    url: str = DEFAULT_URL
+    api_key: SecretStr | None = None
+    # Where `agencyllm login` signs in.
+    oidc_issuer: str | None = None
+    # On the server itself: the bootstrap platform-admin key is read from DATA_DIR/admin.key.
+    data_dir: Path = Field(default_factory=default_data_dir)

@@ -15,28 +15,26 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from oidc_issuer import LocalOIDCIssuer
+from pydantic import SecretStr
 from sqlalchemy import select, update
 
-from agencyllm.auth.oidc import OIDCVerifier
 from agencyllm.quotas.db import Database
-from agencyllm.quotas.ledger import Ledger
 from agencyllm.quotas.models import ApiKey, AuditEvent, Tenant, UsageRecord
 from agencyllm.serving.admin import router
 from agencyllm.serving.errors import install_error_handlers
-from agencyllm.serving.identity import Authenticator, ensure_bootstrap_admin_key
+from agencyllm.serving.gateway import Services
+from agencyllm.serving.identity import ensure_bootstrap_admin_key
 from agencyllm.serving.settings import Settings
 
 ADMIN_ROLES = ("llm-user", "llm-tenant-admin")
 
 
-def build_app(settings: Settings, database: Database, verifier: OIDCVerifier | None) -> FastAPI:
+def build_app(services: Services) -> FastAPI:
+    """The admin routes over the gateway's services, as a replica serves them."""
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
-    app.state.settings = settings
-    app.state.database = database
-    app.state.ledger = Ledger(database, timezone=settings.quota_timezone)
-    app.state.authenticator = Authenticator(settings, database, verifier)
+    services.install(app)
     return app
 
 
@@ -70,16 +68,16 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-async def api(pg_db, oidc_issuer, tmp_path_factory) -> AsyncIterator[Api]:
+async def api(pg_url, pg_db, oidc_issuer, tmp_path_factory) -> AsyncIterator[Api]:
     data_dir = tmp_path_factory.mktemp("data")
-    settings = Settings(data_dir=data_dir, oidc_issuer=oidc_issuer.issuer)
-    verifier = OIDCVerifier(oidc_issuer.issuer, settings.oidc_audience)
-    app = build_app(settings, pg_db, verifier)
+    settings = Settings(data_dir=data_dir, oidc_issuer=oidc_issuer.issuer, database_url=SecretStr(pg_url))
+    services = await Services.start(settings)
+    app = build_app(services)
     path = await ensure_bootstrap_admin_key(pg_db, data_dir)
     admin_key = path.read_text().strip()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://admin.test") as client:
         yield Api(client, admin_key, oidc_issuer, pg_db)
-    await verifier.aclose()
+    await services.aclose()
 
 
 def error_of(response: httpx.Response) -> dict:
@@ -309,3 +307,23 @@ async def test_key_actions_are_audited_without_secrets(api: Api):
     assert events[1].before["revoked_at"] is None and events[1].after["revoked_at"]
     assert created["key"] not in str([(e.before, e.after) for e in events])
     assert all("key_hash" not in (e.after or {}) for e in events)
+
+
+async def test_a_quota_refusal_behind_an_admin_route_is_answered_not_a_500(api: Api):
+    """`Ledger.remaining` refuses a tenant that is gone (deleted after the caller signed in):
+    the one error mapping answers it on the admin routes as on the OpenAI ones."""
+    from agencyllm.auth.principal import Principal, Role
+
+    class GoneTenant:
+        async def authenticate(self, authorization_header):
+            return Principal(subject="s-gone", username="gone", client_id=None, tenant="no-such-tenant",
+                             roles=frozenset({Role.USER}), auth_method="api_key")
+
+    state = api.client._transport.app.state  # type: ignore[attr-defined]
+    real, state.authenticator = state.authenticator, GoneTenant()
+    try:
+        response = await api.call("GET", "/me")
+    finally:
+        state.authenticator = real
+    assert response.status_code == 404, response.text
+    assert error_of(response)["code"] == "tenant_not_found"

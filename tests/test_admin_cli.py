@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from pydantic import SecretStr
 
-from agencyllm.quotas.db import Database
-from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving import cli_admin
 from agencyllm.serving.admin import router
 from agencyllm.serving.errors import install_error_handlers
-from agencyllm.serving.identity import Authenticator, ensure_bootstrap_admin_key
+from agencyllm.serving.gateway import Services
+from agencyllm.serving.identity import ensure_bootstrap_admin_key
 from agencyllm.serving.settings import Settings
 
 
@@ -30,15 +30,11 @@ def server_app(database_url: str, data_dir: Path) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # The database handle lives in the server thread's own event loop.
-        settings = Settings(data_dir=data_dir)
-        database = Database(database_url)
-        app.state.settings = settings
-        app.state.database = database
-        app.state.ledger = Ledger(database)
-        app.state.authenticator = Authenticator(settings, database, None)
-        await ensure_bootstrap_admin_key(database, data_dir)
+        services = await Services.start(Settings(data_dir=data_dir, database_url=SecretStr(database_url)))
+        services.install(app)
+        await ensure_bootstrap_admin_key(services.database, data_dir)
         yield
-        await database.dispose()
+        await services.aclose()
 
     app = FastAPI(lifespan=lifespan)
     install_error_handlers(app)

@@ -13,36 +13,41 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from oidc_issuer import LocalOIDCIssuer
+from pydantic import SecretStr
 from sqlalchemy import select
 
-from agencyllm.auth.oidc import OIDCVerifier
 from agencyllm.quotas import admin as store
 from agencyllm.quotas.db import Database
-from agencyllm.quotas.ledger import Ledger
 from agencyllm.quotas.models import ApiKey, Tenant, UsageRecord
 from agencyllm.serving.console.session import FLOW_COOKIE, SESSION_COOKIE, CookieBox, Session, dump_session, session_key
 from agencyllm.serving.http import create_app
-from agencyllm.serving.identity import Authenticator, ensure_bootstrap_admin_key
+from agencyllm.serving.gateway import Services
+from agencyllm.serving.identity import ensure_bootstrap_admin_key
 from agencyllm.serving.settings import Settings
 
 BASE = "http://console.test"
 CONSOLE = Path(__file__).resolve().parents[1] / "serving" / "console"
 
 
-def build(settings: Settings, database: Database, verifier: OIDCVerifier | None):
+@asynccontextmanager
+async def console_app(settings: Settings, database_url: str) -> AsyncIterator[FastAPI]:
+    """The platform's HTTP application over the gateway's services (no OpenAI routes needed)."""
+    services = await Services.start(settings.model_copy(update={"database_url": SecretStr(database_url)}))
     app = create_app(cors_origins=[], max_request_bytes=1024 * 1024)
-    app.state.settings = settings
-    app.state.database = database
-    app.state.ledger = Ledger(database, timezone=settings.quota_timezone)
-    app.state.authenticator = Authenticator(settings, database, verifier)
-    return app
+    services.install(app)
+    try:
+        yield app
+    finally:
+        await services.aclose()
 
 
 def client_for(app, base_url: str = BASE) -> httpx.AsyncClient:
@@ -65,22 +70,21 @@ def new_name(prefix: str = "c") -> str:
 
 
 @pytest.fixture(scope="module")
-async def keyed(pg_db, tmp_path_factory) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
+async def keyed(pg_url, pg_db, tmp_path_factory) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
     """A console without Keycloak: sign-in with the platform-admin key."""
     data_dir = tmp_path_factory.mktemp("console-key")
     settings = Settings(data_dir=data_dir)
     path = await ensure_bootstrap_admin_key(pg_db, data_dir)
-    async with client_for(build(settings, pg_db, None)) as client:
+    async with console_app(settings, pg_url) as app, client_for(app) as client:
         yield client, path.read_text().strip(), settings
 
 
 @pytest.fixture(scope="module")
-async def oidc_app(pg_db, oidc_issuer, tmp_path_factory):
+async def oidc_app(pg_url, oidc_issuer, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("console-oidc")
     settings = Settings(data_dir=data_dir, oidc_issuer=oidc_issuer.issuer)
-    verifier = OIDCVerifier(oidc_issuer.issuer, settings.oidc_audience)
-    yield build(settings, pg_db, verifier)
-    await verifier.aclose()
+    async with console_app(settings, pg_url) as app:
+        yield app
 
 
 async def key_sign_in(client: httpx.AsyncClient, key: str) -> httpx.Response:
@@ -196,11 +200,11 @@ async def test_sign_in_only_returns_to_console_paths(keyed):
         assert location.startswith("/console/") and "evil" not in location
 
 
-async def test_secure_cookie_behind_tls(pg_db, tmp_path_factory):
+async def test_secure_cookie_behind_tls(pg_url, pg_db, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("console-tls")
     settings = Settings(data_dir=data_dir, public_url="https://llm.agency.example")
     key = (await ensure_bootstrap_admin_key(pg_db, data_dir)).read_text().strip()
-    async with client_for(build(settings, pg_db, None), "https://llm.agency.example") as client:
+    async with console_app(settings, pg_url) as app, client_for(app, "https://llm.agency.example") as client:
         page = await client.get("/console/login")
         assert "secure" in page.headers["set-cookie"].lower()
         response = await client.post("/console/login", data={"csrf_token": csrf_of(page.text), "api_key": key},

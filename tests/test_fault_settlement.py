@@ -1,6 +1,6 @@
 """Every admitted request is settled exactly once, on every path, and charged what its engine did.
 
-The first group drives the ingress's request path against real Postgres with engine calls that
+The first group drives the gateway's request path against real Postgres with engine calls that
 fail the ways Ray's handles do (before the first item, mid-stream, a `cancel()` that raises
 again); the second group drives the real stack (engine refusals, cancelled generations)."""
 
@@ -17,12 +17,14 @@ from ray.serve.llm.openai_api_models import ErrorResponse
 
 from agencyllm.auth.principal import Principal, Role
 from agencyllm.quotas.ledger import Ledger
+from agencyllm.serving.config import ServingConfig
 from agencyllm.serving.engine_health import EngineHealth
 from agencyllm.serving.errors import EngineUnavailable, OpenAIError
 from agencyllm.serving.fairshare import Ticket
+from agencyllm.serving.gateway import Gateway, Services
 from agencyllm.serving.governance import Governance
-from agencyllm.serving.ingress import AgencyIngress
 from agencyllm.serving.metering import Metering
+from agencyllm.serving.settings import Settings
 from agencyllm.serving.stack import PLACEHOLDER_ID
 
 PROMPT_TOKENS = 11
@@ -62,28 +64,31 @@ class Body:
     request_id = None
 
 
-class RequestPathOnly(AgencyIngress):
-    def __del__(self) -> None:  # no replica to shut down
+class Engines:
+    """The gateway's engine port, answering every call with `upstream`."""
+
+    requests = None  # the request path below starts after parsing
+
+    def __init__(self, upstream: FakeUpstream) -> None:
+        self.upstream = upstream
+
+    def open(self, model, method, body, ticket):
+        return self.upstream
+
+    async def check_health(self, model):
         pass
 
+    async def has_running_replica(self, model):
+        return True
 
-def ingress_with(upstream: FakeUpstream, metering: Metering) -> AgencyIngress:
-    ingress = object.__new__(RequestPathOnly)  # the request path only: no Ray deployment
-    ingress._metering = metering
-    ingress._engines = EngineHealth(lambda model: asyncio.sleep(0))
-    ingress._governance = Governance(metering._ledger._db, b"fault-tests")
 
-    class Handle:
-        def __getattr__(self, method):
-            class Method:
-                @staticmethod
-                def remote(body, raw_request_info, ticket):
-                    return upstream
-
-            return Method
-
-    ingress._get_configured_serve_handle = lambda model: Handle()
-    return ingress
+def gateway_with(upstream: FakeUpstream, metering: Metering) -> Gateway:
+    """The gateway's request path over `metering`: the engine call and settlement only."""
+    ledger = metering._ledger
+    services = Services(Settings(), ledger._db, ledger, None, Governance(ledger._db, b"fault-tests"))
+    gateway = Gateway(services, ServingConfig.model_construct(models=[]), Engines(upstream))
+    gateway.metering = metering
+    return gateway
 
 
 @pytest.fixture
@@ -149,7 +154,7 @@ async def test_call_that_fails_before_the_first_item_charges_nothing(pg_db, mete
     admitted = await admit()
     upstream = FakeUpstream(fail=RecursionError("maximum recursion depth exceeded while pickling"))
     with pytest.raises(EngineUnavailable):
-        await ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, True, TICKET)
+        await gateway_with(upstream, metered[0])._generate(Body(), "chat", admitted, True, TICKET)
     assert upstream.cancelled == 1
     await assert_settled(pg_db, metered, admitted, status="engine_error", prompt=0, completion=0)
 
@@ -161,7 +166,7 @@ async def test_engine_refusal_settles_at_zero(pg_db, metered):
         {"error": {"message": "temperature must be >= 0", "type": "BadRequestError", "code": 400}}
     )
     with pytest.raises(OpenAIError) as err:
-        await ingress_with(FakeUpstream([refusal]), metered[0])._generate(Body(), "chat", admitted, True, TICKET)
+        await gateway_with(FakeUpstream([refusal]), metered[0])._generate(Body(), "chat", admitted, True, TICKET)
     assert err.value.status == 400
     await assert_settled(pg_db, metered, admitted, status="client_error", prompt=0, completion=0)
 
@@ -171,7 +176,7 @@ async def test_engine_5xx_is_503_and_settles_at_zero(pg_db, metered):
     admitted = await admit()
     failure = ErrorResponse.model_validate({"error": {"message": "engine dead", "type": "InternalServerError", "code": 500}})
     with pytest.raises(EngineUnavailable):
-        await ingress_with(FakeUpstream([failure]), metered[0])._generate(Body(), "chat", admitted, True, TICKET)
+        await gateway_with(FakeUpstream([failure]), metered[0])._generate(Body(), "chat", admitted, True, TICKET)
     await assert_settled(pg_db, metered, admitted, status="engine_error", prompt=0, completion=0)
 
 
@@ -179,7 +184,7 @@ async def test_client_gone_before_the_first_item_is_charged_its_prompt(pg_db, me
     _, _, _, admit = metered
     admitted = await admit()
     upstream = FakeUpstream(hang=True)
-    call = asyncio.ensure_future(ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, True, TICKET))
+    call = asyncio.ensure_future(gateway_with(upstream, metered[0])._generate(Body(), "chat", admitted, True, TICKET))
     await asyncio.sleep(0.2)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -191,7 +196,7 @@ async def test_stream_that_dies_midway_gets_an_error_event_and_is_charged_what_i
     _, _, _, admit = metered
     admitted = await admit()
     upstream = FakeUpstream([CHUNK, CHUNK, CHUNK], fail=ConnectionError("replica died"))
-    response = await ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, False, TICKET)
+    response = await gateway_with(upstream, metered[0])._generate(Body(), "chat", admitted, False, TICKET)
     events = [event async for event in response.body_iterator]
     assert '"service_unavailable"' in events[-2] and events[-1] == "data: [DONE]\n\n"
     # No usage chunk arrived: the prompt counted at admission, one token per chunk of text.
@@ -202,7 +207,7 @@ async def test_stream_the_client_left_is_charged_its_real_tokens(pg_db, metered)
     _, _, _, admit = metered
     admitted = await admit()
     upstream = FakeUpstream([CHUNK] * 5, hang=True)
-    response = await ingress_with(upstream, metered[0])._generate(Body(), "chat", admitted, False, TICKET)
+    response = await gateway_with(upstream, metered[0])._generate(Body(), "chat", admitted, False, TICKET)
     stream = response.body_iterator
     for _ in range(4):
         await stream.__anext__()

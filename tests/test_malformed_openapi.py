@@ -23,12 +23,10 @@ PROTECTED_TENANTS = {"stack", "system"}
 
 
 def openapi_document() -> dict:
-    from ray.serve.llm.ingress import make_fastapi_ingress  # builds the routes only: no deployment
-
-    from agencyllm.serving.ingress import ENDPOINTS, AgencyIngress
+    from agencyllm.serving.ingress import router  # the routes only: no gateway behind them
 
     app = create_app(cors_origins=[], max_request_bytes=256 * 1024, api_docs=True)
-    make_fastapi_ingress(AgencyIngress, endpoint_map=ENDPOINTS, app=app)
+    app.include_router(router)
     return app.openapi()
 
 

@@ -12,6 +12,7 @@ from pg import set_user_policy
 
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.ledger import AdmissionRefused, Ledger, Reservation, ReservationRequest
+from agencyllm.serving.errors import OpenAIError, as_openai_error
 
 
 _ids = itertools.count()
@@ -58,6 +59,11 @@ async def ledger_rows(db: Database, tenant: str) -> list[dict]:
     return [dict(r) for r in rows]
 
 
+def answer(err: AdmissionRefused) -> OpenAIError:
+    """What the client is answered (the one mapping of domain errors to HTTP)."""
+    return as_openai_error(err)
+
+
 async def refused(ledger: Ledger, req: ReservationRequest) -> AdmissionRefused:
     with pytest.raises(AdmissionRefused) as caught:
         await ledger.reserve(req)
@@ -77,9 +83,9 @@ async def test_day_window_in_local_time_zone(pg_db, make_tenant):
     await settle(ledger, r, completion=700)
 
     err = await refused(ledger, request(tenant, prompt=100, max_tokens=200))
-    assert (err.status, err.type, err.code) == (429, "insufficient_quota", "tokens_per_day")
+    assert (answer(err).status, answer(err).type, err.reason) == (429, "insufficient_quota", "tokens_per_day")
     assert err.retry_after == pytest.approx(60)
-    assert err.headers["retry-after"] == "60"
+    assert answer(err).headers["retry-after"] == "60"
 
     clock.now = datetime(2026, 3, 11, 0, 0, 1, tzinfo=tz)  # local midnight (15:00 UTC)
     r = await ledger.reserve(request(tenant, prompt=100, max_tokens=200))
@@ -108,7 +114,7 @@ async def test_calendar_month_not_thirty_days(pg_db, make_tenant):
 
     clock.now = datetime(2026, 1, 31, 23, 59, 59, tzinfo=tz)  # 31 days later, same month
     err = await refused(ledger, request(tenant, prompt=100, max_tokens=200))
-    assert (err.code, err.retry_after) == ("tokens_per_month", pytest.approx(1))
+    assert (err.reason, err.retry_after) == ("tokens_per_month", pytest.approx(1))
 
     clock.now = datetime(2026, 2, 1, 0, 0, 0, tzinfo=tz)
     r = await ledger.reserve(request(tenant, prompt=100, max_tokens=200))
@@ -143,7 +149,7 @@ async def test_requests_per_minute(pg_db, make_tenant):
         assert r.headers["x-ratelimit-reset-requests"] == "45s"
         await settle(ledger, r, 5)
     err = await refused(ledger, request(tenant))
-    assert (err.status, err.type, err.code) == (429, "rate_limit_exceeded", "requests_per_minute")
+    assert (answer(err).status, answer(err).type, err.reason) == (429, "rate_limit_exceeded", "requests_per_minute")
     assert err.retry_after == pytest.approx(45)
     clock.advance(seconds=45)
     await settle(ledger, await ledger.reserve(request(tenant)), 5)
@@ -155,7 +161,7 @@ async def test_concurrency_slot_freed_at_settle(pg_db, make_tenant):
     first = await ledger.reserve(request(tenant))
     second = await ledger.reserve(request(tenant))
     err = await refused(ledger, request(tenant))
-    assert (err.status, err.type, err.code, err.retry_after) == (
+    assert (answer(err).status, answer(err).type, err.reason, err.retry_after) == (
         429, "rate_limit_exceeded", "max_concurrent_requests", None)
     # The client disconnects: the ingress settles what was generated so far, at once.
     await settle(ledger, first, 3, status="cancelled")
@@ -208,19 +214,19 @@ async def test_reaper_settles_dead_ingress(pg_url, pg_db, make_tenant):
 async def test_suspended_tenant_forbidden(pg_db, make_tenant):
     tenant = await make_tenant(status="suspended")
     err = await refused(Ledger(pg_db), request(tenant))
-    assert (err.status, err.type, err.code) == (403, "permission_error", "tenant_suspended")
+    assert (answer(err).status, answer(err).type, err.reason) == (403, "permission_error", "tenant_suspended")
 
 
 async def test_unknown_tenant(pg_db):
     err = await refused(Ledger(pg_db), request("no-such-tenant"))
-    assert (err.status, err.code) == (404, "tenant_not_found")
+    assert (answer(err).status, err.reason) == (404, "tenant_not_found")
 
 
 async def test_allowed_models_with_user_override(pg_db, make_tenant):
     tenant = await make_tenant(allowed_models=["small"])
     ledger = Ledger(pg_db)
     err = await refused(ledger, request(tenant, model="large"))
-    assert (err.status, err.code, err.param) == (403, "model_not_allowed", "model")
+    assert (answer(err).status, err.reason, err.param) == (403, "model_not_allowed", "model")
     await settle(ledger, await ledger.reserve(request(tenant, model="small")), 1)
     await set_user_policy(pg_db, tenant, "bob", allowed_models=["small", "large"])
     await settle(ledger, await ledger.reserve(request(tenant, subject="bob", model="large")), 1)
@@ -241,7 +247,7 @@ async def test_max_tokens_reject_mode(pg_db, make_tenant):
     tenant = await make_tenant(max_tokens_per_request=256, max_tokens_mode="reject")
     ledger = Ledger(pg_db)
     err = await refused(ledger, request(tenant, max_tokens=257))
-    assert (err.status, err.type, err.param) == (400, "invalid_request_error", "max_tokens")
+    assert (answer(err).status, answer(err).type, err.param) == (400, "invalid_request_error", "max_tokens")
     r = await ledger.reserve(request(tenant, max_tokens=None))  # nothing asked: capped
     assert r.max_tokens == 256
     await settle(ledger, r, 0)
@@ -251,7 +257,7 @@ async def test_max_tokens_reject_mode(pg_db, make_tenant):
 async def test_context_length_exceeded(pg_db, make_tenant):
     tenant = await make_tenant()
     err = await refused(Ledger(pg_db), request(tenant, prompt=4096, context=4096))
-    assert (err.status, err.code) == (400, "context_length_exceeded")
+    assert (answer(err).status, err.reason) == (400, "context_length_exceeded")
 
 
 async def test_settle_is_idempotent(pg_db, make_tenant):
@@ -273,12 +279,12 @@ async def test_user_override_and_tenant_sum(pg_db, make_tenant):
     ledger = Ledger(pg_db)
     await settle(ledger, await ledger.reserve(request(tenant, prompt=100, max_tokens=200)), 200)
     err = await refused(ledger, request(tenant, prompt=1, max_tokens=1))
-    assert (err.code, "your user" in err.message) == ("tokens_per_day", True)
+    assert (err.reason, "your user" in err.message) == ("tokens_per_day", True)
     # Bob has no override: only the tenant's budget (700 left) limits him.
     await settle(ledger, await ledger.reserve(request(tenant, subject="bob", prompt=100,
                                                       max_tokens=500)), 500)
     err = await refused(ledger, request(tenant, subject="carol", prompt=100, max_tokens=50))
-    assert (err.code, f"tenant '{tenant}'" in err.message) == ("tokens_per_day", True)
+    assert (err.reason, f"tenant '{tenant}'" in err.message) == ("tokens_per_day", True)
 
     left = await ledger.remaining(tenant, "alice")
     assert left["tenant_limits"]["tokens_per_day"] | {"resets_at": None} == {

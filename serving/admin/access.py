@@ -1,39 +1,15 @@
-"""Who may do what on the admin API, and store errors as OpenAI-shaped HTTP errors."""
+"""Who may do what on the admin API (store errors are answered by serving/errors.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import Depends, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import Depends
 
 from agencyllm.auth.principal import Principal
-from agencyllm.quotas.admin import SYSTEM_TENANT, Conflict, Invalid, NotFound, StoreError
+from agencyllm.quotas.admin import SYSTEM_TENANT
 from agencyllm.serving.deps import CurrentPrincipal
 from agencyllm.serving.errors import OpenAIError
-
-_STATUS = {NotFound: 404, Conflict: 409, Invalid: 400}
-
-
-def store_error(exc: StoreError) -> OpenAIError:
-    status = next(code for kind, code in _STATUS.items() if isinstance(exc, kind))
-    return OpenAIError(status, exc.message, param=exc.param)
-
-
-class StoreErrorRoute(APIRoute):
-    """Lets route functions call the store directly: its errors become 404/409/400 responses."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (NotFound, Conflict, Invalid) as exc:
-                raise store_error(exc) from None
-
-        return handle
 
 
 def forbidden(message: str) -> OpenAIError:

@@ -10,7 +10,6 @@ from agencyllm.auth.principal import Principal
 from agencyllm.quotas import admin as store
 from agencyllm.quotas.models import ApiKey
 from agencyllm.serving.admin.access import (
-    StoreErrorRoute,
     TenantAdmin,
     may_admin,
 )
@@ -19,7 +18,7 @@ from agencyllm.serving.deps import CurrentPrincipal, DbSession
 from agencyllm.serving.errors import OpenAIError
 from agencyllm.serving.inputs import as_utc
 
-router = APIRouter(tags=["keys"], route_class=StoreErrorRoute)
+router = APIRouter(tags=["keys"])
 
 
 def key_out(key: ApiKey, tenant: str) -> KeyOut:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from agencyllm.quotas import admin as store
-from agencyllm.serving.admin.access import StoreErrorRoute, require_own_tenant
+from agencyllm.serving.admin.access import require_own_tenant
 from agencyllm.serving.admin.keys import created_out, expiry, key_out
 from agencyllm.serving.admin.schemas import KeyCreate, KeyCreated, KeyOut, Me
 from agencyllm.serving.deps import CurrentPrincipal, DbSession, LedgerDep
 from agencyllm.serving.errors import OpenAIError
 
-router = APIRouter(prefix="/me", tags=["me"], route_class=StoreErrorRoute)
+router = APIRouter(prefix="/me", tags=["me"])
 
 
 @router.get("", summary="Who am I: identity, tenant, roles and remaining budget")

@@ -6,11 +6,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from agencyllm.quotas import admin as store
-from agencyllm.serving.admin.access import PlatformAdmin, StoreErrorRoute, TenantAdmin
+from agencyllm.serving.admin.access import PlatformAdmin, TenantAdmin
 from agencyllm.serving.admin.schemas import Quota, QuotaOut
 from agencyllm.serving.deps import DbSession
 
-router = APIRouter(prefix="/tenants/{name}", tags=["quotas"], route_class=StoreErrorRoute)
+router = APIRouter(prefix="/tenants/{name}", tags=["quotas"])
 
 
 def quota_out(tenant: str, user: str | None, fields: dict) -> QuotaOut:

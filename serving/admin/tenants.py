@@ -8,14 +8,13 @@ from agencyllm.quotas import admin as store
 from agencyllm.quotas.models import Tenant
 from agencyllm.serving.admin.access import (
     PlatformAdmin,
-    StoreErrorRoute,
     TenantAdmin,
     forbidden,
 )
 from agencyllm.serving.admin.schemas import TenantCreate, TenantOut, TenantUpdate
 from agencyllm.serving.deps import CurrentPrincipal, DbSession
 
-router = APIRouter(prefix="/tenants", tags=["tenants"], route_class=StoreErrorRoute)
+router = APIRouter(prefix="/tenants", tags=["tenants"])
 
 
 def tenant_out(tenant: Tenant) -> TenantOut:

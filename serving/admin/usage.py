@@ -12,13 +12,13 @@ from fastapi.responses import Response
 
 from agencyllm.auth.principal import Principal
 from agencyllm.quotas import admin as store
-from agencyllm.serving.admin.access import StoreErrorRoute, forbidden, require_tenant_admin
+from agencyllm.serving.admin.access import forbidden, require_tenant_admin
 from agencyllm.serving.admin.schemas import UsageReport
 from agencyllm.serving.deps import CurrentPrincipal, DbSession, SettingsDep
 from agencyllm.serving.errors import OpenAIError
 from agencyllm.serving.inputs import as_utc, check_date_range
 
-router = APIRouter(tags=["usage"], route_class=StoreErrorRoute)
+router = APIRouter(tags=["usage"])
 
 TOTALS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 

@@ -21,7 +21,6 @@ from starlette.responses import RedirectResponse
 
 from agencyllm.auth.principal import Principal, Role
 from agencyllm.quotas.admin import StoreError
-from agencyllm.serving.admin.access import store_error
 from agencyllm.serving.console.charts import meter
 from agencyllm.serving.console.session import (
     SESSION_COOKIE,
@@ -33,7 +32,7 @@ from agencyllm.serving.console.session import (
     session_key,
 )
 from agencyllm.serving.console.signin import SignInClient, SignInFailed
-from agencyllm.serving.errors import OpenAIError
+from agencyllm.serving.errors import OpenAIError, as_openai_error
 from agencyllm.serving.identity import Authenticator
 from agencyllm.serving.settings import Settings
 
@@ -241,7 +240,7 @@ def field_errors(exc: Exception) -> tuple[dict[str, str], str | None]:
             errors.setdefault(field, FIELD_HELP.get(field) or str(error.get("msg", "Invalid value.")))
         return errors, None
     if isinstance(exc, StoreError):
-        exc = store_error(exc)
+        exc = as_openai_error(exc)
     if isinstance(exc, OpenAIError):
         if exc.param:
             return {exc.param: exc.message}, None
@@ -342,7 +341,7 @@ class ConsoleRoute(APIRoute):
                     "This form was not sent from this console, or it has expired. Reload the page and try again.",
                 )
             except (OpenAIError, StoreError) as exc:
-                error = store_error(exc) if isinstance(exc, StoreError) else exc
+                error = as_openai_error(exc) if isinstance(exc, StoreError) else exc
                 response = error_page(request, error.status, error.message)
             except Exception as exc:  # noqa: BLE001 - never a stack trace to the browser
                 log.error("console error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
