@@ -205,6 +205,15 @@ FRONT_END = {
 GROUP_PREFIX = {PLAIN: "plain", RAY_LLM: "rayllm", OURS: "ours"}
 
 
+def family(name: str) -> str:
+    """`agencyllm-c0` (an experiment's variant of our stack) counts as agencyllm."""
+    return OURS if name.startswith(OURS) else name
+
+
+def variant_id(coalesce_ms: float) -> str:
+    return f"{OURS}-c{coalesce_ms:g}"
+
+
 class CpuGroups:
     """CPU seconds per labelled process group: plain vLLM (API server + engine core), Ray Serve
     LLM's and our stack's Ray proxy, ingress, LLMServer, engine core and Ray system processes,
@@ -245,10 +254,11 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 
 class Target:
-    def __init__(self, name: str, base_url: str, api_key: str | None) -> None:
+    def __init__(self, name: str, base_url: str, api_key: str | None, model: str = MODEL_ID) -> None:
         import httpx
 
         self.name = name
+        self.body = {**BODY, "model": model}
         self.url = f"{base_url}/v1/chat/completions"
         self.base_url = base_url
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -291,7 +301,7 @@ async def one_request(target: Target) -> dict:
     completion_tokens = None
     arrivals: list[float] = []
     try:
-        async with target.client.stream("POST", target.url, json=BODY) as response:
+        async with target.client.stream("POST", target.url, json=target.body) as response:
             if response.status_code != 200:
                 await response.aread()
                 return {"ok": False, "status": response.status_code, "error": response.text[:200]}
@@ -543,6 +553,7 @@ def front_end_cpu(groups: dict[str, float] | None, name: str) -> dict | None:
     """CPU ms per request of one target's own processes while its rounds ran."""
     if not groups:
         return None
+    name = family(name)
     prefix = GROUP_PREFIX[name] + ": "
     own = {k[len(prefix):]: v for k, v in groups.items() if k.startswith(prefix)}
     front = sum(groups.get(k, 0.0) for k in FRONT_END[name])
@@ -551,7 +562,8 @@ def front_end_cpu(groups: dict[str, float] | None, name: str) -> dict | None:
 
 
 def tables(results: dict, runtime: dict) -> str:
-    names = [n for n in TARGETS if n in next(iter(results.values()))["summary"]]
+    present = list(next(iter(results.values()))["summary"])
+    names = [n for n in TARGETS if n in present] + [n for n in present if n not in TARGETS]
     lines = ["| c | target | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 | req/s | failed |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for level, entry in results.items():
@@ -576,7 +588,7 @@ def tables(results: dict, runtime: dict) -> str:
             if cpu is None:
                 continue
             parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu["groups"].items()
-                              if GROUP_PREFIX[name] + ": " + k in FRONT_END[name])
+                              if GROUP_PREFIX[family(name)] + ": " + k in FRONT_END[family(name)])
             extra = f" (+ postgres {cpu['postgres_ms']:.1f})" if cpu["postgres_ms"] else ""
             lines.append(f"| {level} | {name} | {cpu['front_end_ms']:.1f} | {parts} | "
                          f"{cpu['ray_system_ms']:.1f}{extra} | {cpu['engine_core_ms']:.1f} |")
@@ -587,6 +599,7 @@ def tables(results: dict, runtime: dict) -> str:
 def target_table(results: dict, names: list[str], runtime: dict) -> str:
     """The serving-path issue's table, re-measured: one column per target."""
     heading = {PLAIN: "plain vLLM", RAY_LLM: "Ray Serve LLM `build_openai_app`", OURS: "agencyllm"}
+    heading.update({n: n for n in names if n not in heading})
     goal = {
         "ttft": "≤ 3 ms / ≤ 15 ms", "tput": "≥ 0.97×, and above Ray Serve LLM", "cpu": "≤ 2× plain vLLM",
         "itl": "smooth (report)",
@@ -701,26 +714,13 @@ def patch_stream_batching(interval_ms: float) -> None:
 # ---- main -----------------------------------------------------------------------------------
 
 
-def direct_ingress_env(first_port: int) -> dict[str, str]:
-    """Ray Serve's direct ingress: the ingress replica serves HTTP itself from `first_port` on."""
-    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first_port + 50)}
+def proxy_port() -> int:
+    """Where Ray Serve's proxy listens in the running stack (with direct ingress, not the user's port)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-
-def find_direct_port(first_port: int, timeout: float = 120) -> int:
-    """The port our ingress replica took in the direct-ingress range (the first free one)."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for port in range(first_port, first_port + 51):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2, trust_env=False).status_code == 200:
-                    return port
-            except httpx.HTTPError:
-                continue
-        time.sleep(1)
-    raise TimeoutError(f"no ingress replica answered in ports {first_port}-{first_port + 50}")
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return ray.get(controller.get_http_config.remote(), timeout=30).port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -729,15 +729,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stream-batching-ms", type=float, default=None,
                         help="experiment: override our models' stream_coalesce_ms (shipped: the ModelSpec default)")
-    parser.add_argument("--direct-ingress", action="store_true",
-                        help="experiment: run agencyllm with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and send its load "
-                             "to the ingress replica's own HTTP port (no proxy hop)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="experiment: agencyllm without direct ingress (Ray Serve's proxy serves its port, "
+                             "as before); by default its ingress replica serves the port itself and the proxy's "
+                             "own port is measured beside it as target agencyllm-via-proxy")
     parser.add_argument("--no-ray-serve-llm", action="store_true", help="leave out the Ray Serve LLM target")
+    parser.add_argument("--coalesce-variants", type=float, nargs="*", default=[], metavar="MS",
+                        help="experiment: our stack also serves the placeholder as `placeholder-cMS` with "
+                             "stream_coalesce_ms MS, measured as target `agencyllm-cMS` in the same run")
     args = parser.parse_args(argv)
-    direct_first_port = free_port() if args.direct_ingress else None
-    if direct_first_port is not None:
-        # Read by Ray Serve at import, here and in the Ray processes this driver starts.
-        os.environ.update(direct_ingress_env(direct_first_port))
     if args.stream_batching_ms is not None:
         patch_stream_batching(args.stream_batching_ms)
     plan = QUICK_PLAN if args.quick else FULL_PLAN
@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import SecretStr
 
     from agencyllm.quotas.db import EmbeddedPostgres
-    from agencyllm.serving.config import DEFAULT_STREAM_COALESCE_MS, single_model_config
+    from agencyllm.serving.config import DEFAULT_STREAM_COALESCE_MS, ServingConfig, single_model_config
     from agencyllm.serving.placeholder import write_placeholder_model
     from agencyllm.serving.settings import Settings
     from agencyllm.serving.stack import LocalStack
@@ -767,16 +767,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = postgres.start()
         settings = Settings(data_dir=work / "data", host="127.0.0.1", port=ours_port,
-                            database_url=SecretStr(url), ingress_replicas=1)
-        stack = LocalStack(settings, single_model_config(model_dir))
+                            database_url=SecretStr(url), ingress_replicas=1, direct_ingress=not args.proxy)
+        serving = single_model_config(model_dir)
+        if args.coalesce_variants:
+            base = serving.models[0]
+            serving = ServingConfig(models=[base, *(
+                base.model_copy(update={"id": f"{MODEL_ID}-c{ms:g}", "stream_coalesce_ms": ms})
+                for ms in args.coalesce_variants)])
+        stack = LocalStack(settings, serving)
         log(f"starting agencyllm on :{ours_port} (Ray Serve, 1 ingress replica"
-            + (", direct ingress)" if args.direct_ingress else ")"))
+            + (", Ray's proxy)" if args.proxy else ", direct ingress)"))
         start_stack(stack)
         api_key = asyncio.run(make_identity(url))
         ours_url = stack.base_url
-        if direct_first_port is not None:
-            ours_url = f"http://127.0.0.1:{find_direct_port(direct_first_port)}"
-            log(f"agencyllm's ingress replica serves HTTP itself at {ours_url}")
+        via_proxy = None if args.proxy else f"http://127.0.0.1:{proxy_port()}"
         wait_http(f"http://127.0.0.1:{plain_port}/v1/models", plain_proc, START_TIMEOUT_S)
         if ray_llm_proc is not None:
             wait_http(f"http://127.0.0.1:{ray_llm_port}/v1/models", ray_llm_proc, START_TIMEOUT_S)
@@ -786,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
             if ray_llm_proc is not None:
                 targets.append(Target(RAY_LLM, f"http://127.0.0.1:{ray_llm_port}", None))
             targets.append(Target(OURS, ours_url, api_key))
+            for ms in args.coalesce_variants:
+                targets.append(Target(variant_id(ms), ours_url, api_key, model=f"{MODEL_ID}-c{ms:g}"))
+            if via_proxy is not None:  # direct ingress: the proxy still serves its own port, same stack
+                targets.append(Target(f"{OURS}-via-proxy", via_proxy, api_key))
             try:
                 for target in targets:
                     await wait_answering(target, START_TIMEOUT_S)
@@ -803,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                 log("probing hops and database round trips")
                 probes: dict = {}
                 try:
-                    probes["http"] = await probe_hops(targets[0], targets[-1], 40 if args.quick else 200)
+                    probes["http"] = await probe_hops(targets[0], next(t for t in targets if t.name == OURS), 40 if args.quick else 200)
                     probes["database"] = await probe_database(url, api_key, 40 if args.quick else 300)
                 except Exception as exc:  # diagnostics after the load: report, do not lose the run
                     log(f"probe failed: {type(exc).__name__}: {exc}")
@@ -836,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"model, streamed chat, max_tokens {MAX_TOKENS} with ignore_eos, interleaved A B C C B A rounds",
         "command": " ".join(["python -m bench.serving_bench", *(argv if argv is not None else sys.argv[1:])]),
         "stream_coalesce_ms": DEFAULT_STREAM_COALESCE_MS if args.stream_batching_ms is None else args.stream_batching_ms,
-        "direct_ingress": args.direct_ingress,
+        "direct_ingress": not args.proxy,
         "plan": {str(k): {"rounds_per_target": r, "requests_per_round": n} for k, (r, n) in plan.items()},
         "environment": environment(),
         "runtime_s": round(time.monotonic() - began, 1),
