@@ -1,12 +1,15 @@
-"""Serving benchmark: plain vLLM OpenAI server vs agencyllm (Ray Serve proxy -> our ingress ->
-LLMServer), same placeholder model, same machine, same run, requests interleaved A/B/B/A.
+"""Serving benchmark: plain vLLM's OpenAI server, Ray Serve LLM's `build_openai_app` (its defaults)
+and agencyllm (Ray Serve proxy -> our ingress -> LLMServer, auth and quotas on every request), same
+placeholder model and engine settings, same machine, same run, rounds interleaved A B C C B A.
 
 Run from the repository root:  python -m bench.serving_bench [--quick] [--out bench/results/serving.json]
 
-Streamed chat completions (max_tokens 16, ignore_eos: every request makes exactly 16 tokens),
-TTFT (first chunk carrying content) and end-to-end latency per request, requests/s at
-concurrency 1, 8 and 32. Prints a table; writes all raw samples and the environment as JSON.
-Also probes where the added time goes (bare HTTP hop, auth lookup, ledger round trips).
+Streamed chat completions (max_tokens 16, ignore_eos: every request makes exactly 16 tokens):
+TTFT (first chunk carrying content), inter-token latency (gaps between content chunks as the
+client reads them) and end-to-end latency per request, requests/s at concurrency 1, 8 and 32,
+CPU per request by process group. Prints tables in the shape of the serving-path issue's target
+table; writes all raw samples and the environment as JSON. Also probes where the added time goes
+(bare HTTP hop, auth lookup, ledger round trips).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ LEVELS = (1, 8, 32)
 FULL_PLAN = {1: (8, 24), 8: (8, 64), 32: (8, 128)}
 QUICK_PLAN = {1: (2, 12), 8: (2, 32), 32: (2, 64)}
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+PLAIN, RAY_LLM, OURS = "plain-vllm", "ray-serve-llm", "agencyllm"
+TARGETS = (PLAIN, RAY_LLM, OURS)
+# Bounded waits: start-up on a loaded 2-core host, one clean stop per server.
+START_TIMEOUT_S = 900
+STOP_TIMEOUT_S = 60
 
 
 def free_port() -> int:
@@ -56,7 +64,7 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-# ---- the two servers ------------------------------------------------------------------------
+# ---- the three servers ----------------------------------------------------------------------
 
 
 def start_plain_vllm(model_dir: Path, port: int, log_file: Path) -> subprocess.Popen:
@@ -66,6 +74,16 @@ def start_plain_vllm(model_dir: Path, port: int, log_file: Path) -> subprocess.P
         "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
     ]
     env = {**os.environ, **VLLM_ENV}
+    out = open(log_file, "wb")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_ray_serve_llm(model_dir: Path, port: int, log_file: Path) -> subprocess.Popen:
+    """Ray Serve LLM's `build_openai_app` in its own process and its own local Ray instance."""
+    cmd = [sys.executable, "-m", "bench.ray_serve_llm", "--model", str(model_dir), "--model-id", MODEL_ID,
+           "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}  # Ray's defaults
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
     out = open(log_file, "wb")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -86,16 +104,21 @@ def wait_http(url: str, process: subprocess.Popen | None, timeout: float, header
     raise TimeoutError(f"{url} did not answer in {timeout:.0f}s")
 
 
-def stop_process(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> float:
+    """SIGTERM to the server's process group, SIGKILL after `timeout`; seconds until it was gone."""
+    began = time.monotonic()
     if process.poll() is None:
         try:
             os.killpg(process.pid, 15)
-            process.wait(timeout=30)
+            process.wait(timeout=timeout)
         except (subprocess.TimeoutExpired, ProcessLookupError):
+            log(f"process {process.pid} did not stop in {timeout:.0f}s: killing its group")
             try:
                 os.killpg(process.pid, 9)
-            except ProcessLookupError:
+                process.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
+    return time.monotonic() - began
 
 
 async def make_identity(url: str) -> str:
@@ -166,22 +189,46 @@ def _holding(path_fragment: str) -> set[int]:
     return pids
 
 
-class CpuGroups:
-    """CPU seconds per labelled process group: plain vLLM (API server + engine core), and our
-    stack's Ray proxy, ingress, LLMServer, engine core, Ray system processes and Postgres."""
+def _ray_label(prefix: str, cmd: str) -> str:
+    return (f"{prefix}: ray proxy" if "ProxyActor" in cmd else
+            f"{prefix}: ingress" if "Ingress" in cmd else
+            f"{prefix}: llmserver" if "LLMServer" in cmd else
+            f"{prefix}: engine core" if "EngineCore" in cmd else f"{prefix}: ray system")
 
-    def __init__(self, plain_pid: int, ray_session: str | None, pg_dir: str) -> None:
+
+# Process groups whose CPU is the serving front end (what the engine then lacks), per target.
+FRONT_END = {
+    PLAIN: ("plain: api server",),
+    RAY_LLM: ("rayllm: ray proxy", "rayllm: ingress", "rayllm: llmserver"),
+    OURS: ("ours: ray proxy", "ours: ingress", "ours: llmserver"),
+}
+GROUP_PREFIX = {PLAIN: "plain", RAY_LLM: "rayllm", OURS: "ours"}
+
+
+def family(name: str) -> str:
+    """`agencyllm-c0` (an experiment's variant of our stack) counts as agencyllm."""
+    return OURS if name.startswith(OURS) else name
+
+
+def variant_id(coalesce_ms: float) -> str:
+    return f"{OURS}-c{coalesce_ms:g}"
+
+
+class CpuGroups:
+    """CPU seconds per labelled process group: plain vLLM (API server + engine core), Ray Serve
+    LLM's and our stack's Ray proxy, ingress, LLMServer, engine core and Ray system processes,
+    and our Postgres."""
+
+    def __init__(self, plain_pid: int, ray_llm_pid: int, ray_session: str | None, pg_dir: str) -> None:
         self.labels: dict[int, str] = {}
         for pid in _descendants({plain_pid}):
             self.labels[pid] = "plain: api server" if pid == plain_pid else "plain: engine core"
+        # Ray Serve LLM's driver started its own Ray instance: everything it runs descends from it.
+        for pid in _descendants({ray_llm_pid}) - set(self.labels):
+            self.labels[pid] = "rayllm: ray system" if pid == ray_llm_pid else _ray_label("rayllm", _cmdline(pid))
         ours = _descendants(_holding(ray_session)) if ray_session else set()
         for pid in ours - {os.getpid()} - set(self.labels):
-            cmd = _cmdline(pid)
-            label = ("ours: ray proxy" if "ProxyActor" in cmd else
-                     "ours: ingress" if "AgencyIngress" in cmd else
-                     "ours: llmserver" if "LLMServer" in cmd else
-                     "ours: engine core" if "EngineCore" in cmd else "ours: ray system")
-            self.labels[pid] = label
+            self.labels[pid] = _ray_label("ours", _cmdline(pid))
         postmaster = {pid for pid in self._all() if pg_dir in _cmdline(pid)}
         for pid in _descendants(postmaster):
             self.labels.setdefault(pid, "ours: postgres")
@@ -207,10 +254,11 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 
 class Target:
-    def __init__(self, name: str, base_url: str, api_key: str | None) -> None:
+    def __init__(self, name: str, base_url: str, api_key: str | None, model: str = MODEL_ID) -> None:
         import httpx
 
         self.name = name
+        self.body = {**BODY, "model": model}
         self.url = f"{base_url}/v1/chat/completions"
         self.base_url = base_url
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -251,8 +299,9 @@ async def one_request(target: Target) -> dict:
     ttft = done = None
     chunks = 0
     completion_tokens = None
+    arrivals: list[float] = []
     try:
-        async with target.client.stream("POST", target.url, json=BODY) as response:
+        async with target.client.stream("POST", target.url, json=target.body) as response:
             if response.status_code != 200:
                 await response.aread()
                 return {"ok": False, "status": response.status_code, "error": response.text[:200]}
@@ -271,8 +320,9 @@ async def one_request(target: Target) -> dict:
                 for choice in data.get("choices") or ():
                     if (choice.get("delta") or {}).get("content"):
                         chunks += 1
+                        arrivals.append(time.perf_counter())
                         if ttft is None:
-                            ttft = time.perf_counter()
+                            ttft = arrivals[-1]
         end = time.perf_counter()
     except Exception as exc:  # counted, never fatal: a benchmark reports its failures
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:200]}
@@ -283,9 +333,24 @@ async def one_request(target: Target) -> dict:
         "done_ms": (done - start) * 1000 if done else None,
         "e2e_ms": (end - start) * 1000,
         "chunks": chunks,
+        # Inter-token latency as the client sees it: gaps between consecutive content chunks
+        # (one per token on every target; chunks read in one network read are ~0 ms apart).
+        "itl_ms": [round((b - a) * 1000, 3) for a, b in zip(arrivals, arrivals[1:])],
         "completion_tokens": completion_tokens,
         "start": start,
     }
+
+
+async def wait_answering(target: Target, timeout: float) -> None:
+    """Until one streamed chat request succeeds (a route answering before its engine is up is not ready)."""
+    deadline = time.monotonic() + timeout
+    last: dict = {}
+    while time.monotonic() < deadline:
+        last = await one_request(target)
+        if last["ok"]:
+            return
+        await asyncio.sleep(2)
+    raise TimeoutError(f"{target.name} did not answer a chat request in {timeout:.0f}s: {last}")
 
 
 async def run_round(target: Target, concurrency: int, requests: int) -> dict:
@@ -309,6 +374,7 @@ def summarize(rounds: list[dict]) -> dict:
     samples = [s for r in rounds for s in r["samples"]]
     good = [s for s in samples if s["ok"]]
     ttft = [s["ttft_ms"] for s in good]
+    itl = [gap for s in good for gap in s["itl_ms"]]
     e2e = [s["e2e_ms"] for s in good]
     done = [s["done_ms"] for s in good]
     wall = sum(r["wall_s"] for r in rounds)
@@ -317,6 +383,8 @@ def summarize(rounds: list[dict]) -> dict:
         "requests": len(samples),
         "failed": len(samples) - len(good),
         "ttft_p50_ms": pct(ttft, 50), "ttft_p90_ms": pct(ttft, 90), "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(itl, 50), "itl_p90_ms": pct(itl, 90), "itl_p99_ms": pct(itl, 99),
+        "itl_mean_ms": statistics.fmean(itl) if itl else None,
         "e2e_p50_ms": pct(e2e, 50), "e2e_p90_ms": pct(e2e, 90), "e2e_p99_ms": pct(e2e, 99),
         "done_p50_ms": pct(done, 50), "done_p99_ms": pct(done, 99),
         "req_per_s": len(samples) / wall if wall else None,
@@ -350,7 +418,7 @@ async def load(targets: list[Target], plan: dict[int, tuple[int, int]], cpu: Cpu
         rounds, per_round = plan[concurrency]
         raw: dict[str, list[dict]] = {t.name: [] for t in targets}
         for i in range(rounds):
-            order = targets if i % 2 == 0 else list(reversed(targets))  # A B B A A B ...
+            order = targets if i % 2 == 0 else list(reversed(targets))  # A B C C B A A B C ...
             for target in order:
                 before = cpu.snapshot() if cpu else {}
                 result = await run_round(target, concurrency, per_round)
@@ -365,7 +433,8 @@ async def load(targets: list[Target], plan: dict[int, tuple[int, int]], cpu: Cpu
                     for name, rs in raw.items()},
         }
         s = results[str(concurrency)]["summary"]
-        log(f"c={concurrency}: " + "  ".join(f"{n} ttft p50 {v['ttft_p50_ms']:.1f} ms, {v['req_per_s']:.2f} req/s, failed {v['failed']}" for n, v in s.items()))
+        log(f"c={concurrency}: " + "  ".join(f"{n} ttft p50 {fmt(v['ttft_p50_ms'])} ms, {fmt(v['req_per_s'], 2)} req/s, "
+                                             f"failed {v['failed']}" for n, v in s.items()))
     return results
 
 
@@ -386,7 +455,7 @@ async def probe_hops(plain: Target, ours: Target, n: int) -> dict:
     out: dict = {}
     cases = {
         "plain GET /health": lambda: plain.client.get(f"{plain.base_url}/health"),
-        "ours GET /healthz (proxy -> ingress)": lambda: ours.client.get(f"{ours.base_url}/healthz"),
+        "ours GET /healthz (HTTP entry -> ingress)": lambda: ours.client.get(f"{ours.base_url}/healthz"),
         "plain GET /v1/models": lambda: plain.client.get(f"{plain.base_url}/v1/models"),
         "ours GET /v1/models (+ API key lookup)": lambda: ours.client.get(f"{ours.base_url}/v1/models"),
     }
@@ -449,47 +518,140 @@ async def probe_database(url: str, api_key: str, n: int) -> dict:
 # ---- report ---------------------------------------------------------------------------------
 
 
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def table(results: dict) -> str:
-    lines = [
-        "| c | target | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | E2E p99 ms | req/s | failed |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for level, entry in results.items():
-        s = entry["summary"]
-        for name in ("plain-vllm", "agencyllm"):
-            v = s[name]
-            lines.append(f"| {level} | {name} | {fmt(v['ttft_p50_ms'])} | {fmt(v['ttft_p99_ms'])} | "
-                         f"{fmt(v['e2e_p50_ms'])} | {fmt(v['e2e_p99_ms'])} | {fmt(v['req_per_s'], 2)} | "
-                         f"{v['failed']}/{v['requests']} |")
-    lines += ["", "| c | TTFT added p50 ms | TTFT added p99 ms | E2E added p50 ms | E2E added p99 ms | throughput ours/plain | (best rounds) |",
-              "|---|---|---|---|---|---|---|"]
-    for level, entry in results.items():
-        d = entry["delta"]
-        lines.append(f"| {level} | {fmt(d['ttft_added_p50_ms'])} | {fmt(d['ttft_added_p99_ms'])} | "
-                     f"{fmt(d['e2e_added_p50_ms'])} | {fmt(d['e2e_added_p99_ms'])} | {fmt(d['throughput_ratio'], 3)} | "
-                     f"{fmt(d.get('throughput_ratio_best_rounds'), 3)} |")
-    return "\n".join(lines)
+def fmt(value: float | None, digits: int = 1, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+,.{digits}f}" if sign else f"{value:,.{digits}f}"
 
 
 def deltas(summary: dict) -> dict:
-    a, b = summary["plain-vllm"], summary["agencyllm"]
+    """Each target against plain vLLM: added latency (ms) and throughput ratio."""
+    base = summary[PLAIN]
+    out: dict = {}
+    for name, v in summary.items():
+        if name == PLAIN:
+            continue
 
-    def diff(key: str) -> float | None:
-        return None if a[key] is None or b[key] is None else b[key] - a[key]
+        def diff(key: str) -> float | None:
+            return None if base[key] is None or v[key] is None else v[key] - base[key]
 
-    return {
-        "ttft_added_p50_ms": diff("ttft_p50_ms"), "ttft_added_p99_ms": diff("ttft_p99_ms"),
-        "e2e_added_p50_ms": diff("e2e_p50_ms"), "e2e_added_p99_ms": diff("e2e_p99_ms"),
-        "throughput_ratio": b["req_per_s"] / a["req_per_s"] if a["req_per_s"] else None,
-        "throughput_ratio_round_medians": (b["req_per_s_round_median"] / a["req_per_s_round_median"]
-                                           if a["req_per_s_round_median"] else None),
-        "throughput_ratio_best_rounds": (b["req_per_s_round_best"] / a["req_per_s_round_best"]
-                                         if a.get("req_per_s_round_best") else None),
+        def ratio(key: str) -> float | None:
+            return v[key] / base[key] if base.get(key) and v.get(key) is not None else None
+
+        out[name] = {
+            "ttft_added_p50_ms": diff("ttft_p50_ms"), "ttft_added_p99_ms": diff("ttft_p99_ms"),
+            "itl_added_p50_ms": diff("itl_p50_ms"), "itl_added_p99_ms": diff("itl_p99_ms"),
+            "e2e_added_p50_ms": diff("e2e_p50_ms"), "e2e_added_p99_ms": diff("e2e_p99_ms"),
+            "throughput_ratio": ratio("req_per_s"),
+            "throughput_ratio_round_medians": ratio("req_per_s_round_median"),
+            "throughput_ratio_best_rounds": ratio("req_per_s_round_best"),
+        }
+    return out
+
+
+def front_end_cpu(groups: dict[str, float] | None, name: str) -> dict | None:
+    """CPU ms per request of one target's own processes while its rounds ran."""
+    if not groups:
+        return None
+    name = family(name)
+    prefix = GROUP_PREFIX[name] + ": "
+    own = {k[len(prefix):]: v for k, v in groups.items() if k.startswith(prefix)}
+    front = sum(groups.get(k, 0.0) for k in FRONT_END[name])
+    return {"front_end_ms": front, "ray_system_ms": own.get("ray system", 0.0),
+            "engine_core_ms": own.get("engine core", 0.0), "postgres_ms": own.get("postgres", 0.0), "groups": own}
+
+
+def tables(results: dict, runtime: dict) -> str:
+    present = list(next(iter(results.values()))["summary"])
+    names = [n for n in TARGETS if n in present] + [n for n in present if n not in TARGETS]
+    lines = ["| c | target | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 | req/s | failed |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for level, entry in results.items():
+        for name in names:
+            v = entry["summary"][name]
+            lines.append(f"| {level} | {name} | {fmt(v['ttft_p50_ms'])} | {fmt(v['ttft_p99_ms'])} | "
+                         f"{fmt(v['itl_p50_ms'], 2)} | {fmt(v['itl_p99_ms'], 2)} | {fmt(v['e2e_p50_ms'])} | "
+                         f"{fmt(v['e2e_p99_ms'])} | {fmt(v['req_per_s'], 2)} | {v['failed']}/{v['requests']} |")
+    lines += ["", "| c | target | TTFT added p50 | TTFT added p99 | ITL added p50 | ITL added p99 | E2E added p50 | "
+              "throughput ×plain, all rounds | best rounds |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for level, entry in results.items():
+        for name, d in entry["delta"].items():
+            lines.append(f"| {level} | {name} | {fmt(d['ttft_added_p50_ms'], sign=True)} | {fmt(d['ttft_added_p99_ms'], sign=True)} | "
+                         f"{fmt(d['itl_added_p50_ms'], 2, True)} | {fmt(d['itl_added_p99_ms'], 2, True)} | "
+                         f"{fmt(d['e2e_added_p50_ms'], sign=True)} | {fmt(d['throughput_ratio'], 2)} | "
+                         f"{fmt(d['throughput_ratio_best_rounds'], 2)} |")
+    lines += ["", "| c | target | front-end CPU ms/request | of which | Ray's own processes | engine core |",
+              "|---:|---|---:|---|---:|---:|"]
+    for level, entry in results.items():
+        for name in names:
+            cpu = front_end_cpu((entry.get("cpu_ms_per_request") or {}).get(name), name)
+            if cpu is None:
+                continue
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu["groups"].items()
+                              if GROUP_PREFIX[family(name)] + ": " + k in FRONT_END[family(name)])
+            extra = f" (+ postgres {cpu['postgres_ms']:.1f})" if cpu["postgres_ms"] else ""
+            lines.append(f"| {level} | {name} | {cpu['front_end_ms']:.1f} | {parts} | "
+                         f"{cpu['ray_system_ms']:.1f}{extra} | {cpu['engine_core_ms']:.1f} |")
+    lines += ["", target_table(results, names, runtime)]
+    return "\n".join(lines)
+
+
+def target_table(results: dict, names: list[str], runtime: dict) -> str:
+    """The serving-path issue's table, re-measured: one column per target."""
+    heading = {PLAIN: "plain vLLM", RAY_LLM: "Ray Serve LLM `build_openai_app`", OURS: "agencyllm"}
+    heading.update({n: n for n in names if n not in heading})
+    goal = {
+        "ttft": "≤ 3 ms / ≤ 15 ms", "tput": "≥ 0.97×, and above Ray Serve LLM", "cpu": "≤ 2× plain vLLM",
+        "itl": "smooth (report)",
     }
+    top = str(max(map(int, results)))
+    first = str(min(map(int, results)))
+
+    def cell(name: str, what: str) -> str:
+        s1, s32 = results[first]["summary"][name], results[top]["summary"][name]
+        d1 = results[first]["delta"].get(name)
+        d32 = results[top]["delta"].get(name)
+        if what == "ttft":
+            return "—" if d1 is None else f"{fmt(d1['ttft_added_p50_ms'], sign=True)} / {fmt(d1['ttft_added_p99_ms'], sign=True)}"
+        if what == "itl1":
+            return f"{fmt(s1['itl_p50_ms'], 2)} / {fmt(s1['itl_p99_ms'], 1)}"
+        if what == "itl32":
+            return f"{fmt(s32['itl_p50_ms'], 2)} / {fmt(s32['itl_p99_ms'], 1)}"
+        if what == "e2e":
+            return f"{fmt(s1['e2e_p50_ms'])} / {fmt(s1['e2e_p99_ms'])}"
+        if what == "rps":
+            return " / ".join(fmt(results[c]["summary"][name]["req_per_s"], 1) for c in results)
+        if what == "tput":
+            if d32 is None:
+                return "1.00×"
+            return f"{fmt(d32['throughput_ratio'], 2)}× (best rounds {fmt(d32['throughput_ratio_best_rounds'], 2)}×)"
+        if what == "cpu":
+            cpu = front_end_cpu((results[top].get("cpu_ms_per_request") or {}).get(name), name)
+            if cpu is None:
+                return "-"
+            text = f"{cpu['front_end_ms']:.1f} ms"
+            if name != PLAIN:
+                text += f" + {cpu['ray_system_ms']:.1f} in Ray's processes"
+            return text
+        if what == "start":
+            return fmt(runtime.get("ready_s", {}).get(name), 0) + " s"
+        raise ValueError(what)
+
+    rows = [
+        (f"TTFT added at c={first}, p50 / p99 (ms)", "ttft", goal["ttft"]),
+        (f"inter-token latency at c={first}, p50 / p99 (ms)", "itl1", goal["itl"]),
+        (f"inter-token latency at c={top}, p50 / p99 (ms)", "itl32", goal["itl"]),
+        (f"E2E at c={first}, p50 / p99 (ms)", "e2e", ""),
+        ("req/s at c=" + "/".join(results), "rps", ""),
+        (f"throughput at c={top}", "tput", goal["tput"]),
+        (f"front-end CPU per request at c={top}", "cpu", goal["cpu"]),
+        ("process start to first answer, this run (all three starting together)", "start", ""),
+    ]
+    lines = ["| measure (same run) | " + " | ".join(heading[n] for n in names) + " | target |",
+             "|---|" + "---|" * len(names) + "---|"]
+    for label, what, target in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(n, what) for n in names) + f" | {target} |")
+    return "\n".join(lines)
 
 
 def environment() -> dict:
@@ -534,7 +696,8 @@ def start_stack(stack) -> None:
 
 def patch_stream_batching(interval_ms: float) -> None:
     """Experiment without editing serving/: the LLMConfig is built in this driver and shipped to
-    the replicas, so wrapping `llm_config` here changes what the LLMServer replica runs with."""
+    the replicas, so wrapping `llm_config` here changes the coalescing interval the LLMServer
+    replica runs with (`stream_coalesce_ms` travels as `stream_batching_interval_ms`)."""
     from agencyllm.serving import app, engines
 
     original = engines.llm_config
@@ -551,12 +714,29 @@ def patch_stream_batching(interval_ms: float) -> None:
 # ---- main -----------------------------------------------------------------------------------
 
 
+def proxy_port() -> int:
+    """Where Ray Serve's proxy listens in the running stack (with direct ingress, not the user's port)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return ray.get(controller.get_http_config.remote(), timeout=30).port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds per level instead of 8 (about 2-4 minutes with start-up)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds per level instead of 8 (about 4-6 minutes with start-up)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stream-batching-ms", type=float, default=None,
-                        help="experiment: override our engines' stream_batching_interval_ms (shipped: 0)")
+                        help="experiment: override our models' stream_coalesce_ms (shipped: the ModelSpec default)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="experiment: agencyllm without direct ingress (Ray Serve's proxy serves its port, "
+                             "as before); by default its ingress replica serves the port itself and the proxy's "
+                             "own port is measured beside it as target agencyllm-via-proxy")
+    parser.add_argument("--no-ray-serve-llm", action="store_true", help="leave out the Ray Serve LLM target")
+    parser.add_argument("--coalesce-variants", type=float, nargs="*", default=[], metavar="MS",
+                        help="experiment: our stack also serves the placeholder as `placeholder-cMS` with "
+                             "stream_coalesce_ms MS, measured as target `agencyllm-cMS` in the same run")
     args = parser.parse_args(argv)
     if args.stream_batching_ms is not None:
         patch_stream_batching(args.stream_batching_ms)
@@ -565,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import SecretStr
 
     from agencyllm.quotas.db import EmbeddedPostgres
-    from agencyllm.serving.config import single_model_config
+    from agencyllm.serving.config import DEFAULT_STREAM_COALESCE_MS, ServingConfig, single_model_config
     from agencyllm.serving.placeholder import write_placeholder_model
     from agencyllm.serving.settings import Settings
     from agencyllm.serving.stack import LocalStack
@@ -573,76 +753,112 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     model_dir = write_placeholder_model(work / MODEL_ID)  # the directory name is the model id
-    plain_port, ours_port = free_port(), free_port()
+    plain_port, ray_llm_port, ours_port = free_port(), free_port(), free_port()
     log(f"work dir {work}; starting plain vLLM on :{plain_port}")
-    vllm_log = work / "plain-vllm.log"
-    plain_proc = start_plain_vllm(model_dir, plain_port, vllm_log)
+    plain_proc = start_plain_vllm(model_dir, plain_port, work / "plain-vllm.log")
+    ray_llm_proc = None
+    if not args.no_ray_serve_llm:
+        log(f"starting Ray Serve LLM build_openai_app on :{ray_llm_port} (its own Ray instance)")
+        ray_llm_proc = start_ray_serve_llm(model_dir, ray_llm_port, work / "ray-serve-llm.log")
     postgres = EmbeddedPostgres(work / "pg")
     stack = None
+    runtime: dict = {"ready_s": {}, "stop_s": {}}
+    measured = None
     try:
         url = postgres.start()
         settings = Settings(data_dir=work / "data", host="127.0.0.1", port=ours_port,
-                            database_url=SecretStr(url), ingress_replicas=1)
-        stack = LocalStack(settings, single_model_config(model_dir))
-        log(f"starting agencyllm on :{ours_port} (Ray Serve, 1 ingress replica)")
+                            database_url=SecretStr(url), ingress_replicas=1, direct_ingress=not args.proxy)
+        serving = single_model_config(model_dir)
+        if args.coalesce_variants:
+            base = serving.models[0]
+            serving = ServingConfig(models=[base, *(
+                base.model_copy(update={"id": f"{MODEL_ID}-c{ms:g}", "stream_coalesce_ms": ms})
+                for ms in args.coalesce_variants)])
+        stack = LocalStack(settings, serving)
+        log(f"starting agencyllm on :{ours_port} (Ray Serve, 1 ingress replica"
+            + (", Ray's proxy)" if args.proxy else ", direct ingress)"))
         start_stack(stack)
         api_key = asyncio.run(make_identity(url))
-        wait_http(f"http://127.0.0.1:{plain_port}/v1/models", plain_proc, 600)
-        log(f"both ready after {time.monotonic() - began:.0f}s")
+        ours_url = stack.base_url
+        via_proxy = None if args.proxy else f"http://127.0.0.1:{proxy_port()}"
+        wait_http(f"http://127.0.0.1:{plain_port}/v1/models", plain_proc, START_TIMEOUT_S)
+        if ray_llm_proc is not None:
+            wait_http(f"http://127.0.0.1:{ray_llm_port}/v1/models", ray_llm_proc, START_TIMEOUT_S)
 
         async def run() -> dict:
-            plain = Target("plain-vllm", f"http://127.0.0.1:{plain_port}", None)
-            ours = Target("agencyllm", stack.base_url, api_key)
+            targets = [Target(PLAIN, f"http://127.0.0.1:{plain_port}", None)]
+            if ray_llm_proc is not None:
+                targets.append(Target(RAY_LLM, f"http://127.0.0.1:{ray_llm_port}", None))
+            targets.append(Target(OURS, ours_url, api_key))
+            for ms in args.coalesce_variants:
+                targets.append(Target(variant_id(ms), ours_url, api_key, model=f"{MODEL_ID}-c{ms:g}"))
+            if via_proxy is not None:  # direct ingress: the proxy still serves its own port, same stack
+                targets.append(Target(f"{OURS}-via-proxy", via_proxy, api_key))
             try:
+                for target in targets:
+                    await wait_answering(target, START_TIMEOUT_S)
+                    runtime["ready_s"][target.name] = round(time.monotonic() - began, 1)
+                log("all answering after " + ", ".join(f"{k} {v:.0f}s" for k, v in runtime["ready_s"].items()))
                 try:
                     import ray
 
                     session = Path(ray._private.worker._global_node.get_session_dir_path()).name
-                    cpu = CpuGroups(plain_proc.pid, session, str(work / "pg"))
+                    cpu = CpuGroups(plain_proc.pid, ray_llm_proc.pid if ray_llm_proc else -1, session, str(work / "pg"))
                 except Exception as exc:  # accounting is a diagnostic: never fail the run on it
                     log(f"no CPU accounting: {type(exc).__name__}: {exc}")
                     cpu = None
-                results = await load([plain, ours], plan, cpu)
+                results = await load(targets, plan, cpu)
                 log("probing hops and database round trips")
-                probes = {"http": await probe_hops(plain, ours, 40 if args.quick else 200),
-                          "database": await probe_database(url, api_key, 40 if args.quick else 300)}
+                probes: dict = {}
+                try:
+                    probes["http"] = await probe_hops(targets[0], next(t for t in targets if t.name == OURS), 40 if args.quick else 200)
+                    probes["database"] = await probe_database(url, api_key, 40 if args.quick else 300)
+                except Exception as exc:  # diagnostics after the load: report, do not lose the run
+                    log(f"probe failed: {type(exc).__name__}: {exc}")
                 return {"results": results, "probes": probes}
             finally:
-                await plain.client.aclose()
-                await ours.client.aclose()
+                for target in targets:
+                    await target.client.aclose()
 
         measured = asyncio.run(run())
     finally:
-        stop_process(plain_proc)
+        # Every server stops, whatever failed; each stop is bounded.
+        for name, proc in ((PLAIN, plain_proc), (RAY_LLM, ray_llm_proc)):
+            if proc is not None:
+                runtime["stop_s"][name] = round(stop_process(proc), 1)
         if stack is not None:
-            stack.stop()
+            stopped = time.monotonic()
+            try:
+                stack.stop()
+            except Exception as exc:
+                log(f"agencyllm stop failed: {type(exc).__name__}: {exc}")
+            runtime["stop_s"][OURS] = round(time.monotonic() - stopped, 1)
         postgres.stop()
-    shutil.rmtree(work, ignore_errors=True)  # kept on failure: plain-vllm.log is in there
+        log("stopped: " + ", ".join(f"{k} in {v:.1f}s" for k, v in runtime["stop_s"].items()))
+    shutil.rmtree(work, ignore_errors=True)  # kept on failure: the servers' logs are in there
 
     for entry in measured["results"].values():
         entry["delta"] = deltas(entry["summary"])
     report = {
-        "what": "plain vLLM OpenAI server vs agencyllm, placeholder model, streamed chat, "
-                f"max_tokens {MAX_TOKENS} with ignore_eos, interleaved A/B/B/A rounds",
+        "what": "plain vLLM OpenAI server vs Ray Serve LLM build_openai_app (defaults) vs agencyllm, placeholder "
+                f"model, streamed chat, max_tokens {MAX_TOKENS} with ignore_eos, interleaved A B C C B A rounds",
         "command": " ".join(["python -m bench.serving_bench", *(argv if argv is not None else sys.argv[1:])]),
-        "stream_batching_interval_ms": 0 if args.stream_batching_ms is None else args.stream_batching_ms,
+        "stream_coalesce_ms": DEFAULT_STREAM_COALESCE_MS if args.stream_batching_ms is None else args.stream_batching_ms,
+        "direct_ingress": not args.proxy,
         "plan": {str(k): {"rounds_per_target": r, "requests_per_round": n} for k, (r, n) in plan.items()},
         "environment": environment(),
         "runtime_s": round(time.monotonic() - began, 1),
+        **runtime,
         **measured,
     }
     print()
-    print(table(measured["results"]))
-    print()
-    for level, entry in measured["results"].items():
-        for name, groups in (entry.get("cpu_ms_per_request") or {}).items():
-            own = {k: v for k, v in groups.items() if k.startswith("ours" if name == "agencyllm" else "plain")}
-            print(f"  c={level} {name}: CPU ms/request {sum(own.values()):.1f} = "
-                  + ", ".join(f"{k.split(': ')[1]} {v:.1f}" for k, v in own.items()))
+    print(tables(measured["results"], runtime))
     print()
     for group in measured["probes"].values():
         for name, v in group.items():
             print(f"  {name}: p50 {fmt(v['p50_ms'], 2)} ms, p99 {fmt(v['p99_ms'], 2)} ms")
+    load_avg = report["environment"]["loadavg_at_end"]
+    print(f"  load average at the end: {load_avg}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     log(f"wrote {args.out} (runtime {report['runtime_s']}s)")

@@ -71,6 +71,10 @@ class FairShare(BaseModel):
     max_queued_per_tenant: int = Field(default=256, ge=1, le=100_000)
 
 
+# Default for `ModelSpec.stream_coalesce_ms` (docs/benchmarks.md, "Serving").
+DEFAULT_STREAM_COALESCE_MS = 5.0
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -81,6 +85,10 @@ class ModelSpec(BaseModel):
     accelerator: Accelerator = Accelerator()
     max_ongoing_requests: int = Field(default=64, ge=1)
     fair_share: FairShare = FairShare()
+    # Streamed output: the first chunk leaves at once; chunks the engine makes within this many
+    # milliseconds of the last one sent travel together (less CPU per token, each chunk delayed
+    # by at most this much). 0 sends every chunk on its own.
+    stream_coalesce_ms: float = Field(default=DEFAULT_STREAM_COALESCE_MS, ge=0, le=1000)
 
     @field_validator("replicas", mode="before")
     @classmethod

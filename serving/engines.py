@@ -12,6 +12,7 @@ from ray.util import metrics
 
 from agencyllm.serving.config import ModelSpec
 from agencyllm.serving.fairshare import ENGINE_PRIORITY, FairQueue, QueueRefused, TenantLoad, Ticket
+from agencyllm.serving.stream_batch import coalesce
 
 # vLLM on CPU: fp32 kernels, no CUDA graphs, a bounded KV cache (GiB) instead of a share of GPU memory.
 _CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True}
@@ -58,8 +59,9 @@ def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
         placement_group_config={"bundles": bundles, "strategy": spec.accelerator.strategy},
         deployment_config={"autoscaling_config": autoscaling, "max_ongoing_requests": spec.max_ongoing_requests},
         runtime_env={"env_vars": env},
-        # Chunks leave as the engine makes them: Ray's default 50 ms batching adds ~48 ms to TTFT.
-        experimental_configs={"stream_batching_interval_ms": 0},
+        # FairLLMServer reads this as its coalescing interval (first chunk at once, see
+        # `_batch_output_stream`); Ray's own batcher would add the whole interval to TTFT.
+        experimental_configs={"stream_batching_interval_ms": spec.stream_coalesce_ms},
         log_engine_metrics=True,
     )
 
@@ -122,6 +124,11 @@ class FairLLMServer(LLMServer):
             slot.release()
             raise
         return _holding(stream, slot)
+
+    def _batch_output_stream(self, generator: AsyncIterator) -> AsyncIterator[list]:
+        """The first chunk leaves at once; later ones made within the model's `stream_coalesce_ms`
+        travel as one handle item (serving/stream_batch.py)."""
+        return coalesce(generator, self._get_batch_interval_ms())
 
 
 async def _holding(stream: AsyncIterator, slot) -> AsyncIterator:

@@ -89,6 +89,9 @@ class Settings(_Validated):
     # Browser origins allowed to call the API (none by default: the API is for SDKs and scripts).
     cors_origins: list[str] = []
     ingress_replicas: int = Field(default=1, ge=1)
+    # Local run with one ingress replica: the replica serves the port itself, without Ray
+    # Serve's proxy in between (serving/ray_env.py).
+    direct_ingress: bool = True
 
     # Governance (docs/compliance/): audit records are kept this many days (never fewer than 90);
     # the usage ledger this many (unset: for ever). Content retention is a per-tenant opt-in.

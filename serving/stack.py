@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from agencyllm.serving.config import ModelSpec, ServingConfig, load_config
 from agencyllm.serving.engines import OFFLINE_ENV
 from agencyllm.serving.placeholder import is_placeholder, write_placeholder_model
+from agencyllm.serving.ray_env import serve_http
 from agencyllm.serving.settings import Settings
 
 log = logging.getLogger("agencyllm.stack")
@@ -106,12 +107,14 @@ class LocalStack:
         self.start_database()
         for name, value in OFFLINE_ENV.items():
             os.environ.setdefault(name, value)
+        http = serve_http(self.settings)  # direct ingress or Ray's proxy on the user's port
+        os.environ.update(http.env)
         num_cpus = self.settings.ray_num_cpus or max(8, os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
         self._ray_started = True
         if on_ray_started is not None:
             on_ray_started()
-        serve.start(http_options={"host": self.settings.host, "port": self.settings.port})
+        serve.start(http_options=http.http_options)
         serve.run(build_application(self.settings, self.serving), name=APP_NAME, route_prefix="/", blocking=False)
         self.wait_ready(timeout, stopping=stopping)
 

@@ -52,7 +52,7 @@ models:
     assert spec.context_length() == 512
     gpu = llm_config(spec, cpu=False)
     assert gpu.accelerator_type == "L4"
-    assert gpu.experimental_configs["stream_batching_interval_ms"] == 0
+    assert gpu.experimental_configs["stream_batching_interval_ms"] == spec.stream_coalesce_ms
     cpu = llm_config(spec, cpu=True)
     assert cpu.engine_kwargs["dtype"] == "float32" and cpu.accelerator_type is None
     assert cpu.runtime_env["env_vars"]["VLLM_NO_USAGE_STATS"] == "1"

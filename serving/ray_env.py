@@ -1,0 +1,53 @@
+"""How the local run (`agencyllm up`, the test stack) offers its HTTP port: served by the ingress
+replica itself (Ray Serve's direct ingress, one process hop less per streamed chunk) or by Ray
+Serve's proxy in front of the ingress replicas.
+
+Direct ingress needs one ingress replica: the replica listens on the user's port itself, so a
+second one could not share it. With more replicas (`AGENCYLLM_INGRESS_REPLICAS`), or with
+`AGENCYLLM_DIRECT_INGRESS=false`, the proxy serves the port as before. The proxy runs in both
+cases (Ray Serve starts the replica's own server only beside it); with direct ingress it listens
+on a free port of the same host, answering the same routes with the same authentication.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from agencyllm.serving.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServeHttp:
+    # Environment for Ray's processes, set before `ray.init` (Ray Serve reads it at import).
+    env: dict[str, str]
+    # `serve.start(http_options=...)`: where Ray Serve's proxy listens.
+    http_options: dict
+    direct: bool
+
+
+def serve_http(settings: Settings) -> ServeHttp:
+    if not settings.direct_ingress or settings.ingress_replicas != 1:
+        return ServeHttp(
+            env={"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+            http_options={"host": settings.host, "port": settings.port},
+            direct=False,
+        )
+    env = {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        # Ray hands replica ports out of [MIN, MAX): exactly the user's port.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(settings.port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(settings.port + 1),
+        # Ray holds a stopping replica open (30 s by default) for a cloud load balancer to
+        # deregister it; nothing sits in front here, so stop once in-flight requests are done.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        # A replica restarted after a crash takes the port back at once instead of after a quarantine.
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+    return ServeHttp(env=env, http_options={"host": settings.host, "port": _free_port(settings.host)}, direct=True)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
