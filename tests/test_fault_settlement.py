@@ -13,6 +13,7 @@ import uuid
 
 import httpx
 import pytest
+from fake_engine import FakeCall
 from ray.serve.llm.openai_api_models import ErrorResponse
 
 from agencyllm.auth.principal import Principal, Role
@@ -31,32 +32,9 @@ PROMPT_TOKENS = 11
 TICKET = Ticket(tenant="t")
 
 
-class FakeUpstream:
-    """A Ray handle's response generator: items, then `fail` (raised), or a hang."""
-
-    def __init__(self, items=(), *, fail: BaseException | None = None, hang: bool = False, cancel_raises: bool = True):
-        self.items = list(items)
-        self.fail = fail
-        self.hang = hang
-        self.cancel_raises = cancel_raises
-        self.cancelled = 0
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self.items:
-            return self.items.pop(0)
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.fail is not None:
-            raise self.fail
-        raise StopAsyncIteration
-
-    def cancel(self):
-        self.cancelled += 1
-        if self.cancel_raises:  # Ray raises again from a call that already failed
-            raise RuntimeError("the call already failed")
+def FakeUpstream(items=(), **how) -> FakeCall:
+    """A call whose cancel() raises again, as Ray's does once the call has failed."""
+    return FakeCall(items, cancel_raises=True, **how)
 
 
 class Body:
@@ -69,7 +47,7 @@ class Engines:
 
     requests = None  # the request path below starts after parsing
 
-    def __init__(self, upstream: FakeUpstream) -> None:
+    def __init__(self, upstream: FakeCall) -> None:
         self.upstream = upstream
 
     def open(self, model, method, body, ticket):
@@ -82,7 +60,7 @@ class Engines:
         return True
 
 
-def gateway_with(upstream: FakeUpstream, metering: Metering) -> Gateway:
+def gateway_with(upstream: FakeCall, metering: Metering) -> Gateway:
     """The gateway's request path over `metering`: the engine call and settlement only."""
     ledger = metering._ledger
     services = Services(Settings(), ledger._db, ledger, None, Governance(ledger._db, b"fault-tests"))

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fake_engine import FakeCall
 from pydantic import SecretStr
 from ray.serve.llm.openai_api_models import (
     ChatCompletionRequest,
@@ -40,31 +41,6 @@ MODEL = "placeholder"
 EMBED = "embedder"
 HELLO = [{"role": "user", "content": "Write the annual report."}]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FakeCall:
-    """One engine call: `items`, then `fail` raised, or a hang; counts `cancel()`s."""
-
-    def __init__(self, items=(), *, fail: BaseException | None = None, hang: bool = False) -> None:
-        self.items = list(items)
-        self.fail = fail
-        self.hang = hang
-        self.cancelled = 0
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self.items:
-            return self.items.pop(0)
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.fail is not None:
-            raise self.fail
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        self.cancelled += 1
 
 
 class FakeEngines:
