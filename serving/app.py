@@ -26,6 +26,7 @@ from agencyllm.serving.config import ConfigError, ServingConfig, cpu_only, parse
 from agencyllm.serving.engines import engine_deployment, llm_config
 from agencyllm.serving.http import create_app
 from agencyllm.serving.ingress import ENDPOINTS, AgencyIngress
+from agencyllm.serving.placement import ingress_cpus
 from agencyllm.serving.settings import Settings
 
 APP_NAME = "agencyllm"
@@ -35,7 +36,8 @@ def build_application(settings: Settings, serving: ServingConfig, *, cpu: bool |
     if settings.database_url is None:
         raise ValueError("build_application needs settings.database_url (the local run fills it in)")
     cpu = cpu_only() if cpu is None else cpu
-    engines = {spec.id: engine_deployment(spec, cpu=cpu) for spec in serving.models}
+    logging_config = {"enable_access_log": settings.access_log}
+    engines = {spec.id: engine_deployment(spec, cpu=cpu, logging_config=logging_config) for spec in serving.models}
     cards = {spec.id: to_model_metadata(spec.id, llm_config(spec, cpu=cpu)) for spec in serving.models}
     app = create_app(cors_origins=settings.cors_origins, max_request_bytes=settings.max_request_bytes, api_docs=settings.api_docs)
     ingress_cls = make_fastapi_ingress(AgencyIngress, endpoint_map=ENDPOINTS, app=app)
@@ -44,7 +46,8 @@ def build_application(settings: Settings, serving: ServingConfig, *, cpu: bool |
         name="AgencyIngress",
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": ingress_cpus(settings, serving, cpu=cpu)},
+        logging_config=logging_config,
     )
     return ingress.bind(llm_deployments=engines, model_cards=cards, settings=settings, serving=serving)
 
