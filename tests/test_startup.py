@@ -71,6 +71,41 @@ def test_settings_from_the_environment(monkeypatch):
         Settings()
 
 
+def _rendered_env(values: dict) -> tuple[dict[str, str], dict]:
+    """The head container's AGENCYLLM_* values and the Serve config, as the chart renders them."""
+    import helm_python
+    import yaml
+
+    chart = helm_python.Chart.load(str(Path(__file__).resolve().parents[1] / "infra" / "helm" / "agencyllm"))
+    try:
+        rendered = chart.render(values, name="agencyllm", namespace="llm", is_install=True)
+    finally:
+        chart.close()
+    docs = [d for path, text in rendered.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    rayservice = next(d for d in docs if d["kind"] == "RayService")
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in head["env"] if e["name"].startswith("AGENCYLLM_")}
+    return env, yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def test_chart_passes_both_settings(monkeypatch):
+    env, serve_config = _rendered_env({})
+    assert env["AGENCYLLM_ACCESS_LOG"] == "false" and "AGENCYLLM_INGRESS_CPUS" not in env  # default: decided at build
+    assert serve_config["logging_config"] == {"enable_access_log": False}  # the HTTP proxy's and controller's
+    env, serve_config = _rendered_env({"config": {"ingressCpus": 2, "accessLog": True}})
+    assert env["AGENCYLLM_ACCESS_LOG"] == "true" and env["AGENCYLLM_INGRESS_CPUS"] == "2"
+    assert serve_config["logging_config"] == {"enable_access_log": True}
+    for name in ("AGENCYLLM_ACCESS_LOG", "AGENCYLLM_INGRESS_CPUS"):  # what the platform reads back
+        monkeypatch.setenv(name, env[name])
+    settings = Settings()
+    assert settings.ingress_cpus == 2 and settings.access_log is True
+
+
+def test_chart_refuses_negative_ingress_cpus():
+    with pytest.raises(Exception, match="ingressCpus"):
+        _rendered_env({"config": {"ingressCpus": -1}})
+
+
 # ---- the engines' warm-up request ------------------------------------------------------------
 
 
