@@ -154,6 +154,7 @@ class LocalStack:
         application = build_application(self.settings, self.serving)
         # Not `serve.run`: it waits until the application runs, and `wait_ready` reports each step.
         serve.run_many([serve.RunTarget(target=application, name=APP_NAME, route_prefix="/")], wait_for_applications_running=False)
+        self.progress(f"application deployed: {len(self.serving.models)} model(s) loading")
 
     def wait_ready(self, timeout: float, *, stopping: threading.Event | None = None) -> None:
         """Until every deployment is healthy (one progress line each, engines by model) and
