@@ -157,20 +157,22 @@ class LocalStack:
         self.progress(f"application deployed: {len(self.serving.models)} model(s) loading")
 
     def wait_ready(self, timeout: float, *, stopping: threading.Event | None = None) -> None:
-        """Until every deployment is healthy (one progress line each, engines by model) and
-        /readyz answers 200; a deployment that fails to start ends the wait with its reason."""
+        """Until /readyz answers 200 (the database and every engine answer), with one progress
+        line per deployment that becomes healthy (engines by model); a deployment that fails to
+        start ends the wait with its reason."""
         deadline = time.monotonic() + timeout
         last = "no answer"
         reported: set[str] = set()
         while time.monotonic() < deadline:
             if stopping is not None and stopping.is_set():
                 return
-            if self._ray_started and not self._deployments_running(reported):
-                time.sleep(STATUS_POLL_SECONDS)
-                continue
+            if self._ray_started:
+                self._report_deployments(reported)
             try:
                 response = httpx.get(f"{self.base_url}/readyz", timeout=15)
                 if response.status_code == 200:
+                    if self._ray_started:
+                        self._report_deployments(reported, ready=True)
                     return
                 last = response.text
             except httpx.HTTPError as exc:
@@ -178,27 +180,26 @@ class LocalStack:
             time.sleep(STATUS_POLL_SECONDS)
         raise TimeoutError(f"the platform did not become ready in {timeout:.0f}s: {last}")
 
-    def _deployments_running(self, reported: set[str]) -> bool:
-        """Report deployments that became healthy; True once the application runs."""
+    def _report_deployments(self, reported: set[str], *, ready: bool = False) -> None:
+        """A progress line for each deployment newly healthy (all of them once `ready`: /readyz
+        has seen every engine answer); a deployment that failed to start raises its reason."""
         from ray import serve
 
         from agencyllm.serving.app import APP_NAME
 
         app = serve.status().applications.get(APP_NAME)
         if app is None:
-            return False
+            return
         for name, deployment in app.deployments.items():
             status = str(getattr(deployment.status, "value", deployment.status))
-            if status == "HEALTHY" and name not in reported:
+            if name not in reported and (status == "HEALTHY" or ready):
                 reported.add(name)
                 model = name.removeprefix(ENGINE_PREFIX) if name.startswith(ENGINE_PREFIX) else None
                 self.progress(f"model {model} loaded and warm" if model else f"{name} started")
             elif status == "DEPLOY_FAILED":
                 raise RuntimeError(_first_line(deployment.message) or f"{name} failed to start")
-        app_status = str(getattr(app.status, "value", app.status))
-        if app_status == "DEPLOY_FAILED":
+        if str(getattr(app.status, "value", app.status)) == "DEPLOY_FAILED":
             raise RuntimeError(_first_line(app.message) or "the application failed to start")
-        return app_status == "RUNNING"
 
     def stop(self) -> None:
         if self._ray_started:

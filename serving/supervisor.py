@@ -386,6 +386,9 @@ def serve(settings: Settings, model_dir: Path | None, progress_fd: int | None = 
             signal.signal(signum, handle)
 
     install()
+    import ray  # noqa: F401 - before the preload thread: the two threads never import Ray at once
+    from ray import serve as _serve  # noqa: F401
+
     preload = threading.Thread(target=_preload_serving_code, daemon=True)
     preload.start()
     stack = LocalStack(settings, serving, progress=reporter.step, log_to_driver=True)

@@ -157,9 +157,14 @@ def test_up_serves_requests(up, tenant_key):
     up.remember_tree()
 
 
-def test_up_shows_one_line_per_step_and_no_log_records(up):
+def test_up_shows_one_line_per_step_and_no_log_records(up, tenant_key):
     """Progress lines with elapsed seconds (database, migrations, Ray, each model, Ready), the
-    log file named; Alembic's, Serve's and the engine's own records only in that file."""
+    log file named; Alembic's, Serve's and the engine's own records only in that file, and no
+    access log lines there (off by default)."""
+    _, key = tenant_key
+    with httpx.Client(base_url=up.url, timeout=60) as client:
+        assert client.post(**chat(key)).status_code == 200
+    time.sleep(2)  # the replicas' output reaches the log file through Ray's log relay
     from agencyllm.quotas.db import head_revisions
 
     lines = up.text().splitlines()
@@ -181,6 +186,8 @@ def test_up_shows_one_line_per_step_and_no_log_records(up):
     assert not records, f"log records on the terminal: {records[:5]}"
     text = log_file.read_text(errors="replace")
     assert "Started vLLM engine" in text and f"LLMServer:{MODEL}" in text
+    # Access logs are off by default: the request above left no line.
+    assert "POST /v1/chat/completions" not in text and "CALL chat OK" not in text
 
 
 def test_database_death_gives_503_then_recovers_without_restart(up, tenant_key):
