@@ -51,11 +51,13 @@ def test_configured_ingress_cpus_win(two_models):
     assert ingress_cpus(Settings(ingress_cpus=0), two_models, cpu=True, total_cpus=64) == 0
 
 
-def test_outside_ray_the_default_reserves_nothing(two_models):
-    import ray
+def test_without_a_total_the_default_asks_the_ray_cluster(two_models, monkeypatch):
+    from agencyllm.serving import placement
 
-    assert not ray.is_initialized()
+    monkeypatch.setattr(placement, "cluster_cpus", lambda: None)  # not connected to Ray
     assert ingress_cpus(Settings(), two_models, cpu=True) == 0
+    monkeypatch.setattr(placement, "cluster_cpus", lambda: 16.0)  # e.g. a KubeRay cluster's CPUs
+    assert ingress_cpus(Settings(), two_models, cpu=True) == 1
 
 
 def test_settings_from_the_environment(monkeypatch):
