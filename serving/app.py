@@ -23,6 +23,7 @@ from ray.serve import Application
 from agencyllm.serving.config import ConfigError, ServingConfig, cpu_only, parse_config
 from agencyllm.serving.engines import engine_deployment
 from agencyllm.serving.ray_adapter import AgencyIngress
+from agencyllm.serving.placement import ingress_cpus
 from agencyllm.serving.settings import Settings
 
 APP_NAME = "agencyllm"
@@ -32,13 +33,15 @@ def build_application(settings: Settings, serving: ServingConfig, *, cpu: bool |
     if settings.database_url is None:
         raise ValueError("build_application needs settings.database_url (the local run fills it in)")
     cpu = cpu_only(settings.force_cpu) if cpu is None else cpu
-    engines = {spec.id: engine_deployment(spec, cpu=cpu) for spec in serving.models}
+    logging_config = {"enable_access_log": settings.access_log}
+    engines = {spec.id: engine_deployment(spec, cpu=cpu, logging_config=logging_config) for spec in serving.models}
     ingress = serve.deployment(
         AgencyIngress,
         name="AgencyIngress",
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": ingress_cpus(settings, serving, cpu=cpu)},
+        logging_config=logging_config,
     )
     return ingress.bind(engines, settings=settings, serving=serving)
 

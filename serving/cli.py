@@ -9,9 +9,12 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from pathlib import Path
 
 from agencyllm.serving.settings import Settings, SettingsError
+
+STARTED = time.monotonic()  # `agencyllm up` counts its progress lines from here
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -51,14 +54,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     if placeholder:
         print(PLACEHOLDER_WARNING, file=sys.stderr, flush=True)
     print(f"Starting agencyllm: models {', '.join(m.id for m in serving.models)}; data in {settings.data_dir}", flush=True)
-    return Supervisor(settings, args.model).run()
+    return Supervisor(settings, args.model, verbose=args.verbose, started=STARTED).run()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The stack process `up` runs (Ray, engines, ingress); the database is already there."""
     from agencyllm.serving.supervisor import serve
 
-    return serve(_settings(args), args.model)
+    return serve(_settings(args), args.model, args.progress_fd)
 
 
 def _bootstrap_admin_key(settings: Settings) -> Path | None:
@@ -113,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     source = up.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, help="models YAML file")
     source.add_argument("--model", type=Path, help="serve one model directory (its id is the directory name)")
+    up.add_argument("--verbose", action="store_true", help="show Ray's, Serve's and the engines' logs here, not in DATA_DIR/logs")
     up.set_defaults(func=cmd_up)
     stack = sub.add_parser("_serve")  # internal: the stack process of `up` (no help: not for users)
     stack.add_argument("--model", type=Path)
+    stack.add_argument("--progress-fd", type=int)
     stack.set_defaults(func=cmd_serve)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)

@@ -3,7 +3,12 @@ fair admission queue (`serving/fairshare.py`) in front of each replica's engine.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from ray.serve.llm import LLMConfig, LLMServer, ModelLoadingConfig, build_llm_deployment
@@ -12,20 +17,12 @@ from ray.util import metrics
 
 from agencyllm.serving.config import ModelSpec
 from agencyllm.serving.fairshare import ENGINE_PRIORITY, FairQueue, QueueRefused, TenantLoad, Ticket
+from agencyllm.serving.offline import OFFLINE_ENV  # engine processes must never reach out
 from agencyllm.serving.stream_batch import coalesce
 
 # vLLM on CPU: fp32 kernels, no CUDA graphs, a bounded KV cache (GiB) instead of a share of GPU memory.
 _CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True}
 CPU_KV_CACHE_GIB = "1"
-
-# Engine processes must never reach out: air-gapped installs have nowhere to send telemetry to.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 
 
 def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
@@ -66,8 +63,9 @@ def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
     )
 
 
-def engine_deployment(spec: ModelSpec, *, cpu: bool):
-    """The bound engine deployment for one model (deployment names stay `LLMServer:<model>`)."""
+def engine_deployment(spec: ModelSpec, *, cpu: bool, logging_config: dict[str, Any] | None = None):
+    """The bound engine deployment for one model (deployment names stay `LLMServer:<model>`);
+    `logging_config` is Ray Serve's for its replicas (e.g. access log off)."""
     fair_share = {
         "slots": spec.engine_slots(),
         "interactive_reserve": spec.interactive_reserve(),
@@ -80,6 +78,7 @@ def engine_deployment(spec: ModelSpec, *, cpu: bool):
         deployment_cls=FairLLMServer,
         name_prefix="LLMServer:",
         bind_kwargs={"fair_share": fair_share},
+        override_serve_options=None if logging_config is None else {"logging_config": logging_config},
     )
 
 
@@ -94,7 +93,20 @@ class FairLLMServer(LLMServer):
         self._model = llm_config.model_id
         self._fair_metrics = _FairQueueMetrics()
         self._queue = FairQueue(**fair_share, on_change=lambda load: self._fair_metrics.load(self._model, load))
+        _skip_node_download(llm_config)
         await super().__init__(llm_config, **kwargs)
+        await self._warm_up(llm_config)
+
+    async def _warm_up(self, llm_config: LLMConfig) -> None:
+        """One real request through the engine before the replica counts as running, so the
+        first staff request after `Ready:` does not pay for cold kernels and templates."""
+        embed = llm_config.engine_kwargs.get("runner") == "pooling"
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(_warm_request(self, self._model, embed=embed), timeout=WARM_UP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise WarmUpFailed(f"model {self._model}: the warm-up request took over {WARM_UP_TIMEOUT_SECONDS:.0f} s") from None
+        _log.info("model %s answered its warm-up request in %.2f s", self._model, time.monotonic() - started)
 
     async def chat(self, request, raw_request_info=None, ticket: Ticket | None = None):
         return await self._in_turn(super().chat, request, raw_request_info, ticket)
@@ -129,6 +141,76 @@ class FairLLMServer(LLMServer):
         """The first chunk leaves at once; later ones made within the model's `stream_coalesce_ms`
         travel as one handle item (serving/stream_batch.py)."""
         return coalesce(generator, self._get_batch_interval_ms())
+
+
+# ---- warm-up (FairLLMServer._warm_up) ------------------------------------------------------
+
+# A tiny model on CPU answers in seconds, a large one on a GPU well within this.
+WARM_UP_TIMEOUT_SECONDS = 120.0
+WARM_UP_PROMPT = "Hello"
+_log = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's log file
+
+
+class WarmUpFailed(RuntimeError):
+    """The engine started but could not answer its warm-up request: the replica fails to start."""
+
+
+def _skip_node_download(llm_config: LLMConfig) -> None:
+    """Weights on a local path need no download: skip Ray Serve LLM's per-node download task,
+    which starts a worker process (importing torch and transformers) only to return the path."""
+    source = llm_config.model_loading_config.model_source
+    # A KV connector changes the engine arguments after this point: leave those configs alone.
+    if isinstance(source, str) and Path(source).is_dir() and "kv_transfer_config" not in llm_config.engine_kwargs:
+        llm_config.get_or_create_callback().ctx.run_init_node = False
+
+
+async def _warm_request(server: FairLLMServer, model: str, *, embed: bool) -> None:
+    """Embedding models embed one input; generate models stream one two-token chat answer, or a
+    completion when the model has no chat template (vLLM refuses its chat with a 400)."""
+    from pydantic import TypeAdapter
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+    if embed:
+        # EmbeddingRequest is a union (plain input or chat messages): let pydantic pick.
+        request = TypeAdapter(EmbeddingRequest).validate_python({"model": model, "input": WARM_UP_PROMPT})
+        await _answer(await server.embeddings(request), model)
+        return
+    chat = ChatCompletionRequest(
+        model=model, messages=[{"role": "user", "content": WARM_UP_PROMPT}], max_tokens=2, stream=True
+    )
+    error = await _answer(await server.chat(chat), model, tolerate_bad_request=True)
+    if error is not None:
+        _log.info("model %s: chat warm-up refused (%s); warming up with a completion", model, error)
+        completion = CompletionRequest(model=model, prompt=WARM_UP_PROMPT, max_tokens=2, stream=True)
+        await _answer(await server.completions(completion), model)
+
+
+async def _answer(stream: AsyncIterator, model: str, *, tolerate_bad_request: bool = False) -> str | None:
+    """Drain one engine answer. An error raises WarmUpFailed, except a 400 when tolerated (its
+    message is returned)."""
+    error: tuple[int, str] | None = None
+    async for item in stream:
+        for part in item if isinstance(item, list) else [item]:
+            error = error or _error_in(part)
+    if error is None:
+        return None
+    code, message = error
+    if tolerate_bad_request and code == 400:
+        return message
+    raise WarmUpFailed(f"model {model}: the warm-up request failed ({code}): {message}")
+
+
+def _error_in(part: Any) -> tuple[int, str] | None:
+    if isinstance(part, ErrorResponse):
+        return int(part.error.code or 500), part.error.message
+    if isinstance(part, str):  # SSE: "data: {...}\n\n"; an error chunk is {"error": {...}}
+        for line in part.splitlines():
+            payload = line.removeprefix("data: ").strip()
+            if payload.startswith("{") and '"error"' in payload:
+                body = json.loads(payload).get("error")
+                if isinstance(body, dict):
+                    return int(body.get("code") or 500), str(body.get("message"))
+    return None
 
 
 async def _holding(stream: AsyncIterator, slot) -> AsyncIterator:

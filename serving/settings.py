@@ -104,6 +104,11 @@ class Settings(_Validated):
     ray_num_cpus: int | None = None
     # Run the engines as on a CPU-only host even where vLLM sees an accelerator.
     force_cpu: bool = False
+    # CPUs each ingress replica reserves in Ray. Unset: 1 where the cluster (local run: the host's
+    # cores) has one per ingress replica beside the engines' placement bundles, else 0.
+    ingress_cpus: float | None = Field(default=None, ge=0)
+    # Ray Serve's per-request access log lines from the ingress, engines and HTTP proxy.
+    access_log: bool = False
 
     # Web console (/console, see docs/console.md). The URL users reach the platform at, as the
     # Keycloak realm's AGENCYLLM_PUBLIC_URL (https behind a TLS proxy); unset: each request's own.

@@ -11,6 +11,12 @@ so its signal handlers stay its own and its stop path always runs, within a boun
 
 While running, it restarts the embedded Postgres if it dies and says once when the database
 becomes unreachable and once when it is back.
+
+Start-up overlaps: the stack process is spawned first (importing vLLM and starting Ray take the
+longest) while the supervisor starts Postgres and migrates; it hands the database URL over the
+stack's stdin. The user sees one progress line per step (`[  4.0s] migrations at 0003`); Ray's,
+Serve's and the engines' own output goes to `DATA_DIR/logs/agencyllm.log` (`--verbose`: the
+terminal). The stack process reports its steps on a pipe (`--progress-fd`).
 """
 
 from __future__ import annotations
@@ -32,11 +38,16 @@ from agencyllm.serving.settings import Settings
 log = logging.getLogger("agencyllm.up")
 
 STOP_GRACE_SECONDS = 45.0
+STACK_START_TIMEOUT_SECONDS = 600.0
 KILL_GRACE_SECONDS = 5.0
 TICK_SECONDS = 1.0
 DATABASE_CHECK_SECONDS = 5.0
 SERVE_COMMAND = "_serve"
+LOG_FILE = Path("logs") / "agencyllm.log"  # under the data dir
 _PR_SET_PDEATHSIG = 1
+# Lines on the progress pipe: "<kind> <text>"; `step` lines are shown with the elapsed time,
+# `say` lines as messages.
+STEP, SAY = "step", "say"
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -48,10 +59,39 @@ def say(message: str) -> None:
     print(f"agencyllm: {message}", file=sys.stderr, flush=True)
 
 
+class Progress:
+    """One line per start-up step, with the seconds since `agencyllm up` started."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self._lock = threading.Lock()
+
+    def step(self, message: str) -> None:
+        with self._lock:
+            print(f"[{time.monotonic() - self.started:6.1f}s] {message}", flush=True)
+
+    def say(self, message: str) -> None:
+        with self._lock:
+            say(message)
+
+    def relay(self, pipe) -> None:
+        """Show the stack process's lines until it closes its end."""
+        with pipe:
+            for line in pipe:
+                kind, _, text = line.rstrip("\n").partition(" ")
+                (self.step if kind == STEP else self.say)(text)
+
+
 class Supervisor:
-    def __init__(self, settings: Settings, model_dir: Path | None) -> None:
+    def __init__(
+        self, settings: Settings, model_dir: Path | None, *, verbose: bool = False, started: float | None = None
+    ) -> None:
         self.settings = settings
         self.model_dir = model_dir
+        self.verbose = verbose
+        self.progress = Progress(time.monotonic() if started is None else started)
+        self.log_file = settings.data_dir / LOG_FILE
+        self._relay: threading.Thread | None = None
         self.stopping = threading.Event()
         self.postgres = None
         self.child: subprocess.Popen | None = None
@@ -67,14 +107,21 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         code = 0
         try:
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+            if self.verbose:
+                self.progress.step("Ray, Serve and engine logs follow here (--verbose)")
+            else:
+                self._log_to_file()
+                self.progress.step(f"Ray, Serve and engine logs: {self.log_file} (--verbose shows them here)")
+            self.child = self._spawn()
             url = self._url = self._start_database()
             from agencyllm.serving.cli import _bootstrap_admin_key
 
             admin_key = _bootstrap_admin_key(self.settings.model_copy(update={"database_url": _secret(url)}))
             if admin_key is not None:
                 print(f"Platform admin API key written to {admin_key} (readable by you only).", flush=True)
+            self._hand_over(url)
             if not self.stopping.is_set():
-                self.child = self._spawn(url)
                 code = self._watch()
         except Exception as exc:  # startup failed: say what, not a traceback
             say(f"could not start: {exc}")
@@ -83,7 +130,19 @@ class Supervisor:
             print("Stopping agencyllm…", file=sys.stderr, flush=True)
             self._stop_stack()
             self._stop_database()
+            if self._relay is not None:
+                self._relay.join(KILL_GRACE_SECONDS)
         return code
+
+    def _log_to_file(self) -> None:
+        """This process's log records go to the log file too; the terminal gets the progress."""
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        for old in list(root.handlers):
+            root.removeHandler(old)
+        root.addHandler(handler)
 
     def _on_signal(self, signum: int, _frame) -> None:
         self.stopping.set()
@@ -94,7 +153,8 @@ class Supervisor:
             code = self.child.poll()
             if code is not None:
                 if code != 0:
-                    say(f"the serving stack exited with status {code}")
+                    where = "" if self.verbose else f"; its log: {self.log_file}"
+                    self.progress.say(f"the serving stack exited with status {code}{where}")
                 return 0 if code == 0 else 1
             try:
                 self._keep_database()
@@ -105,14 +165,18 @@ class Supervisor:
     # ---- the embedded Postgres --------------------------------------------------------------
 
     def _start_database(self) -> str:
-        if self.settings.database_url is not None:
-            return self.settings.database_url.get_secret_value()
-        from agencyllm.quotas.db import EmbeddedPostgres, upgrade_schema
+        """The embedded Postgres (unless a URL is configured), migrated to the schema's head."""
+        from agencyllm.quotas.db import EmbeddedPostgres, head_revisions, upgrade_schema
 
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.postgres = EmbeddedPostgres(self.settings.data_dir)
-        url = self.postgres.start()
+        if self.settings.database_url is not None:
+            url = self.settings.database_url.get_secret_value()
+            self.progress.step("database: AGENCYLLM_DATABASE_URL")
+        else:
+            self.postgres = EmbeddedPostgres(self.settings.data_dir)
+            url = self.postgres.start()
+            self.progress.step("database ready")
         upgrade_schema(url)
+        self.progress.step(f"migrations at {', '.join(sorted(head_revisions()))}")
         return url
 
     def _keep_database(self) -> None:
@@ -166,23 +230,46 @@ class Supervisor:
 
     # ---- the serving stack ------------------------------------------------------------------
 
-    def _spawn(self, database_url: str) -> subprocess.Popen:
+    def _spawn(self) -> subprocess.Popen:
         env = dict(os.environ)
-        env["AGENCYLLM_DATABASE_URL"] = database_url
+        env.pop("AGENCYLLM_DATABASE_URL", None)  # handed over on stdin, once it is known
         env["AGENCYLLM_DATA_DIR"] = str(self.settings.data_dir)
         env["AGENCYLLM_HOST"] = self.settings.host
         env["AGENCYLLM_PORT"] = str(self.settings.port)
         if self.settings.config is not None:
             env["AGENCYLLM_CONFIG"] = str(self.settings.config)
-        command = [sys.executable, "-m", "agencyllm.serving.cli", SERVE_COMMAND]
+        progress_read, progress_write = os.pipe()
+        command = [sys.executable, "-m", "agencyllm.serving.cli", SERVE_COMMAND, "--progress-fd", str(progress_write)]
         if self.model_dir is not None:
             command += ["--model", str(self.model_dir)]
-        # Its own session: a terminal's Ctrl-C reaches the supervisor only, which stops the stack
-        # in order; and every process Ray starts can be found by session afterwards.
-        return subprocess.Popen(
-            command, env=env, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        output = None
+        if not self.verbose:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_file, "a", buffering=1)  # noqa: SIM115 - the child holds it
+            output.write(f"---- agencyllm up, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        try:
+            # Its own session: a terminal's Ctrl-C reaches the supervisor only, which stops the
+            # stack in order; and every process Ray starts can be found by session afterwards.
+            child = subprocess.Popen(
+                command, env=env, start_new_session=True, stdin=subprocess.PIPE, text=True,
+                stdout=output, stderr=output, pass_fds=(progress_write,),
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        finally:
+            os.close(progress_write)
+            if output is not None:
+                output.close()
+        self._relay = threading.Thread(
+            target=self.progress.relay, args=(os.fdopen(progress_read, encoding="utf-8", errors="replace"),), daemon=True
         )
+        self._relay.start()
+        return child
+
+    def _hand_over(self, database_url: str) -> None:
+        """The stack process waits (after starting Ray) for the database URL on its stdin."""
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.child.stdin.write(database_url + "\n")
+            self.child.stdin.close()
 
     def _remember_tree(self) -> None:
         import psutil
@@ -221,6 +308,8 @@ class Supervisor:
         if self.child is None:
             return
         self._remember_tree()
+        with contextlib.suppress(OSError):  # a stack still waiting for the database URL stops
+            self.child.stdin.close()
         if self.child.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.child.send_signal(signal.SIGTERM)
@@ -248,15 +337,44 @@ def _secret(value: str):
     return SecretStr(value)
 
 
-def serve(settings: Settings, model_dir: Path | None) -> int:
-    """The stack process: Ray, engines and ingress, until SIGTERM or SIGINT."""
+class _Reporter:
+    """The stack process's side of the progress pipe (or plain output when run on its own)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._pipe = None if fd is None else os.fdopen(fd, "w", buffering=1, encoding="utf-8")
+
+    def step(self, message: str) -> None:
+        self._write(STEP, message)
+
+    def say(self, message: str) -> None:
+        self._write(SAY, message)
+
+    def _write(self, kind: str, message: str) -> None:
+        line = " ".join(message.split())  # one line each
+        if self._pipe is None:
+            print(line if kind == STEP else f"agencyllm: {line}", file=sys.stdout if kind == STEP else sys.stderr, flush=True)
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self._pipe.write(f"{kind} {line}\n")
+
+
+def _preload_serving_code() -> None:
+    """Import the application (vLLM, torch, Ray Serve LLM: the slowest imports) while Ray starts."""
+    with contextlib.suppress(Exception):  # deploy() imports it again and reports any error
+        import agencyllm.serving.app  # noqa: F401
+
+
+def serve(settings: Settings, model_dir: Path | None, progress_fd: int | None = None) -> int:
+    """The stack process: Ray, engines and ingress, until SIGTERM or SIGINT. The database URL
+    comes on stdin (the supervisor starts the database meanwhile)."""
     from agencyllm.serving.config import ConfigError
     from agencyllm.serving.stack import LocalStack, resolve_models
 
+    reporter = _Reporter(progress_fd)
     try:
         serving, _ = resolve_models(settings, model_dir)
     except ConfigError as exc:
-        say(str(exc))
+        reporter.say(str(exc))
         return 2
     stopping = threading.Event()
 
@@ -268,20 +386,32 @@ def serve(settings: Settings, model_dir: Path | None) -> int:
             signal.signal(signum, handle)
 
     install()
-    stack = LocalStack(settings, serving)
+    import ray  # noqa: F401 - before the preload thread: the two threads never import Ray at once
+    from ray import serve as _serve  # noqa: F401
+
+    preload = threading.Thread(target=_preload_serving_code, daemon=True)
+    preload.start()
+    stack = LocalStack(settings, serving, progress=reporter.step, log_to_driver=True)
     try:
         # ray.init replaces the SIGTERM handler (Python's and a native one that aborts): take it back.
-        stack.start(on_ray_started=install, stopping=stopping)
+        stack.start_ray(on_ray_started=install)
         install()
+        url = sys.stdin.readline().strip()
+        if stopping.is_set() or not url:  # the supervisor is stopping (or could not start the database)
+            return 0
+        stack.settings = stack.settings.model_copy(update={"database_url": _secret(url)})
+        preload.join()
+        stack.deploy()
+        stack.wait_ready(STACK_START_TIMEOUT_SECONDS, stopping=stopping)
         if stopping.is_set():
             return 0
-        print(f"Ready: {stack.base_url}/v1", flush=True)
+        reporter.step(f"Ready: {stack.base_url}/v1")
         while not stopping.wait(1):
             pass
     except SystemExit:  # Ray's handler, when the signal came during start
         pass
     except Exception as exc:
-        say(f"could not start: {exc}")
+        reporter.say(f"could not start: {exc}")
         return 1
     finally:
         stack.stop()

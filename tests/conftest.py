@@ -82,6 +82,7 @@ def stack(tmp_path_factory, pg_url, oidc_issuer) -> Iterator[RunningStack]:  # n
         ingress_replicas=2,
         max_request_bytes=256 * 1024,
         reservation_lease_seconds=30,
+        access_log=True,  # tests read Serve's access log: which replica served, cancelled engine calls
     )
     running = LocalStack(settings, default_models(data_dir))
     try:

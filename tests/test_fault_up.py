@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,39 @@ def test_up_serves_requests(up, tenant_key):
         response = client.post(**chat(key))
     assert response.status_code == 200, response.text
     up.remember_tree()
+
+
+def test_up_shows_one_line_per_step_and_no_log_records(up, tenant_key):
+    """Progress lines with elapsed seconds (database, migrations, Ray, each model, Ready), the
+    log file named; Alembic's, Serve's and the engine's own records only in that file, and no
+    access log lines there (off by default)."""
+    _, key = tenant_key
+    with httpx.Client(base_url=up.url, timeout=60) as client:
+        assert client.post(**chat(key)).status_code == 200
+    time.sleep(2)  # the replicas' output reaches the log file through Ray's log relay
+    from agencyllm.quotas.db import head_revisions
+
+    lines = up.text().splitlines()
+    steps = [m.group(1) for line in lines if (m := re.match(r"^\[\s*\d+\.\ds\] (.+)$", line))]
+    log_file = up.data_dir / "logs" / "agencyllm.log"
+    expected = [
+        f"Ray, Serve and engine logs: {log_file} (--verbose shows them here)",
+        "database ready",
+        f"migrations at {', '.join(sorted(head_revisions()))}",
+        "Ray started",
+        f"model {MODEL} loaded and warm",
+        f"Ready: {up.url}/v1",
+    ]
+    for step in expected:
+        assert step in steps, f"no progress line {step!r}:\n{up.text()[-3000:]}"
+    order = [steps.index(step) for step in expected]
+    assert order[1] < order[2] and order[3] < order[4] < order[5], steps  # Ray starts beside the database
+    records = [line for line in lines if line.lstrip().startswith("{") or re.match(r"^(\x1b\[\d+m)?\(?\w*(DEBUG|INFO|WARNING) ", line)]
+    assert not records, f"log records on the terminal: {records[:5]}"
+    text = log_file.read_text(errors="replace")
+    assert "Started vLLM engine" in text and f"LLMServer:{MODEL}" in text
+    # Access logs are off by default: the request above left no line.
+    assert "POST /v1/chat/completions" not in text and "CALL chat OK" not in text
 
 
 def test_database_death_gives_503_then_recovers_without_restart(up, tenant_key):

@@ -121,6 +121,12 @@ imagePullSecrets:
   value: {{ .Values.config.maxRequestBytes | int64 | quote }}
 - name: AGENCYLLM_CORS_ORIGINS
   value: {{ .Values.config.corsOrigins | toJson | quote }}
+- name: AGENCYLLM_ACCESS_LOG
+  value: {{ .Values.config.accessLog | quote }}
+{{- if not (kindIs "invalid" .Values.config.ingressCpus) }}
+- name: AGENCYLLM_INGRESS_CPUS
+  value: {{ .Values.config.ingressCpus | quote }}
+{{- end }}
 {{- if .Values.oidc.issuer }}
 - name: AGENCYLLM_OIDC_ISSUER
   value: {{ .Values.oidc.issuer | quote }}
@@ -284,6 +290,7 @@ imagePullSecrets:
 {{- $config := dict
   "proxy_location" "EveryNode"
   "http_options" (dict "host" "0.0.0.0" "port" (int .Values.serve.port))
+  "logging_config" (dict "enable_access_log" .Values.config.accessLog)
   "applications" (list (dict
     "name" "agencyllm"
     "route_prefix" "/"
