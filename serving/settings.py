@@ -90,8 +90,9 @@ class Settings(_Validated):
     cors_origins: list[str] = []
     ingress_replicas: int = Field(default=1, ge=1)
     # Local run with one ingress replica: the replica serves the port itself, without Ray
-    # Serve's proxy in between (serving/ray_env.py).
-    direct_ingress: bool = True
+    # Serve's proxy in between (serving/ray_env.py). Opt-in: on stop, Ray waits for in-flight
+    # streams on such a replica until its force-kill, so one may be cut before it is settled.
+    direct_ingress: bool = False
 
     # Governance (docs/compliance/): audit records are kept this many days (never fewer than 90);
     # the usage ledger this many (unset: for ever). Content retention is a per-tenant opt-in.

@@ -1,6 +1,6 @@
 """Who serves the local run's port (serving/ray_env.py): the one ingress replica itself (direct
-ingress) or Ray Serve's proxy. The stack itself runs with direct ingress in tests/test_fault_up.py
-(`agencyllm up`, one ingress replica) and with the proxy in the shared test stack (two replicas)."""
+ingress, opt-in) or Ray Serve's proxy (the default; the stacks of tests/test_fault_up.py and the
+shared test stack run with it)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from agencyllm.serving.settings import Settings
 
 
 def test_one_ingress_replica_serves_the_users_port_itself():
-    http = serve_http(Settings(host="127.0.0.1", port=18123, ingress_replicas=1, database_url=None))
+    http = serve_http(Settings(host="127.0.0.1", port=18123, ingress_replicas=1, direct_ingress=True, database_url=None))
     assert http.direct
     assert http.env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     # Ray allocates replica ports from [MIN, MAX): the user's port and nothing else.
@@ -28,7 +28,7 @@ def test_one_ingress_replica_serves_the_users_port_itself():
 
 
 @pytest.mark.parametrize("settings", [
-    {"ingress_replicas": 2},  # several replicas cannot share one port: the proxy balances them
+    {"ingress_replicas": 2, "direct_ingress": True},  # several replicas cannot share one port: the proxy balances them
     {"direct_ingress": False},
 ])
 def test_otherwise_the_proxy_serves_it(settings):
@@ -39,5 +39,6 @@ def test_otherwise_the_proxy_serves_it(settings):
 
 
 def test_the_setting_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("AGENCYLLM_DIRECT_INGRESS", "false")
-    assert Settings(database_url=None).direct_ingress is False
+    assert Settings(database_url=None).direct_ingress is False  # opt-in
+    monkeypatch.setenv("AGENCYLLM_DIRECT_INGRESS", "true")
+    assert Settings(database_url=None).direct_ingress is True

@@ -69,7 +69,7 @@ def test_settings_from_the_environment(monkeypatch):
     monkeypatch.delenv("AGENCYLLM_ACCESS_LOG")
     assert Settings().ingress_cpus is None and Settings().access_log is False
     monkeypatch.setenv("AGENCYLLM_INGRESS_CPUS", "-1")
-    with pytest.raises(ValueError, match="ingress_cpus"):
+    with pytest.raises(ValueError, match="AGENCYLLM_INGRESS_CPUS"):
         Settings()
 
 
