@@ -99,6 +99,7 @@ class Supervisor:
         self._database_ok: bool | None = None
         self._url: str | None = None
         self._next_database_check = 0.0
+        self._restarting_database = False
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -182,11 +183,14 @@ class Supervisor:
     def _keep_database(self) -> None:
         now = time.monotonic()
         if self.postgres is not None and not self.postgres.alive():
-            say("the embedded PostgreSQL server stopped unexpectedly; restarting it")
+            if not self._restarting_database:  # one line per outage, however many attempts it takes
+                say("the embedded PostgreSQL server stopped unexpectedly; restarting it")
             try:
                 self._url = self.postgres.restart()
+                self._restarting_database = False
                 say("the embedded PostgreSQL server is running again")
             except Exception as exc:
+                self._restarting_database = True
                 say(f"could not restart the embedded PostgreSQL server ({type(exc).__name__}); retrying")
             self._next_database_check = 0.0
         if now < self._next_database_check:
