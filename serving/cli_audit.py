@@ -288,7 +288,8 @@ def model_card(args: argparse.Namespace) -> int:
     from agencyllm.serving.stack import resolve_models
 
     try:
-        serving, _ = resolve_models(_settings(args), args.model_dir)
+        settings = _settings(args)
+        serving, _ = resolve_models(settings, args.model_dir)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -297,7 +298,7 @@ def model_card(args: argparse.Namespace) -> int:
         known = ", ".join(m.id for m in serving.models)
         print(f"error: no model '{args.model}' in the configuration (known: {known})", file=sys.stderr)
         return 1
-    card = model_card_data(spec, cpu=cpu_only())
+    card = model_card_data(spec, cpu=cpu_only(settings.force_cpu))
     text = json.dumps(card, indent=2) if args.format == "json" else model_card_markdown(card)
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")

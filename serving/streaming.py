@@ -44,7 +44,7 @@ class StreamUsage:
 
     def best_completion_tokens(self) -> int:
         """The engine's own count when it reported one; otherwise one token per chunk of text
-        (the ingress asks for unbatched output: one chunk per generated token and choice)."""
+        (the engine makes one event per generated token and choice; a handle item may carry several)."""
         return self.completion_tokens if self.reported else self.content_chunks
 
 
