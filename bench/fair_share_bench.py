@@ -215,7 +215,7 @@ async def tenants(database_url: str) -> dict[str, Caller]:
         await database.dispose()
 
 
-def agencyllm(model_dir: Path, work: Path, seconds: float) -> dict:
+def agencyllm(model_dir: Path, work: Path, seconds: float, database_dir: Path | None = None) -> dict:
     from pydantic import SecretStr
 
     from agencyllm.quotas.db import EmbeddedPostgres
@@ -223,11 +223,13 @@ def agencyllm(model_dir: Path, work: Path, seconds: float) -> dict:
     from agencyllm.serving.settings import Settings
     from agencyllm.serving.stack import LocalStack
 
-    postgres = EmbeddedPostgres(work / "pg")
+    pg_dir = work / "pg" if database_dir is None else Path(tempfile.mkdtemp(prefix="fair-share-pg-", dir=database_dir))
+    postgres = EmbeddedPostgres(pg_dir)
     stack = None
     try:
         url = postgres.start()
-        settings = Settings(data_dir=work / "data", port=free_port(), database_url=SecretStr(url))
+        # Direct ingress (one ingress replica serving the port), as the recorded runs had it.
+        settings = Settings(data_dir=work / "data", port=free_port(), database_url=SecretStr(url), direct_ingress=True)
         spec = ModelSpec(id=MODEL_ID, path=model_dir, engine_args={"max_model_len": 1024},
                          fair_share=FairShare(slots=SLOTS))
         stack = LocalStack(settings, ServingConfig(models=[spec]))
@@ -238,6 +240,8 @@ def agencyllm(model_dir: Path, work: Path, seconds: float) -> dict:
         if stack is not None:
             stack.stop()
         postgres.stop()
+        if database_dir is not None:
+            shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -288,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--only", choices=("vllm-fcfs", "vllm-priority", "agencyllm"), action="append",
                         help="run only these targets (repeatable)")
+    parser.add_argument("--database-dir", type=Path,
+                        help="experiment: keep agencyllm's embedded Postgres under this directory instead of the "
+                             "run's temporary directory, e.g. on a faster disk (or /dev/shm, to see what the "
+                             "disk's commit latency costs; never for real data)")
     args = parser.parse_args(argv)
     seconds = 15.0 if args.quick else 40.0
     wanted = args.only or ["vllm-fcfs", "vllm-priority", "agencyllm"]
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in wanted:
         log(f"starting {name}")
         if name == "agencyllm":
-            results[name] = agencyllm(model_dir, work, seconds)
+            results[name] = agencyllm(model_dir, work, seconds, args.database_dir)
         else:
             results[name] = plain_vllm(model_dir, work, name.removeprefix("vllm-"), seconds)
     shutil.rmtree(work, ignore_errors=True)

@@ -193,7 +193,7 @@ def _ray_label(prefix: str, cmd: str) -> str:
     return (f"{prefix}: ray proxy" if "ProxyActor" in cmd else
             f"{prefix}: ingress" if "Ingress" in cmd else
             f"{prefix}: llmserver" if "LLMServer" in cmd else
-            f"{prefix}: engine core" if "EngineCore" in cmd else f"{prefix}: ray system")
+            f"{prefix}: engine core" if "EngineCore" in cmd or "VLLM::Worker" in cmd else f"{prefix}: ray system")
 
 
 # Process groups whose CPU is the serving front end (what the engine then lacks), per target.

@@ -29,7 +29,10 @@ from sqlalchemy.ext.asyncio import (
 log = logging.getLogger(__name__)
 
 DATABASE_NAME = "agencyllm"
-LEDGER_CONNECTIONS = 8
+LEDGER_CONNECTIONS = 10
+# API-key lookups have connections of their own: a lookup never queues behind ledger writes
+# waiting for their commit (seconds on a busy disk).
+LOOKUP_CONNECTIONS = 2
 # A server that does not answer a connection attempt within this is as good as down: callers get
 # 503 at once rather than waiting on asyncpg's 60 s default.
 CONNECT_TIMEOUT_SECONDS = 5
@@ -51,6 +54,7 @@ UNAVAILABLE_ERRORS = (
     asyncpg.InterfaceError,  # connection closed under a query
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown, starting up
     asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,  # a pooled connection that broke under a query fails its reset
     sqlalchemy.exc.TimeoutError,  # no pooled connection came free
     sqlalchemy.exc.DBAPIError,  # decided by database_unavailable: only when it wraps one of these
     DatabaseUnavailable,
@@ -146,18 +150,29 @@ class Database:
             self.engine, expire_on_commit=False
         )
         self._pool: asyncpg.Pool | None = None
+        self._lookup_pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
 
     async def pool(self) -> asyncpg.Pool:
+        """The ledger's pool. It batches its calls: a few connections carry any load."""
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
-                    # The ledger batches its calls: a few connections carry any load.
-                    self._pool = await asyncpg.create_pool(
-                        min_size=1, max_size=min(self.pool_size, LEDGER_CONNECTIONS),
-                        timeout=CONNECT_TIMEOUT_SECONDS, **asyncpg_connect_args(self.url),
-                    )
+                    self._pool = await self._create_pool(min(self.pool_size, LEDGER_CONNECTIONS))
         return self._pool
+
+    async def lookup_pool(self) -> asyncpg.Pool:
+        """Short reads on the request path (API-key lookups), apart from the ledger's writes."""
+        if self._lookup_pool is None:
+            async with self._pool_lock:
+                if self._lookup_pool is None:
+                    self._lookup_pool = await self._create_pool(LOOKUP_CONNECTIONS)
+        return self._lookup_pool
+
+    async def _create_pool(self, size: int) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            min_size=1, max_size=size, timeout=CONNECT_TIMEOUT_SECONDS, **asyncpg_connect_args(self.url),
+        )
 
     async def ping(self) -> None:
         pool = await self.pool()
@@ -165,8 +180,9 @@ class Database:
         availability.ok()
 
     async def dispose(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
+        pools = [pool for pool in (self._pool, self._lookup_pool) if pool is not None]
+        self._pool = self._lookup_pool = None
+        for pool in pools:
             await pool.close()
         await self.engine.dispose()
 

@@ -220,9 +220,11 @@ class Ledger:
         self._retention = retention  # run from maintain()
         self._background: set[asyncio.Task[None]] = set()
         self._open: dict[int, Reservation] = {}  # admitted here, not yet settled: leases to renew
+        # Per tenant: a flooding tenant's reservations wait on its own counter row, not others'.
         self._reserver = Batcher(self._reserve_batch, self._reserve_one,
                                  max_in_flight=MAX_BATCHES_IN_FLIGHT,
-                                 on_abandoned=self._release_abandoned, drop_cancelled=True)
+                                 on_abandoned=self._release_abandoned, drop_cancelled=True,
+                                 partition=lambda req: req.tenant)
         self._settler = Batcher(self._settle_batch, self._settle_one,
                                 max_in_flight=MAX_BATCHES_IN_FLIGHT)
 

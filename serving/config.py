@@ -49,6 +49,8 @@ class Accelerator(BaseModel):
     strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
+# Engine deployments are named LLMServer:<model id> (as Ray Serve LLM names them).
+ENGINE_PREFIX = "LLMServer:"
 # Running slots per engine replica when `engine_args` does not set vLLM's `max_num_seqs`.
 DEFAULT_ENGINE_SLOTS = 256
 

@@ -15,8 +15,9 @@ from ray.serve.llm import LLMConfig, LLMServer, ModelLoadingConfig, build_llm_de
 from ray.serve.llm.openai_api_models import ErrorResponse
 from ray.util import metrics
 
-from agencyllm.serving.config import ModelSpec
+from agencyllm.serving.config import ENGINE_PREFIX, ModelSpec
 from agencyllm.serving.fairshare import ENGINE_PRIORITY, FairQueue, QueueRefused, TenantLoad, Ticket
+from agencyllm.serving.heap import freeze_startup_heap
 from agencyllm.serving.offline import OFFLINE_ENV  # engine processes must never reach out
 from agencyllm.serving.stream_batch import coalesce
 
@@ -63,9 +64,18 @@ def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
     )
 
 
-def engine_deployment(spec: ModelSpec, *, cpu: bool, logging_config: dict[str, Any] | None = None):
+def engine_deployment(
+    spec: ModelSpec,
+    *,
+    cpu: bool,
+    logging_config: dict[str, Any] | None = None,
+    server_cls: type[FairLLMServer] | None = None,
+    bind_kwargs: dict[str, Any] | None = None,
+    serve_options: dict[str, Any] | None = None,
+):
     """The bound engine deployment for one model (deployment names stay `LLMServer:<model>`);
-    `logging_config` is Ray Serve's for its replicas (e.g. access log off)."""
+    `logging_config` is Ray Serve's for its replicas (e.g. access log off). `server_cls` (a
+    `FairLLMServer` subclass), its `bind_kwargs` and `serve_options` make it serve more."""
     fair_share = {
         "slots": spec.engine_slots(),
         "interactive_reserve": spec.interactive_reserve(),
@@ -73,12 +83,15 @@ def engine_deployment(spec: ModelSpec, *, cpu: bool, logging_config: dict[str, A
         "max_wait_seconds": spec.fair_share.max_wait_seconds,
         "max_queued_per_tenant": spec.fair_share.max_queued_per_tenant,
     }
+    options = dict(serve_options or {})
+    if logging_config is not None:
+        options["logging_config"] = logging_config
     return build_llm_deployment(
         llm_config(spec, cpu=cpu),
-        deployment_cls=FairLLMServer,
-        name_prefix="LLMServer:",
-        bind_kwargs={"fair_share": fair_share},
-        override_serve_options=None if logging_config is None else {"logging_config": logging_config},
+        deployment_cls=server_cls or FairLLMServer,
+        name_prefix=ENGINE_PREFIX,
+        bind_kwargs={"fair_share": fair_share, **(bind_kwargs or {})},
+        override_serve_options=options or None,
     )
 
 
@@ -96,6 +109,7 @@ class FairLLMServer(LLMServer):
         _skip_node_download(llm_config)
         await super().__init__(llm_config, **kwargs)
         await self._warm_up(llm_config)
+        freeze_startup_heap()
 
     async def _warm_up(self, llm_config: LLMConfig) -> None:
         """One real request through the engine before the replica counts as running, so the

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, TypeAdapter
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from agencyllm.auth.principal import Principal
 from agencyllm.quotas import admin as store
@@ -38,7 +38,7 @@ from agencyllm.serving.identity import Authenticator
 from agencyllm.serving.inputs import check_openai_params
 from agencyllm.serving.metering import Admitted, Metering
 from agencyllm.serving.settings import Settings
-from agencyllm.serving.streaming import StreamUsage, relay
+from agencyllm.serving.streaming import OpenStreams, StreamUsage, relay
 from agencyllm.serving.tokens import PromptCounter
 
 log = logging.getLogger("agencyllm.ingress")
@@ -51,6 +51,9 @@ REQUEST_ID_HEADER = "x-agencyllm-request-id"
 TRAFFIC_CLASS_HEADER = "x-agencyllm-traffic-class"
 # Who owns the models in /v1/models (OpenAI's `owned_by`).
 MODEL_OWNER = "organization-owner"
+STOPPING_MESSAGE = "The service is restarting. Please retry."
+# `stop_serving` waits at most this for the streams to end, and as long again for their rows.
+STOP_SECONDS = 10.0
 
 
 class EngineCall(Protocol):
@@ -145,6 +148,7 @@ class Gateway:
         self.metering = Metering(services.ledger)
         self.health = EngineHealth(engines.check_health, has_replica=engines.has_running_replica)
         self._shares = TenantShares(self._fetch_shares)
+        self._streams = OpenStreams(farewell=[unavailable(STOPPING_MESSAGE).sse(), _DONE])
 
     @classmethod
     async def start(cls, settings: Settings, serving: ServingConfig, engines: Engines) -> Gateway:
@@ -155,8 +159,29 @@ class Gateway:
             await services.aclose()
             raise
         await gateway._shares.refresh()
+        await gateway._warm()
         gateway.metering.start()
         return gateway
+
+    async def _warm(self) -> None:
+        """What the first request would otherwise pay for: each model's tokenizer and chat
+        template, and the key-lookup connections (a database outage is not a start failure)."""
+        for spec in self._specs.values():
+            self._counters[spec.id].warm(chat=spec.task != "embed")
+        try:
+            await self.services.database.lookup_pool()
+        except Exception as exc:
+            log.warning("key-lookup connections not opened at start: %s", type(exc).__name__)
+
+    async def stop_serving(self, timeout: float = STOP_SECONDS) -> int:
+        """Before the replica stops: new model calls get 503, each stream in flight ends with an
+        in-band error event, and their ledger rows are written; returns how many streams ended.
+
+        Without this, a replica serving HTTP itself is held open for its streams until Ray kills
+        it, and a killed replica settles nothing (the reaper later charges those in full)."""
+        ended = await self._streams.end_all(timeout)
+        await self.metering.drain(timeout)
+        return ended
 
     async def aclose(self) -> None:
         """Shutdown: write the ledger rows still being settled, then let go of connections."""
@@ -249,6 +274,8 @@ class Gateway:
         return principal
 
     def _require_engine(self, spec: ModelSpec) -> None:
+        if self._streams.stopping:
+            raise unavailable(STOPPING_MESSAGE)
         if self.health.is_down(spec.id):
             raise EngineUnavailable(spec.id)
 
@@ -378,6 +405,23 @@ class Gateway:
                 yield more
 
         usage = StreamUsage()
+        ended = False
+
+        def end(status: str) -> None:
+            """Once, however the stream ends: abort the engine call, settle what it did."""
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            _cancel(upstream)
+            if status == "ok" and usage.failed:
+                status = "engine_error"
+            self.metering.settle_later(
+                admitted,
+                prompt_tokens=usage.prompt_tokens if usage.reported else None,
+                completion_tokens=usage.best_completion_tokens(),
+                status=status,
+            )
 
         async def events():
             status = "ok"
@@ -385,7 +429,7 @@ class Gateway:
                 async for event in relay(chain(), usage, client_wants_usage=client_wants_usage, on_first_event=admitted.mark_first_token):
                     admitted.completion_tokens = usage.best_completion_tokens()
                     yield event
-            except (asyncio.CancelledError, GeneratorExit):
+            except (asyncio.CancelledError, GeneratorExit):  # the client left, or a stop (OpenStreams)
                 status = "cancelled"
                 raise
             except Exception as exc:  # engine died mid-stream: tell the client in-band, then end
@@ -396,17 +440,11 @@ class Gateway:
                 yield unavailable("The model stopped unexpectedly. Please retry.").sse()
                 yield _DONE
             finally:
-                _cancel(upstream)
-                if status == "ok" and usage.failed:
-                    status = "engine_error"
-                self.metering.settle_later(
-                    admitted,
-                    prompt_tokens=usage.prompt_tokens if usage.reported else None,
-                    completion_tokens=usage.best_completion_tokens(),
-                    status=status,
-                )
+                end(status)
 
-        return StreamingResponse(self._governance.tap(request_id, tenant, body, events()), media_type="text/event-stream", headers=headers)
+        stream = self._governance.tap(request_id, tenant, body, events())
+        # The client may leave before the first event: the response, not the stream, ends it then.
+        return self._streams.response(stream, on_close=lambda: end("cancelled"), headers=headers)
 
 
 def model_card(spec: ModelSpec) -> dict[str, Any]:

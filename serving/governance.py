@@ -92,7 +92,7 @@ class Governance:
         self._later(self._keep(request_id, tenant, body, output))
 
     async def tap(self, request_id: str, tenant: str, body: Any,
-                  events: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+                  events: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
         """Pass a stream's events through unchanged, collecting its text if the tenant opted in."""
         collect = await self._retains(tenant)
         parts: list[str] = []

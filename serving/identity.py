@@ -105,7 +105,7 @@ class Authenticator:
         return await self._from_access_token(token)
 
     async def _from_api_key(self, token: str) -> Principal:
-        key = await store.find_active_key(await self.database.pool(), token)
+        key = await store.find_active_key(await self.database.lookup_pool(), token)
         if key is None:
             log.info("authentication refused: unknown, revoked or expired API key")
             raise unauthorized("invalid_api_key")

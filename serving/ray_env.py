@@ -7,6 +7,8 @@ second one could not share it. With more replicas (`AGENCYLLM_INGRESS_REPLICAS`)
 `AGENCYLLM_DIRECT_INGRESS=false`, the proxy serves the port as before. The proxy runs in both
 cases (Ray Serve starts the replica's own server only beside it); with direct ingress it listens
 on a free port of the same host, answering the same routes with the same authentication.
+At stop, the stack first has the ingress end its streams in band and settle them
+(`Gateway.stop_serving`): Ray would hold a replica serving HTTP open for them until it kills it.
 """
 
 from __future__ import annotations

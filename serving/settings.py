@@ -90,9 +90,11 @@ class Settings(_Validated):
     cors_origins: list[str] = []
     ingress_replicas: int = Field(default=1, ge=1)
     # Local run with one ingress replica: the replica serves the port itself, without Ray
-    # Serve's proxy in between (serving/ray_env.py). Opt-in: on stop, Ray waits for in-flight
-    # streams on such a replica until its force-kill, so one may be cut before it is settled.
-    direct_ingress: bool = False
+    # Serve's proxy in between (serving/ray_env.py): one process hop less per streamed chunk.
+    direct_ingress: bool = True
+    # Opt-in: with direct ingress, the first generate model's engine replica (when it runs one
+    # replica) serves the gateway itself, so its chunks cross no process boundary to the client.
+    engine_gateway: bool = False
 
     # Governance (docs/compliance/): audit records are kept this many days (never fewer than 90);
     # the usage ledger this many (unset: for ever). Content retention is a per-tenant opt-in.

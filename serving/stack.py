@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from pydantic import SecretStr
 
-from agencyllm.serving.config import ModelSpec, ServingConfig, load_config
+from agencyllm.serving.config import ENGINE_PREFIX, ModelSpec, ServingConfig, load_config
 from agencyllm.serving.offline import OFFLINE_ENV
 from agencyllm.serving.placeholder import is_placeholder, write_placeholder_model
 from agencyllm.serving.ray_env import serve_http
@@ -25,8 +25,10 @@ from agencyllm.serving.settings import Settings
 log = logging.getLogger("agencyllm.stack")
 
 PLACEHOLDER_ID = "placeholder"
-ENGINE_PREFIX = "LLMServer:"  # engine deployments are named LLMServer:<model id>
 STATUS_POLL_SECONDS = 0.5
+# Ending the ingress's streams and writing their ledger rows at stop (Gateway.stop_serving waits
+# up to 2 × its STOP_SECONDS).
+STOP_STREAMS_SECONDS = 25.0
 EMBEDDING_ID = "all-MiniLM-L6-v2"
 PLACEHOLDER_WARNING = """
   ************************************************************************
@@ -85,6 +87,8 @@ class LocalStack:
     log_to_driver: bool = False
     _postgres: object | None = field(default=None, init=False)
     _ray_started: bool = field(default=False, init=False)
+    # Whether one engine replica serves the gateway itself (serving/app.py `gateway_engine`).
+    _engine_http: bool = field(default=False, init=False)
 
     @property
     def base_url(self) -> str:
@@ -126,6 +130,7 @@ class LocalStack:
             os.environ.setdefault(name, value)
         http = serve_http(self.settings)  # direct ingress or Ray's proxy on the user's port
         os.environ.update(http.env)
+        self._engine_http = http.direct and self.settings.engine_gateway
         num_cpus = self.settings.ray_num_cpus or max(8, os.cpu_count() or 1)
         ray.init(
             num_cpus=num_cpus, include_dashboard=False, log_to_driver=self.log_to_driver, configure_logging=False,
@@ -154,7 +159,7 @@ class LocalStack:
             total = self.settings.ray_num_cpus or host_cores()
             cpus = ingress_cpus(self.settings, self.serving, cpu=cpu, total_cpus=total)
             self.settings = self.settings.model_copy(update={"ingress_cpus": cpus})
-        application = build_application(self.settings, self.serving)
+        application = build_application(self.settings, self.serving, engine_http=self._engine_http)
         # Not `serve.run`: it waits until the application runs, and `wait_ready` reports each step.
         serve.run_many([serve.RunTarget(target=application, name=APP_NAME, route_prefix="/")], wait_for_applications_running=False)
         self.progress(f"application deployed: {len(self.serving.models)} model(s) loading")
@@ -204,12 +209,31 @@ class LocalStack:
         if str(getattr(app.status, "value", app.status)) == "DEPLOY_FAILED":
             raise RuntimeError(_first_line(app.message) or "the application failed to start")
 
+    def _stop_streams(self) -> None:
+        """Let the ingress end its streams in band and settle them before Serve stops it: a
+        replica serving HTTP itself would otherwise hold them until Ray kills it. With several
+        ingress replicas a handle reaches one of them; Ray's proxy then serves the port, and
+        its clients' disconnects settle the others' streams."""
+        from ray import serve
+
+        from agencyllm.serving.app import APP_NAME, ingress_name
+
+        try:
+            handle = serve.get_deployment_handle(ingress_name(self.serving, engine_http=self._engine_http), app_name=APP_NAME)
+            ended = handle.stop_serving.remote().result(timeout_s=STOP_STREAMS_SECONDS)
+        except Exception as exc:  # not deployed yet, or already gone: nothing to end
+            log.debug("ending streams before the stop: %s", type(exc).__name__)
+            return
+        if ended:
+            self.progress(f"ended {ended} stream(s) in flight, each settled")
+
     def stop(self) -> None:
         if self._ray_started:
             import ray
             from ray import serve
 
             try:
+                self._stop_streams()
                 serve.shutdown()
             finally:
                 ray.shutdown()

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from agencyllm.serving.settings import Settings
@@ -362,10 +363,18 @@ class _Reporter:
             self._pipe.write(f"{kind} {line}\n")
 
 
-def _preload_serving_code() -> None:
-    """Import the application (vLLM, torch, Ray Serve LLM: the slowest imports) while Ray starts."""
-    with contextlib.suppress(Exception):  # deploy() imports it again and reports any error
-        import agencyllm.serving.app  # noqa: F401
+def _preload_engine_libraries() -> None:
+    """Import torch, transformers and vLLM (about half of the application's import time) while
+    Ray starts. Nothing that imports Ray, FastAPI or pydantic.v1 belongs here: `ray.init` and
+    `serve.start` import those in the main thread at the same time, and two threads importing
+    the same packages in different orders can make Python's import deadlock detection hand one
+    of them a half-initialised module (seen as `KeyError: 'pydantic.v1'`). These three share
+    only leaf standard-library modules with Ray's start; the application itself is imported by
+    `deploy()`, in the main thread."""
+    with contextlib.suppress(Exception):  # deploy() imports them again and reports any error
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        import vllm  # noqa: F401
 
 
 def serve(settings: Settings, model_dir: Path | None, progress_fd: int | None = None) -> int:
@@ -393,7 +402,7 @@ def serve(settings: Settings, model_dir: Path | None, progress_fd: int | None = 
     import ray  # noqa: F401 - before the preload thread: the two threads never import Ray at once
     from ray import serve as _serve  # noqa: F401
 
-    preload = threading.Thread(target=_preload_serving_code, daemon=True)
+    preload = threading.Thread(target=_preload_engine_libraries, daemon=True)
     preload.start()
     stack = LocalStack(settings, serving, progress=reporter.step, log_to_driver=True)
     try:
@@ -415,7 +424,9 @@ def serve(settings: Settings, model_dir: Path | None, progress_fd: int | None = 
     except SystemExit:  # Ray's handler, when the signal came during start
         pass
     except Exception as exc:
-        reporter.say(f"could not start: {exc}")
+        traceback.print_exc()  # to the log file: this process's output goes there
+        ours = type(exc).__module__.startswith("agencyllm.")  # a reason worded for the user
+        reporter.say(f"could not start: {exc}" if ours else f"could not start: {type(exc).__name__}: {exc} (details in the log file)")
         return 1
     finally:
         stack.stop()

@@ -30,6 +30,13 @@ class PromptCounter:
 
         return AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
 
+    def warm(self, *, chat: bool) -> None:
+        """Load the tokenizer and compile the chat template now, not in the first request."""
+        if chat:
+            self.chat([{"role": "user", "content": "Hello."}])
+        else:
+            self.prompts("Hello.")
+
     def _encode(self, text: str, *, special: bool) -> int:
         return len(self._tokenizer(text, add_special_tokens=special)["input_ids"])
 

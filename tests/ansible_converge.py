@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -26,13 +27,25 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup/systemd")
 
 
-def overlay(scratch: Path) -> None:
+def overlay(scratch: Path, runner_site: list[str]) -> None:
+    """Writable copies of /etc, /opt and /var in this mount namespace only. With `runner_site`
+    (the --wheel-only bundle relies on the test runner's packages: ray, vllm), the base Python's
+    site-packages, which a venv made with --system-site-packages sees, gets a .pth naming them.
+    A folder above the base Python that others may not enter (e.g. /root, mode 700) is opened to
+    them here, so the service users can run the venv's interpreter."""
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(scratch)], check=True)
-    for top in ("etc", "opt", "var"):
-        upper, work = scratch / top / "upper", scratch / top / "work"
+    base_site = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})["purelib"]
+    closed = [str(d) for d in reversed(Path(sys.base_prefix).parents) if d != Path("/") and not d.stat().st_mode & 0o001]
+    tops = ["/etc", "/opt", "/var", *closed] + ([base_site] if runner_site else [])
+    for i, top in enumerate(tops):
+        upper, work = scratch / str(i) / "upper", scratch / str(i) / "work"
         upper.mkdir(parents=True)
         work.mkdir()
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir=/{top},upperdir={upper},workdir={work}", f"/{top}"], check=True)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={top},upperdir={upper},workdir={work}", top], check=True)
+    for folder in closed:
+        os.chmod(folder, os.stat(folder).st_mode | 0o011)
+    if runner_site:
+        (Path(base_site) / "zz-test-runner.pth").write_text("\n".join(runner_site) + "\n")
 
 
 def playbook(config: dict, *extra: str) -> dict:
@@ -187,7 +200,7 @@ def main() -> int:
     services: list[Service] = []
     work = Path(config["work"])
     try:
-        overlay(Path(config["scratch"]))
+        overlay(Path(config["scratch"]), config["runner_site"])
         Path(config["ca_file"]).parent.mkdir(parents=True, exist_ok=True)
         Path(config["ca_file"]).write_text(config["ca_pem"])
 
@@ -197,12 +210,6 @@ def main() -> int:
         findings["first"] = playbook(config)
         if findings["first"]["rc"] != 0:
             return 0
-
-        if config["runner_site"]:
-            # The --wheel-only bundle relies on the test runner's packages (ray, vllm): a venv made
-            # from the base Python sees the base's site-packages, so point it at the runner's too.
-            [site_dir] = Path("/opt/agencyllm/venv/lib").glob("python3*/site-packages")
-            (site_dir / "zz-test-runner.pth").write_text("\n".join(config["runner_site"]) + "\n")
 
         units = sorted(Path("/etc/systemd/system").glob("agencyllm-*.service"))
         findings["units"] = {}

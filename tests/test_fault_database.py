@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+import asyncpg
 import httpx
 import pytest
 import sqlalchemy.exc
@@ -37,6 +38,8 @@ def wrapped(inner: BaseException) -> BaseException:
         (FileNotFoundError(2, "no socket"), True),
         (TimeoutError(), True),
         (wrapped(ConnectionResetError(104, "reset")), True),
+        # asyncpg's pool resetting a connection that broke under a query (seen on a killed Postgres)
+        (asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"), True),
         (sqlalchemy.exc.IntegrityError("INSERT", {}, ValueError("duplicate")), False),
         (ValueError("bad input"), False),
         (KeyError("x"), False),

@@ -137,7 +137,7 @@ def ledger(up: Up, tenant: str) -> list[dict]:
         connection = await asyncpg.connect(host=lines[4], port=int(lines[3]), user="postgres", database="agencyllm")
         try:
             rows = await connection.fetch(
-                "SELECT u.request_id, u.status FROM usage_ledger u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1", tenant
+                "SELECT u.request_id, u.status, u.completion_tokens FROM usage_ledger u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1", tenant
             )
             open_count = await connection.fetchval(
                 "SELECT count(*) FROM quota_reservations r JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1", tenant
@@ -155,6 +155,24 @@ def test_up_serves_requests(up, tenant_key):
         response = client.post(**chat(key))
     assert response.status_code == 200, response.text
     up.remember_tree()
+
+
+def test_client_that_leaves_mid_stream_is_settled_at_once(up, tenant_key):
+    """The engine stops and the row is written when the client leaves, on the port `up` serves."""
+    tenant, key = tenant_key
+    with httpx.Client(base_url=up.url, timeout=60) as client:
+        with client.stream("POST", **chat(key, max_tokens=900, ignore_eos=True, stream=True)) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-agencyllm-request-id"]
+            for i, _ in enumerate(response.iter_lines()):
+                if i >= 5:
+                    break
+    deadline = time.monotonic() + 20
+    while not (rows := [r for r in ledger(up, tenant)[:-1] if r["request_id"] == request_id]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [r["status"] for r in rows] == ["cancelled"], "the request was not settled when its client left"
+    assert rows[0]["completion_tokens"] < 900
+    assert ledger(up, tenant)[-1]["open"] == 0
 
 
 def test_up_shows_one_line_per_step_and_no_log_records(up, tenant_key):

@@ -6,6 +6,7 @@ Every test admits through the real ledger and reads the usage-ledger row the req
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from starlette.requests import Request
 
 from agencyllm.quotas import admin as store
 from agencyllm.serving.config import ModelSpec, ServingConfig
-from agencyllm.serving.errors import EngineUnavailable
+from agencyllm.serving.errors import EngineUnavailable, OpenAIError
 from agencyllm.serving.gateway import REQUEST_ID_HEADER, Gateway, RequestModels
 from agencyllm.serving.ingress import http_app
 from agencyllm.serving.placeholder import write_placeholder_model
@@ -210,17 +211,54 @@ async def test_stream_options_without_usage_are_forced_upstream_and_not_shown(ga
     assert [(r["completion_tokens"], r["status"]) for r in await ledger_rows(pg_db, tenant)] == [(1, "ok")]
 
 
-async def test_client_that_leaves_mid_stream_is_charged_prompt_and_streamed_chunks(gateway, caller, pg_db, models):
+def asgi_server(response, *, spec_version: str, stall_at: int | None = None, slow_at: int | None = None):
+    """Serve `response` as an ASGI server does, collecting the events sent. Message number
+    `stall_at` (0 is the headers) is never sent: the client stopped reading; message number
+    `slow_at` takes a second (a client reading slowly). No disconnect message ever comes: the
+    server cancels the task instead, as Ray does. Returns (task, events, stalled)."""
+    events: list[str] = []
+    stalled = asyncio.Event()
+    sent = 0
+
+    async def send(message: dict) -> None:
+        nonlocal sent
+        if sent == stall_at:
+            stalled.set()
+            await asyncio.sleep(3600)
+        if sent == slow_at:
+            await asyncio.sleep(1)
+        sent += 1
+        if message.get("body"):
+            events.append(message["body"].decode())
+
+    async def receive() -> dict:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    task = asyncio.ensure_future(response({"type": "http", "asgi": {"spec_version": spec_version}}, receive, send))
+    return task, events, stalled
+
+
+@pytest.mark.parametrize("spec_version", ["2.4", "2.3"])  # Starlette's two ways of streaming
+@pytest.mark.parametrize(("stalled_send", "chunks_made"), [(3, 3), (0, 0)])  # the third chunk; the headers
+async def test_client_that_leaves_mid_stream_is_charged_prompt_and_streamed_chunks(gateway, caller, pg_db, models, spec_version, stalled_send, chunks_made):
+    """The engine call is aborted and the row written when the client leaves, not when the
+    garbage collector finds the stream (collection is off here), even before the first chunk."""
     tenant, key = await caller()
     call = gateway.engines.answer(FakeCall([[chunk("x")]] * 5, hang=True))
     response = await gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key))
-    stream = response.body_iterator
-    for _ in range(3):
-        await stream.__anext__()
-    await stream.aclose()  # what Starlette does when the client disconnects
+    gc.disable()
+    try:
+        serving, _, stalled = asgi_server(response, spec_version=spec_version, stall_at=stalled_send)
+        await asyncio.wait_for(stalled.wait(), 5)
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+        assert call.cancelled >= 1
+    finally:
+        gc.enable()
     rows = await ledger_rows(pg_db, tenant)
-    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [(counted_prompt(models), 3, "cancelled")]
-    assert call.cancelled >= 1
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [(counted_prompt(models), chunks_made, "cancelled")]
     assert await nothing_held(pg_db, tenant)
 
 
@@ -245,6 +283,62 @@ async def test_stream_that_dies_midway_ends_with_an_error_event(gateway, caller,
     assert json.loads(events[2][6:])["error"]["code"] == "service_unavailable" and events[3] == "data: [DONE]\n\n"
     rows = await ledger_rows(pg_db, tenant)
     assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [(counted_prompt(models), 2, "engine_error")]
+
+
+@pytest.fixture
+async def fresh_gateway(pg_url, models, tmp_path):
+    """A gateway of the test's own (one the test stops, or whose start it checks)."""
+    settings = Settings(data_dir=tmp_path, database_url=SecretStr(pg_url), reservation_lease_seconds=30)
+    engines = FakeEngines()
+    gateway = await Gateway.start(settings, models, engines)
+    gateway.engines = engines  # the test scripts it
+    yield gateway
+    await gateway.aclose()
+
+
+@pytest.mark.parametrize("spec_version", ["2.4", "2.3"])
+@pytest.mark.parametrize("stop_while", ["waiting for the engine", "sending a chunk"])
+async def test_stopping_replica_ends_its_streams_in_band_and_settles_them(fresh_gateway, caller, pg_db, models, spec_version, stop_while):
+    stopping = fresh_gateway
+    tenant, key = await caller(max_concurrent_requests=2)
+    stopping.engines.answer(FakeCall([[chunk("x")], [chunk("y")], [chunk("z")]], hang=True))
+    response = await stopping.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key))
+    sending_z = 3 if stop_while == "sending a chunk" else None  # after the headers, x and y
+    relaying, received, _ = asgi_server(response, spec_version=spec_version, slow_at=sending_z)
+    while len(received) < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the stream is now in the engine's wait, or in z's slow send
+    assert await stopping.stop_serving(timeout=10) == 1
+    await asyncio.wait_for(relaying, 5)  # ended, not cancelled
+    assert received[:2] == [chunk("x"), chunk("y")]
+    rest = received[2:]
+    if stop_while == "waiting for the engine":  # z was sent: the engine's wait is after it
+        assert rest[0] == chunk("z")
+        rest = rest[1:]
+    error = json.loads(rest[0].removeprefix("data: "))["error"]
+    assert (error["code"], rest[1:]) == ("service_unavailable", ["data: [DONE]\n\n"])
+    rows = await ledger_rows(pg_db, tenant)
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [(counted_prompt(models), 3, "cancelled")]
+    assert await nothing_held(pg_db, tenant)
+
+    with pytest.raises(OpenAIError) as refused:  # nothing new starts on a stopping replica
+        await stopping.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO}, key))
+    assert refused.value.status == 503 and "retry-after" in {k.lower() for k in refused.value.headers}
+    assert len(stopping.engines.calls) == 1
+
+
+async def test_stream_that_starts_after_the_stop_sends_only_the_farewell(fresh_gateway, caller, pg_db):
+    tenant, key = await caller()
+    call = fresh_gateway.engines.answer(FakeCall([[chunk("x")]], hang=True))
+    response = await fresh_gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key))
+    assert await fresh_gateway.stop_serving(timeout=10) == 0  # admitted, not yet sending
+    relaying, received, _ = asgi_server(response, spec_version="2.3")
+    await asyncio.wait_for(relaying, 5)
+    assert json.loads(received[0].removeprefix("data: "))["error"]["code"] == "service_unavailable"
+    assert received[1:] == ["data: [DONE]\n\n"] and call.cancelled >= 1
+    rows = await ledger_rows(pg_db, tenant)
+    assert [(r["completion_tokens"], r["status"]) for r in rows] == [(0, "cancelled")]
+    assert await nothing_held(pg_db, tenant)
 
 
 # ---- failures before the first item ------------------------------------------------------
@@ -364,6 +458,12 @@ async def test_model_cards_have_the_openai_shape(gateway, caller):
     assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [MODEL, EMBED]
     assert {"id", "object", "created", "owned_by"} <= set(one) and one["object"] == "model"
     assert isinstance(one["created"], int) and one["metadata"]["max_request_context_length"] > 0
+
+
+async def test_the_first_request_finds_tokenizers_and_key_lookups_ready(fresh_gateway):
+    for model in (MODEL, EMBED):
+        assert "_tokenizer" in vars(fresh_gateway._counters[model]), f"{model}'s tokenizer loads in the first request"
+    assert fresh_gateway.services.database._lookup_pool is not None
 
 
 async def test_readiness_names_what_is_down(gateway):

@@ -1,6 +1,6 @@
 """Who serves the local run's port (serving/ray_env.py): the one ingress replica itself (direct
-ingress, opt-in) or Ray Serve's proxy (the default; the stacks of tests/test_fault_up.py and the
-shared test stack run with it)."""
+ingress, the default; `agencyllm up` in tests/test_fault_up.py runs with it) or Ray Serve's proxy
+(several ingress replicas, as the shared test stack runs)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,6 @@ def test_otherwise_the_proxy_serves_it(settings):
 
 
 def test_the_setting_comes_from_the_environment(monkeypatch):
-    assert Settings(database_url=None).direct_ingress is False  # opt-in
-    monkeypatch.setenv("AGENCYLLM_DIRECT_INGRESS", "true")
-    assert Settings(database_url=None).direct_ingress is True
+    assert Settings(database_url=None).direct_ingress is True  # the default
+    monkeypatch.setenv("AGENCYLLM_DIRECT_INGRESS", "false")
+    assert Settings(database_url=None).direct_ingress is False

@@ -7,6 +7,7 @@ import fnmatch
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tomllib
@@ -15,6 +16,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+# Where this run's packages live when they are not the base Python's (a project venv).
+RUNNER_SITE = [p for p in site.getsitepackages() if not p.startswith(sys.base_prefix)]
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("serving", "auth", "quotas", "migrations")
@@ -56,6 +60,9 @@ def installed(wheel, tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("venv")
     venv.create(home, system_site_packages=True, with_pip=True)
     python = home / "bin" / "python"
+    # The base Python's site-packages may hold none of them (this run's are a project venv's).
+    [site_dir] = (home / "lib").glob("python3*/site-packages")
+    (site_dir / "zz-test-runner.pth").write_text("\n".join(RUNNER_SITE) + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True, timeout=300)
     return python
