@@ -30,7 +30,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/systemd")
 def overlay(scratch: Path, runner_site: list[str]) -> None:
     """Writable copies of /etc, /opt and /var in this mount namespace only. With `runner_site`
     (the --wheel-only bundle relies on the test runner's packages: ray, vllm), the base Python's
-    site-packages, which a venv made with --system-site-packages sees, gets a .pth naming them.
+    site-packages, which a venv made with --system-site-packages sees, gets a .pth putting them first.
     A folder above the base Python that others may not enter (e.g. /root, mode 700) is opened to
     them here, so the service users can run the venv's interpreter."""
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(scratch)], check=True)
@@ -45,7 +45,11 @@ def overlay(scratch: Path, runner_site: list[str]) -> None:
     for folder in closed:
         os.chmod(folder, os.stat(folder).st_mode | 0o011)
     if runner_site:
-        (Path(base_site) / "zz-test-runner.pth").write_text("\n".join(runner_site) + "\n")
+        # Ahead of the base site-packages, not after it: an older copy there (typing_extensions)
+        # would otherwise shadow the runner's.
+        (Path(base_site) / "zz-test-runner.pth").write_text(
+            f"import sys; i = sys.path.index({base_site!r}) if {base_site!r} in sys.path else len(sys.path); sys.path[i:i] = [p for p in {runner_site!r} if p not in sys.path]\n"
+        )
 
 
 def playbook(config: dict, *extra: str) -> dict:
