@@ -29,6 +29,7 @@ from agencyllm.serving.fairshare import Ticket
 from agencyllm.serving.gateway import EngineCall, Gateway, RequestModels
 from agencyllm.serving.heap import freeze_startup_heap
 from agencyllm.serving.ingress import http_app
+from agencyllm.serving.ray_env import wait_for_direct_port
 from agencyllm.serving.settings import Settings
 
 OPENAI_REQUESTS = RequestModels.of(ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
@@ -89,6 +90,7 @@ class AgencyIngress(ServesGateway):
     """A Serve ingress replica: the gateway, with the engines reached by handle."""
 
     async def __init__(self, engines: dict[str, DeploymentHandle], *, settings: Settings, serving: ServingConfig) -> None:
+        await wait_for_direct_port(settings.host)
         self._gateway = await Gateway.start(settings, serving, ServeEngines(engines))
 
     async def __del__(self) -> None:
@@ -169,6 +171,7 @@ class EngineGateway(ServesGateway, FairLLMServer):
         # After the engine: its start blocks this event loop for long stretches, which would
         # time out the gateway's database connections if they were opened meanwhile.
         await super().__init__(llm_config, fair_share=fair_share, **kwargs)
+        await wait_for_direct_port(settings.host)
         local = ReplicaEngines(self, llm_config.model_id, ServeEngines(engines))
         self._gateway = await Gateway.start(settings, serving, local)
 

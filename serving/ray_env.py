@@ -9,11 +9,17 @@ cases (Ray Serve starts the replica's own server only beside it); with direct in
 on a free port of the same host, answering the same routes with the same authentication.
 At stop, the stack first has the ingress end its streams in band and settle them
 (`Gateway.stop_serving`): Ray would hold a replica serving HTTP open for them until it kills it.
+A replica that serves the port waits in its constructor until the port can be bound
+(`wait_for_direct_port`): see there why.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import socket
+import time
 from dataclasses import dataclass
 
 from agencyllm.serving.settings import Settings
@@ -47,6 +53,57 @@ def serve_http(settings: Settings) -> ServeHttp:
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
     }
     return ServeHttp(env=env, http_options={"host": settings.host, "port": _free_port(settings.host)}, direct=True)
+
+
+log = logging.getLogger(__name__)
+
+# Linux keeps a closed connection's port in TIME_WAIT for 60 s.
+PORT_WAIT_S = 90.0
+
+
+class PortBusy(RuntimeError):
+    pass
+
+
+def direct_port() -> int | None:
+    """The user's port, in a replica that Ray will have serve it (read from the environment
+    `serve_http` gave Ray's processes); None otherwise."""
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        return None
+    low, high = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"), os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT")
+    if low is None or high is None or int(high) != int(low) + 1:
+        return None
+    return int(low)
+
+
+async def wait_for_direct_port(host: str, *, timeout: float = PORT_WAIT_S) -> None:
+    """Return once the direct-ingress port can be bound. Ray binds it without SO_REUSEADDR, so
+    after a replica serving it died, its connections' TIME_WAIT entries make a restarted
+    replica's bind fail, and Ray then takes the port out of its pool for good (no replica ever
+    serves it again). Waiting here, before Ray asks for the port, lets them expire. Raises
+    `PortBusy` (the replica fails to start and Ray retries it) if the port stays taken."""
+    port = direct_port()
+    if port is None:
+        return
+    deadline = time.monotonic() + timeout
+    warned = False
+    while not _bindable(host, port):
+        if time.monotonic() >= deadline:
+            raise PortBusy(f"port {port} on {host} stayed in use for {timeout:.0f} s: is another service listening on it?")
+        if not warned:
+            log.warning("port %d is still held by closing connections of a previous replica: waiting for it", port)
+            warned = True
+        await asyncio.sleep(0.5)
+
+
+def _bindable(host: str, port: int) -> bool:
+    # The same bind Ray's server makes (no SO_REUSEADDR); closing an unconnected socket leaves no TIME_WAIT.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _free_port(host: str) -> int:

@@ -1,7 +1,8 @@
 """`agencyllm up` as an operator runs it, in a subprocess with its own data dir and one engine:
 its embedded Postgres SIGKILLed under load (503 with Retry-After, a restart, recovery, every
-admitted request in the ledger), then SIGTERM with a request in flight (exit 0, no process of its
-tree left, Postgres stopped, the ledger complete), then a start and stop over the stale state."""
+admitted request in the ledger), the replica serving its port SIGKILLed (the port served again),
+then SIGTERM with a request in flight (exit 0, no process of its tree left, Postgres stopped, the
+ledger complete), then a start and stop over the stale state."""
 
 from __future__ import annotations
 
@@ -267,6 +268,73 @@ def test_database_death_gives_503_then_recovers_without_restart(up, tenant_key):
             break
         time.sleep(0.5)
     assert expected <= ids, f"missing ledger rows: {expected - ids}"
+    assert rows[-1]["open"] == 0
+    up.remember_tree()
+
+
+def _port_owner(up: Up) -> psutil.Process:
+    port = int(up.url.rsplit(":", 1)[1])
+    pids = {c.pid for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+    assert len(pids) == 1, f"who listens on {port}: {pids}"
+    return psutil.Process(pids.pop())
+
+
+def test_killed_replica_serving_the_port_comes_back_on_it(up, tenant_key):
+    """The replica that serves `up`'s port (the ingress, or the engine replica hosting the
+    gateway) SIGKILLed with streams open: the streams end at once (no hang), a new replica
+    serves the same port again (its connections' TIME_WAIT must not lock Ray out of the port),
+    and the interrupted requests are settled by the lease reaper, none left open."""
+    tenant, key = tenant_key
+    request_ids: list[str] = []
+    ended: list[float] = []
+
+    def stream() -> None:
+        try:
+            with httpx.Client(base_url=up.url, timeout=120) as client:
+                with client.stream("POST", **chat(key, max_tokens=900, ignore_eos=True, stream=True)) as response:
+                    request_ids.append(response.headers["x-agencyllm-request-id"])
+                    for _ in response.iter_lines():
+                        pass
+        except httpx.HTTPError:
+            pass
+        ended.append(time.monotonic())
+
+    workers = [threading.Thread(target=stream) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 30
+    while len(request_ids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(request_ids) == 2
+    owner = _port_owner(up)
+    owner.kill()
+    killed = time.monotonic()
+    for worker in workers:
+        worker.join(60)
+    assert len(ended) == 2 and max(ended) - killed < 15, "a stream hung after its replica died"
+
+    back = None
+    with httpx.Client(base_url=up.url, timeout=30) as client:
+        while time.monotonic() - killed < 400:
+            try:
+                if client.post(**chat(key)).status_code == 200:
+                    back = time.monotonic() - killed
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+    assert back is not None, f"the port was not served again within 400 s:\n{up.text()[-2000:]}"
+    assert _port_owner(up).pid != owner.pid
+    print(f"port served again {back:.1f} s after the kill")
+
+    deadline = time.monotonic() + 150  # the lease (60 s here) and a reaper round
+    while True:
+        rows = ledger(up, tenant)
+        settled = [r for r in rows[:-1] if r["request_id"] in request_ids]
+        if len(settled) == 2 and rows[-1]["open"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert sorted(r["request_id"] for r in settled) == sorted(request_ids), settled
     assert rows[-1]["open"] == 0
     up.remember_tree()
 

@@ -4,11 +4,14 @@ ingress, the default; `agencyllm up` in tests/test_fault_up.py runs with it) or 
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 
 import pytest
+from conftest import free_port
 
-from agencyllm.serving.ray_env import serve_http
+from agencyllm.serving.ray_env import PortBusy, serve_http, wait_for_direct_port
 from agencyllm.serving.settings import Settings
 
 
@@ -42,3 +45,65 @@ def test_the_setting_comes_from_the_environment(monkeypatch):
     assert Settings(database_url=None).direct_ingress is True  # the default
     monkeypatch.setenv("AGENCYLLM_DIRECT_INGRESS", "false")
     assert Settings(database_url=None).direct_ingress is False
+
+
+def _direct_env(monkeypatch, port: int) -> None:
+    for key, value in serve_http(Settings(host="127.0.0.1", port=port, database_url=None)).env.items():
+        monkeypatch.setenv(key, value)
+
+
+def _closed_by_the_server_first(port: int) -> None:
+    """What a replica that died mid-stream leaves behind: its side of a connection in TIME_WAIT."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server closes first: its end goes to TIME_WAIT once the client closes
+        client.recv(1)
+        client.close()
+    time.sleep(0.1)
+
+
+def test_a_port_left_in_time_wait_cannot_be_bound_the_way_ray_binds_it():
+    """Why replicas wait (serving/ray_env.py): Ray's bind, without SO_REUSEADDR, fails on it."""
+    port = free_port()
+    _closed_by_the_server_first(port)
+    with socket.socket() as ray_like, pytest.raises(OSError):
+        ray_like.bind(("127.0.0.1", port))
+
+
+def test_a_replica_waits_while_the_port_is_held_then_goes_on(monkeypatch):
+    port = free_port()
+    _direct_env(monkeypatch, port)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+
+    async def main() -> float:
+        asyncio.get_running_loop().call_later(0.6, holder.close)
+        began = time.monotonic()
+        await wait_for_direct_port("127.0.0.1", timeout=10)
+        return time.monotonic() - began
+
+    assert 0.5 < asyncio.run(main()) < 5
+
+
+def test_a_port_that_stays_taken_fails_the_replica_start(monkeypatch):
+    port = free_port()
+    _direct_env(monkeypatch, port)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        with pytest.raises(PortBusy, match=str(port)):
+            asyncio.run(wait_for_direct_port("127.0.0.1", timeout=0.6))
+
+
+def test_without_direct_ingress_nothing_is_waited_for(monkeypatch):
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(holder.getsockname()[1]))
+        asyncio.run(wait_for_direct_port("127.0.0.1", timeout=0.1))
