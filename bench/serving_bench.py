@@ -1,6 +1,5 @@
 """Serving benchmark: plain vLLM's OpenAI server, Ray Serve LLM's `build_openai_app` (its defaults)
-and agencyllm (Ray Serve proxy -> our ingress -> LLMServer, auth and quotas on every request), same
-placeholder model and engine settings, same machine, same run, rounds interleaved A B C C B A.
+and agencyllm (as `agencyllm up` runs it, auth and quotas on every request), same placeholder model and engine settings, same machine, same run, rounds interleaved A B C C B A.
 
 Run from the repository root:  python -m bench.serving_bench [--quick] [--out bench/results/serving.json]
 
@@ -733,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiment: agencyllm without direct ingress (Ray Serve's proxy serves its port, "
                              "as before); by default its ingress replica serves the port itself and the proxy's "
                              "own port is measured beside it as target agencyllm-via-proxy")
+    parser.add_argument("--engine-gateway", action="store_true",
+                        help="agencyllm with AGENCYLLM_ENGINE_GATEWAY=true: the engine's replica serves the "
+                             "gateway itself instead of a separate ingress replica calling it by handle")
     parser.add_argument("--no-ray-serve-llm", action="store_true", help="leave out the Ray Serve LLM target")
     parser.add_argument("--coalesce-variants", type=float, nargs="*", default=[], metavar="MS",
                         help="experiment: our stack also serves the placeholder as `placeholder-cMS` with "
@@ -767,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = postgres.start()
         settings = Settings(data_dir=work / "data", host="127.0.0.1", port=ours_port,
-                            database_url=SecretStr(url), ingress_replicas=1, direct_ingress=not args.proxy)
+                            database_url=SecretStr(url), ingress_replicas=1, direct_ingress=not args.proxy,
+                            engine_gateway=args.engine_gateway)
         serving = single_model_config(model_dir)
         if args.coalesce_variants:
             base = serving.models[0]
@@ -775,8 +778,9 @@ def main(argv: list[str] | None = None) -> int:
                 base.model_copy(update={"id": f"{MODEL_ID}-c{ms:g}", "stream_coalesce_ms": ms})
                 for ms in args.coalesce_variants)])
         stack = LocalStack(settings, serving)
-        log(f"starting agencyllm on :{ours_port} (Ray Serve, 1 ingress replica"
-            + (", Ray's proxy)" if args.proxy else ", direct ingress)"))
+        log(f"starting agencyllm on :{ours_port} (Ray Serve, "
+            + ("Ray's proxy)" if args.proxy else "direct ingress, " + (
+                "engine-hosted gateway)" if args.engine_gateway else "separate ingress replica)")))
         start_stack(stack)
         api_key = asyncio.run(make_identity(url))
         ours_url = stack.base_url
@@ -845,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m bench.serving_bench", *(argv if argv is not None else sys.argv[1:])]),
         "stream_coalesce_ms": DEFAULT_STREAM_COALESCE_MS if args.stream_batching_ms is None else args.stream_batching_ms,
         "direct_ingress": not args.proxy,
+        "engine_gateway": args.engine_gateway and not args.proxy,
         "plan": {str(k): {"rounds_per_target": r, "requests_per_round": n} for k, (r, n) in plan.items()},
         "environment": environment(),
         "runtime_s": round(time.monotonic() - began, 1),

@@ -92,8 +92,9 @@ class Settings(_Validated):
     # Local run with one ingress replica: the replica serves the port itself, without Ray
     # Serve's proxy in between (serving/ray_env.py): one process hop less per streamed chunk.
     direct_ingress: bool = True
-    # Opt-in: with direct ingress, the first generate model's engine replica (when it runs one
-    # replica) serves the gateway itself, so its chunks cross no process boundary to the client.
+    # Opt-in, with direct ingress: the first generate model's engine replica (when it runs one
+    # replica) serves the gateway itself, so its chunks cross no process boundary to the client;
+    # but while that replica restarts, every route of the port is down (docs/operations.md).
     engine_gateway: bool = False
 
     # Governance (docs/compliance/): audit records are kept this many days (never fewer than 90);
