@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from agencyllm.serving.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ServeHttp:
@@ -54,8 +56,6 @@ def serve_http(settings: Settings) -> ServeHttp:
     }
     return ServeHttp(env=env, http_options={"host": settings.host, "port": _free_port(settings.host)}, direct=True)
 
-
-log = logging.getLogger(__name__)
 
 # Linux keeps a closed connection's port in TIME_WAIT for 60 s.
 PORT_WAIT_S = 90.0
@@ -98,7 +98,7 @@ async def wait_for_direct_port(host: str, *, timeout: float = PORT_WAIT_S) -> No
 
 def _bindable(host: str, port: int) -> bool:
     # The same bind Ray's server makes (no SO_REUSEADDR); closing an unconnected socket leaves no TIME_WAIT.
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+    with _socket(host) as probe:
         try:
             probe.bind((host, port))
         except OSError:
@@ -107,6 +107,10 @@ def _bindable(host: str, port: int) -> bool:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+    with _socket(host) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def _socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -272,6 +272,18 @@ def test_database_death_gives_503_then_recovers_without_restart(up, tenant_key):
     up.remember_tree()
 
 
+def _stream_to_the_end(up: Up, key: str, max_tokens: int, request_ids: list[str]) -> None:
+    """One long stream, read until the server ends it, however it ends (its id noted)."""
+    try:
+        with httpx.Client(base_url=up.url, timeout=120) as client:
+            with client.stream("POST", **chat(key, max_tokens=max_tokens, ignore_eos=True, stream=True)) as response:
+                request_ids.append(response.headers["x-agencyllm-request-id"])
+                for _ in response.iter_lines():
+                    pass
+    except httpx.HTTPError:
+        pass
+
+
 def _port_owner(up: Up) -> psutil.Process:
     port = int(up.url.rsplit(":", 1)[1])
     pids = {c.pid for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
@@ -289,14 +301,7 @@ def test_killed_replica_serving_the_port_comes_back_on_it(up, tenant_key):
     ended: list[float] = []
 
     def stream() -> None:
-        try:
-            with httpx.Client(base_url=up.url, timeout=120) as client:
-                with client.stream("POST", **chat(key, max_tokens=900, ignore_eos=True, stream=True)) as response:
-                    request_ids.append(response.headers["x-agencyllm-request-id"])
-                    for _ in response.iter_lines():
-                        pass
-        except httpx.HTTPError:
-            pass
+        _stream_to_the_end(up, key, 900, request_ids)
         ended.append(time.monotonic())
 
     workers = [threading.Thread(target=stream) for _ in range(2)]
@@ -345,18 +350,7 @@ def test_sigterm_stops_everything_it_started(up, tenant_key):
     postgres = up.postgres_pid()
     assert postgres is not None and psutil.pid_exists(postgres)
     request_ids: list[str] = []
-
-    def in_flight() -> None:
-        try:
-            with httpx.Client(base_url=up.url, timeout=120) as client:
-                with client.stream("POST", **chat(key, max_tokens=600, ignore_eos=True, stream=True)) as response:
-                    request_ids.append(response.headers["x-agencyllm-request-id"])
-                    for _ in response.iter_lines():
-                        pass
-        except httpx.HTTPError:
-            pass
-
-    worker = threading.Thread(target=in_flight)
+    worker = threading.Thread(target=_stream_to_the_end, args=(up, key, 600, request_ids))
     worker.start()
     deadline = time.monotonic() + 30
     while not request_ids and time.monotonic() < deadline:
