@@ -64,7 +64,10 @@ class Up:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENCYLLM_")}
+    # The defaults, but for the one topology choice an operator may turn on: with
+    # AGENCYLLM_ENGINE_GATEWAY=true the same faults run against the engine-hosted gateway.
+    kept = {"AGENCYLLM_ENGINE_GATEWAY"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENCYLLM_") or k in kept}
     env["AGENCYLLM_RESERVATION_LEASE_SECONDS"] = "60"
     return env
 
