@@ -4,7 +4,9 @@ one real stack (Ray Serve + vLLM CPU engines + our ingress) started once per ses
 from __future__ import annotations
 
 import asyncio
+import site
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,11 @@ STACK_TENANT = "stack"
 def pytest_collection_modifyitems(items):
     """Fault tests (marked `fault`) kill engines, Postgres or whole stacks: run them after the rest."""
     items.sort(key=lambda item: item.get_closest_marker("fault") is not None)
+
+
+# Where this run's packages live when they are not the base Python's (a project venv): venvs made
+# from the base Python for the wheel and Ansible tests are pointed at them.
+RUNNER_SITE = [p for p in site.getsitepackages() if not p.startswith(sys.base_prefix)]
 
 
 def free_port() -> int:

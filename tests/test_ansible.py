@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import site
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import RUNNER_SITE
 
 from agencyllm.serving.cli import main as cli_main
 
@@ -172,8 +172,7 @@ def _converge(work: Path) -> dict:
         "work": str(work), "scratch": str(work / "scratch"), "inventory": str(inventory / "hosts.yml"),
         "ansible_dir": str(bundle / "ansible"), "ansible_playbook": _tool("ansible-playbook"), "ports": ports,
         "ca_file": ca_file, "ca_pem": _ca_pem(),
-        # Where this run's packages live when they are not the base Python's (a project venv).
-        "runner_site": [p for p in site.getsitepackages() if not p.startswith(sys.base_prefix)],
+        "runner_site": RUNNER_SITE,
         "bad_variables": ["-e", "agencyllm_service_manager=upstart", "-e", "agencyllm_flavor=tpu"],
         "preflight_failure": ["-e", "agencyllm_gpus_per_host=2", "-e", "agencyllm_ca_file=/etc/pki/agency/missing.pem",
                               "-e", f"agencyllm_python_interpreter={work}/no-python"],

@@ -7,7 +7,6 @@ import fnmatch
 import json
 import os
 import shutil
-import site
 import subprocess
 import sys
 import tomllib
@@ -16,9 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-# Where this run's packages live when they are not the base Python's (a project venv).
-RUNNER_SITE = [p for p in site.getsitepackages() if not p.startswith(sys.base_prefix)]
+from conftest import RUNNER_SITE
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("serving", "auth", "quotas", "migrations")
