@@ -26,6 +26,10 @@ from agencyllm.serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Ray Serve's own variables: written here for Ray's processes, read back in its replicas.
+DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+MIN_PORT, MAX_PORT = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
+
 
 @dataclass(frozen=True)
 class ServeHttp:
@@ -39,15 +43,15 @@ class ServeHttp:
 def serve_http(settings: Settings) -> ServeHttp:
     if not settings.direct_ingress or settings.ingress_replicas != 1:
         return ServeHttp(
-            env={"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+            env={DIRECT_INGRESS: "0"},
             http_options={"host": settings.host, "port": settings.port},
             direct=False,
         )
     env = {
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        DIRECT_INGRESS: "1",
         # Ray hands replica ports out of [MIN, MAX): exactly the user's port.
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(settings.port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(settings.port + 1),
+        MIN_PORT: str(settings.port),
+        MAX_PORT: str(settings.port + 1),
         # Ray holds a stopping replica open (30 s by default) for a cloud load balancer to
         # deregister it; nothing sits in front here, so stop once in-flight requests are done.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
@@ -68,9 +72,9 @@ class PortBusy(RuntimeError):
 def direct_port() -> int | None:
     """The user's port, in a replica that Ray will have serve it (read from the environment
     `serve_http` gave Ray's processes); None otherwise."""
-    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+    if os.environ.get(DIRECT_INGRESS) != "1":
         return None
-    low, high = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"), os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT")
+    low, high = os.environ.get(MIN_PORT), os.environ.get(MAX_PORT)
     if low is None or high is None or int(high) != int(low) + 1:
         return None
     return int(low)
