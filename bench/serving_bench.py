@@ -1,5 +1,6 @@
 """Serving benchmark: plain vLLM's OpenAI server, Ray Serve LLM's `build_openai_app` (its defaults)
-and agencyllm (as `agencyllm up` runs it, auth and quotas on every request), same placeholder model and engine settings, same machine, same run, rounds interleaved A B C C B A.
+and agencyllm (as `agencyllm up` runs it, auth and quotas on every request), same placeholder
+model and engine settings, same machine, same run, rounds interleaved A B C C B A.
 
 Run from the repository root:  python -m bench.serving_bench [--quick] [--out bench/results/serving.json]
 
