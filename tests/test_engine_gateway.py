@@ -1,6 +1,6 @@
 """The engine replica that serves the gateway itself (serving/ray_adapter.py `EngineGateway`):
 which model's replica hosts it, and how the gateway reaches that model's engine in process.
-The real replica serves `agencyllm up` in tests/test_fault_up.py."""
+The real replica serves `agencyllm up` in tests/test_fault_up.py (its engine-gateway run)."""
 
 from __future__ import annotations
 

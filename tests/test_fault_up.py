@@ -1,4 +1,5 @@
-"""`agencyllm up` as an operator runs it, in a subprocess with its own data dir and one engine:
+"""`agencyllm up` as an operator runs it, in a subprocess with its own data dir and one engine,
+once with each way of serving its port (a separate ingress replica; the engine-hosted gateway):
 its embedded Postgres SIGKILLed under load (503 with Retry-After, a restart, recovery, every
 admitted request in the ledger), the replica serving its port SIGKILLed (the port served again),
 then SIGTERM with a request in flight (exit 0, no process of its tree left, Postgres stopped, the
@@ -38,6 +39,7 @@ class Up:
     process: subprocess.Popen
     url: str
     data_dir: Path
+    engine_gateway: bool
     output: list[str] = field(default_factory=list)
     tree: dict[int, float] = field(default_factory=dict)
 
@@ -63,25 +65,25 @@ class Up:
         return "".join(self.output)
 
 
-def _env() -> dict[str, str]:
-    # The defaults, but for the one topology choice an operator may turn on: with
-    # AGENCYLLM_ENGINE_GATEWAY=true the same faults run against the engine-hosted gateway.
-    kept = {"AGENCYLLM_ENGINE_GATEWAY"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENCYLLM_") or k in kept}
+def _env(engine_gateway: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENCYLLM_")}
     env["AGENCYLLM_RESERVATION_LEASE_SECONDS"] = "60"
+    env["AGENCYLLM_ENGINE_GATEWAY"] = str(engine_gateway).lower()
     return env
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory):
+# Every fault runs against both topologies `up` can serve its port with: the default separate
+# ingress replica, and the engine replica hosting the gateway (AGENCYLLM_ENGINE_GATEWAY=true).
+@pytest.fixture(scope="module", params=[False, True], ids=["separate-ingress", "engine-gateway"])
+def up(request, tmp_path_factory):
     from conftest import free_port
 
     data_dir = tmp_path_factory.mktemp("up")
     model_dir = write_placeholder_model(data_dir / "weights" / MODEL)
     port = free_port()
     command = [sys.executable, "-m", "agencyllm.serving.cli", "up", "--data-dir", str(data_dir), "--port", str(port), "--model", str(model_dir)]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    running = Up(process, f"http://127.0.0.1:{port}", data_dir)
+    process = subprocess.Popen(command, env=_env(request.param), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    running = Up(process, f"http://127.0.0.1:{port}", data_dir, request.param)
 
     def read() -> None:
         for line in process.stdout:
@@ -158,6 +160,9 @@ def test_up_serves_requests(up, tenant_key):
     with httpx.Client(base_url=up.url, timeout=60) as client:
         response = client.post(**chat(key))
     assert response.status_code == 200, response.text
+    # The replica serving the port is the one this topology puts there.
+    serving = f"ServeReplica:agencyllm:LLMServer:{MODEL}" if up.engine_gateway else "ServeReplica:agencyllm:AgencyIngress"
+    assert serving in " ".join(_port_owner(up).cmdline())
     up.remember_tree()
 
 
