@@ -143,7 +143,9 @@ class _Endpoints:
         if not isinstance(url, str):
             raise LoginError(f"issuer does not advertise {endpoint_name}")
         try:
-            response = httpx.post(url, data={"client_id": self.client_id, **data}, timeout=self.timeout, verify=self.verify)
+            response = httpx.post(
+                url, data={"client_id": self.client_id, **data}, timeout=self.timeout, verify=self.verify
+            )
         except httpx.HTTPError as exc:
             raise LoginError(f"cannot reach the issuer: {type(exc).__name__}") from None
         return _json_or_error(response.status_code, response.content)

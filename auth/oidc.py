@@ -13,9 +13,7 @@ import jwt
 
 PUBLIC_MESSAGE = "Invalid or expired credentials"
 # Asymmetric algorithms only: HS* with a public key as secret and `none` are never accepted.
-_SUPPORTED_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
-)
+_SUPPORTED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"})
 _EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 _ACCESS_TOKEN_HEADER_TYPES = frozenset({"jwt", "at+jwt", "application/at+jwt"})
 MAX_TOKEN_CHARS = 32 * 1024

@@ -66,10 +66,18 @@ class Target:
 
 async def stream_probe(client, target: Target, caller: Caller) -> float | None:
     """One streamed interactive request; its TTFT in ms (first chunk with content)."""
-    body = {"model": MODEL_ID, "messages": PROMPT, "max_tokens": PROBE_TOKENS, "ignore_eos": True,
-            "stream": True, **caller.extra}
+    body = {
+        "model": MODEL_ID,
+        "messages": PROMPT,
+        "max_tokens": PROBE_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        **caller.extra,
+    }
     start = time.perf_counter()
-    async with client.stream("POST", f"{target.base_url}/v1/chat/completions", json=body, headers=caller.headers) as response:
+    async with client.stream(
+        "POST", f"{target.base_url}/v1/chat/completions", json=body, headers=caller.headers
+    ) as response:
         if response.status_code != 200:
             await response.aread()
             return None
@@ -80,7 +88,9 @@ async def stream_probe(client, target: Target, caller: Caller) -> float | None:
         return ttft
 
 
-async def flood_worker(client, target: Target, caller: Caller, deadline: float, done: list[tuple[float, int]], errors: list[int]) -> None:
+async def flood_worker(
+    client, target: Target, caller: Caller, deadline: float, done: list[tuple[float, int]], errors: list[int]
+) -> None:
     body = {"model": MODEL_ID, "messages": PROMPT, "max_tokens": FLOOD_TOKENS, "ignore_eos": True, **caller.extra}
     while time.perf_counter() < deadline:
         try:
@@ -100,15 +110,21 @@ async def scenario(target: Target, floods: dict[str, int], probe: str | None, se
     after the ramp; token rates count requests completed after the ramp."""
     import httpx
 
-    async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(600.0),
-                                 limits=httpx.Limits(max_connections=128, max_keepalive_connections=128)) as client:
+    async with httpx.AsyncClient(
+        trust_env=False,
+        timeout=httpx.Timeout(600.0),
+        limits=httpx.Limits(max_connections=128, max_keepalive_connections=128),
+    ) as client:
         start = time.perf_counter()
         deadline = start + RAMP_S + seconds
         completions = {name: [] for name in floods}
         errors = {name: [] for name in floods}
         workers = [
-            asyncio.ensure_future(flood_worker(client, target, target.callers[name], deadline, completions[name], errors[name]))
-            for name, concurrency in floods.items() for _ in range(concurrency)
+            asyncio.ensure_future(
+                flood_worker(client, target, target.callers[name], deadline, completions[name], errors[name])
+            )
+            for name, concurrency in floods.items()
+            for _ in range(concurrency)
         ]
         ttfts: list[float] = []
         failed_probes = 0
@@ -133,8 +149,14 @@ async def scenario(target: Target, floods: dict[str, int], probe: str | None, se
         for name, done in completions.items()
     }
     return {
-        "probe_ttft_ms": {"n": len(ttfts), "failed": failed_probes, "p50": pct(ttfts, 50), "p90": pct(ttfts, 90),
-                          "p99": pct(ttfts, 99), "samples": [round(t, 1) for t in ttfts]},
+        "probe_ttft_ms": {
+            "n": len(ttfts),
+            "failed": failed_probes,
+            "p50": pct(ttfts, 50),
+            "p90": pct(ttfts, 90),
+            "p99": pct(ttfts, 99),
+            "samples": [round(t, 1) for t in ttfts],
+        },
         "tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
         "flood_errors": {name: len(e) for name, e in errors.items()},
         "measured_s": round(measured_s, 1),
@@ -162,7 +184,9 @@ async def run_scenarios(target: Target, seconds: float) -> dict:
     log(f"{target.name}: B's batch flood alone")
     results["b_alone"] = await scenario(target, {"B_batch": FLOOD_CONCURRENCY}, None, seconds)
     log(f"{target.name}: B and C, equal shares, both flooding")
-    results["equal_floods"] = await scenario(target, {"B": FLOOD_CONCURRENCY // 2, "C": FLOOD_CONCURRENCY // 2}, None, seconds)
+    results["equal_floods"] = await scenario(
+        target, {"B": FLOOD_CONCURRENCY // 2, "C": FLOOD_CONCURRENCY // 2}, None, seconds
+    )
     return results
 
 
@@ -175,18 +199,41 @@ def plain_vllm(model_dir: Path, work: Path, policy: str, seconds: float) -> dict
 
     port = free_port()
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", str(SLOTS), "--scheduling-policy", policy,
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        MODEL_ID,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--max-num-seqs",
+        str(SLOTS),
+        "--scheduling-policy",
+        policy,
     ]
-    out = open(work / f"vllm-{policy}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    process = subprocess.Popen(cmd, env={**os.environ, **VLLM_ENV}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    out = open(work / f"vllm-{policy}.log", "wb")
+    process = subprocess.Popen(
+        cmd, env={**os.environ, **VLLM_ENV}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", process, 600)
         batch = {"priority": 10} if policy == "priority" else {}
         interactive = {"priority": 0} if policy == "priority" else {}
-        callers = {"A": Caller("A", extra=interactive), "B": Caller("B", extra=interactive),
-                   "B_batch": Caller("B", extra=batch), "C": Caller("C", extra=interactive)}
+        callers = {
+            "A": Caller("A", extra=interactive),
+            "B": Caller("B", extra=interactive),
+            "B_batch": Caller("B", extra=batch),
+            "C": Caller("C", extra=interactive),
+        }
         return asyncio.run(run_scenarios(Target(f"vllm-{policy}", f"http://127.0.0.1:{port}", callers), seconds))
     finally:
         stop_process(process)
@@ -195,7 +242,7 @@ def plain_vllm(model_dir: Path, work: Path, policy: str, seconds: float) -> dict
 
 async def tenants(database_url: str) -> dict[str, Caller]:
     """Tenants A, B and C (equal shares) with interactive keys; B also has a batch key."""
-    from agencyllm.quotas import admin as store
+    from agencyllm.quotas import store
     from agencyllm.quotas.db import Database
 
     database = Database(database_url)
@@ -204,11 +251,23 @@ async def tenants(database_url: str) -> dict[str, Caller]:
         async with database.sessions() as session:
             actor = store.SystemActor()
             for tenant in ("a", "b", "c"):
-                await store.create_tenant(session, actor, name=f"bench-{tenant}", display_name=f"Tenant {tenant.upper()}")
-            for name, tenant, traffic_class in (("A", "a", "interactive"), ("B", "b", "interactive"),
-                                                ("B_batch", "b", "batch"), ("C", "c", "interactive")):
-                created = await store.create_key(session, actor, tenant_name=f"bench-{tenant}", kind="service",
-                                                 name=name, traffic_class=traffic_class)
+                await store.create_tenant(
+                    session, actor, name=f"bench-{tenant}", display_name=f"Tenant {tenant.upper()}"
+                )
+            for name, tenant, traffic_class in (
+                ("A", "a", "interactive"),
+                ("B", "b", "interactive"),
+                ("B_batch", "b", "batch"),
+                ("C", "c", "interactive"),
+            ):
+                created = await store.create_key(
+                    session,
+                    actor,
+                    tenant_name=f"bench-{tenant}",
+                    kind="service",
+                    name=name,
+                    traffic_class=traffic_class,
+                )
                 keys[name] = Caller(name, headers={"authorization": f"Bearer {created.secret}"})
         return keys
     finally:
@@ -220,8 +279,8 @@ def agencyllm(model_dir: Path, work: Path, seconds: float, database_dir: Path | 
 
     from agencyllm.quotas.db import EmbeddedPostgres
     from agencyllm.serving.config import FairShare, ModelSpec, ServingConfig
+    from agencyllm.serving.ops.stack import LocalStack
     from agencyllm.serving.settings import Settings
-    from agencyllm.serving.stack import LocalStack
 
     pg_dir = work / "pg" if database_dir is None else Path(tempfile.mkdtemp(prefix="fair-share-pg-", dir=database_dir))
     postgres = EmbeddedPostgres(pg_dir)
@@ -230,8 +289,9 @@ def agencyllm(model_dir: Path, work: Path, seconds: float, database_dir: Path | 
         url = postgres.start()
         # Direct ingress (one ingress replica serving the port), as the recorded runs had it.
         settings = Settings(data_dir=work / "data", port=free_port(), database_url=SecretStr(url), direct_ingress=True)
-        spec = ModelSpec(id=MODEL_ID, path=model_dir, engine_args={"max_model_len": 1024},
-                         fair_share=FairShare(slots=SLOTS))
+        spec = ModelSpec(
+            id=MODEL_ID, path=model_dir, engine_args={"max_model_len": 1024}, fair_share=FairShare(slots=SLOTS)
+        )
         stack = LocalStack(settings, ServingConfig(models=[spec]))
         start_stack(stack)
         callers = asyncio.run(tenants(url))
@@ -269,12 +329,33 @@ def verdicts(r: dict) -> dict[str, bool]:
 
 def table(results: dict) -> str:
     rows = [
-        ("A TTFT quiet p50 / p99 (ms)", lambda r: f"{fmt(r['quiet']['probe_ttft_ms']['p50'])} / {fmt(r['quiet']['probe_ttft_ms']['p99'])}"),
-        ("A TTFT, B batch flood, p50 / p99", lambda r: f"{fmt(r['batch_flood']['probe_ttft_ms']['p50'])} / {fmt(r['batch_flood']['probe_ttft_ms']['p99'])}"),
-        ("A TTFT, B interactive flood, p50 / p90", lambda r: f"{fmt(r['interactive_flood']['probe_ttft_ms']['p50'])} / {fmt(r['interactive_flood']['probe_ttft_ms']['p90'])}"),
+        (
+            "A TTFT quiet p50 / p99 (ms)",
+            lambda r: f"{fmt(r['quiet']['probe_ttft_ms']['p50'])} / {fmt(r['quiet']['probe_ttft_ms']['p99'])}",
+        ),
+        (
+            "A TTFT, B batch flood, p50 / p99",
+            lambda r: (
+                f"{fmt(r['batch_flood']['probe_ttft_ms']['p50'])} / {fmt(r['batch_flood']['probe_ttft_ms']['p99'])}"
+            ),
+        ),
+        (
+            "A TTFT, B interactive flood, p50 / p90",
+            lambda r: (
+                f"{fmt(r['interactive_flood']['probe_ttft_ms']['p50'])} / {fmt(r['interactive_flood']['probe_ttft_ms']['p90'])}"
+            ),
+        ),
         ("B tokens/s alone", lambda r: fmt(r["b_alone"]["tokens_per_s"]["B_batch"])),
-        ("B tokens/s with A light (ratio)", lambda r: f"{fmt(r['batch_flood']['tokens_per_s']['B_batch'])} ({r['batch_flood']['tokens_per_s']['B_batch'] / max(r['b_alone']['tokens_per_s']['B_batch'], 1e-9):.2f})"),
-        ("B / C tokens/s, equal shares", lambda r: f"{fmt(r['equal_floods']['tokens_per_s']['B'])} / {fmt(r['equal_floods']['tokens_per_s']['C'])}"),
+        (
+            "B tokens/s with A light (ratio)",
+            lambda r: (
+                f"{fmt(r['batch_flood']['tokens_per_s']['B_batch'])} ({r['batch_flood']['tokens_per_s']['B_batch'] / max(r['b_alone']['tokens_per_s']['B_batch'], 1e-9):.2f})"
+            ),
+        ),
+        (
+            "B / C tokens/s, equal shares",
+            lambda r: f"{fmt(r['equal_floods']['tokens_per_s']['B'])} / {fmt(r['equal_floods']['tokens_per_s']['C'])}",
+        ),
     ]
     names = list(results)
     lines = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -282,7 +363,9 @@ def table(results: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cell(results[n]) for n in names) + " |")
     lines.append("")
     for name in names:
-        lines.append(f"{name}: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts(results[name]).items()))
+        lines.append(
+            f"{name}: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts(results[name]).items())
+        )
     return "\n".join(lines)
 
 
@@ -290,17 +373,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="15 s per scenario instead of 40 (about 8 minutes in all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--only", choices=("vllm-fcfs", "vllm-priority", "agencyllm"), action="append",
-                        help="run only these targets (repeatable)")
-    parser.add_argument("--database-dir", type=Path,
-                        help="experiment: keep agencyllm's embedded Postgres under this directory instead of the "
-                             "run's temporary directory, e.g. on a faster disk (or /dev/shm, to see what the "
-                             "disk's commit latency costs; never for real data)")
+    parser.add_argument(
+        "--only",
+        choices=("vllm-fcfs", "vllm-priority", "agencyllm"),
+        action="append",
+        help="run only these targets (repeatable)",
+    )
+    parser.add_argument(
+        "--database-dir",
+        type=Path,
+        help="experiment: keep agencyllm's embedded Postgres under this directory instead of the "
+        "run's temporary directory, e.g. on a faster disk (or /dev/shm, to see what the "
+        "disk's commit latency costs; never for real data)",
+    )
     args = parser.parse_args(argv)
     seconds = 15.0 if args.quick else 40.0
     wanted = args.only or ["vllm-fcfs", "vllm-priority", "agencyllm"]
 
-    from agencyllm.serving.placeholder import write_placeholder_model
+    from agencyllm.serving.ops.placeholder import write_placeholder_model
 
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="fair-share-bench-"))
@@ -316,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "what": f"tenant B floods (c={FLOOD_CONCURRENCY}, {FLOOD_TOKENS} tokens) while tenant A chats "
-                f"(streamed, {PROBE_TOKENS} tokens); placeholder model, max_num_seqs {SLOTS}",
+        f"(streamed, {PROBE_TOKENS} tokens); placeholder model, max_num_seqs {SLOTS}",
         "command": " ".join(["python -m bench.fair_share_bench", *(argv if argv is not None else sys.argv[1:])]),
         "seconds_per_scenario": seconds,
         "environment": environment(),

@@ -25,8 +25,13 @@ from agencyllm.quotas.db import Database, EmbeddedPostgres, upgrade_schema
 from agencyllm.quotas.ledger import Ledger, ReservationRequest
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quota.json"
-POLICY = dict(tokens_per_day=10**12, tokens_per_month=10**13, requests_per_minute=10**7,
-              max_concurrent_requests=10**4, max_tokens_per_request=4096)
+POLICY = dict(
+    tokens_per_day=10**12,
+    tokens_per_month=10**13,
+    requests_per_minute=10**7,
+    max_concurrent_requests=10**4,
+    max_tokens_per_request=4096,
+)
 _ids = count()
 
 
@@ -35,18 +40,30 @@ async def create_tenants(db: Database, names: list[str]) -> None:
     async with pool.acquire() as conn, conn.transaction():
         for name in names:
             tenant_id = await conn.fetchval(
-                "INSERT INTO tenants (name, display_name) VALUES ($1, $1) RETURNING id", name)
+                "INSERT INTO tenants (name, display_name) VALUES ($1, $1) RETURNING id", name
+            )
             await conn.execute(
                 "INSERT INTO quota_policies (tenant_id, tokens_per_day, tokens_per_month,"
                 " requests_per_minute, max_concurrent_requests, max_tokens_per_request)"
-                " VALUES ($1, $2, $3, $4, $5, $6)", tenant_id, *POLICY.values())
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                tenant_id,
+                *POLICY.values(),
+            )
 
 
 def make_request(tenant: str, user: int) -> ReservationRequest:
     return ReservationRequest(
-        request_id=f"bench-{next(_ids)}-{uuid.uuid4().hex[:8]}", tenant=tenant,
-        subject=f"user-{user}", username=None, key_id=None, model="bench-model",
-        endpoint="chat", prompt_tokens=200, max_tokens=300, context_length=8192)
+        request_id=f"bench-{next(_ids)}-{uuid.uuid4().hex[:8]}",
+        tenant=tenant,
+        subject=f"user-{user}",
+        username=None,
+        key_id=None,
+        model="bench-model",
+        endpoint="chat",
+        prompt_tokens=200,
+        max_tokens=300,
+        context_length=8192,
+    )
 
 
 async def one(ledger: Ledger, tenant: str, user: int) -> tuple[float, float]:
@@ -54,8 +71,7 @@ async def one(ledger: Ledger, tenant: str, user: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     r = await ledger.reserve(make_request(tenant, user))
     t1 = time.perf_counter()
-    await ledger.settle(r, prompt_tokens=200, completion_tokens=150, status="ok", ttft_ms=5.0,
-                        latency_ms=50.0)
+    await ledger.settle(r, prompt_tokens=200, completion_tokens=150, status="ok", ttft_ms=5.0, latency_ms=50.0)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -83,12 +99,12 @@ class CpuMeter:
 
     def per_request_us(self, before: tuple[float, float], requests: int) -> dict[str, int]:
         client, postgres = (after - start for after, start in zip(self.sample(), before))
-        return {"client_cpu_us": round(client / requests * 1e6),
-                "postgres_cpu_us": round(postgres / requests * 1e6)}
+        return {"client_cpu_us": round(client / requests * 1e6), "postgres_cpu_us": round(postgres / requests * 1e6)}
 
 
-async def throughput(ledger: Ledger, tenants: list[str], seconds: float, concurrency: int,
-                     cpu: CpuMeter) -> dict[str, float]:
+async def throughput(
+    ledger: Ledger, tenants: list[str], seconds: float, concurrency: int, cpu: CpuMeter
+) -> dict[str, float]:
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -104,16 +120,19 @@ async def throughput(ledger: Ledger, tenants: list[str], seconds: float, concurr
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - started
-    return {"requests": done, "seconds": round(elapsed, 2), "req_per_s": round(done / elapsed),
-            **cpu.per_request_us(cpu_before, done)}
+    return {
+        "requests": done,
+        "seconds": round(elapsed, 2),
+        "req_per_s": round(done / elapsed),
+        **cpu.per_request_us(cpu_before, done),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
 
 
-async def fixed_rate(ledger: Ledger, tenants: list[str], rate: float,
-                     seconds: float) -> dict[str, float]:
+async def fixed_rate(ledger: Ledger, tenants: list[str], rate: float, seconds: float) -> dict[str, float]:
     """Open loop: start a request every 1/rate s regardless of completions."""
     reserve_ms: list[float] = []
     total_ms: list[float] = []
@@ -158,12 +177,13 @@ async def floor(db: Database, rate: float, seconds: float) -> dict[str, float]:
         await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
         tasks.append(asyncio.ensure_future(commit()))
     await asyncio.gather(*tasks)
-    return {"insert_commit_p50_ms": round(percentile(latencies, 50), 2),
-            "insert_commit_p99_ms": round(percentile(latencies, 99), 2)}
+    return {
+        "insert_commit_p50_ms": round(percentile(latencies, 50), 2),
+        "insert_commit_p99_ms": round(percentile(latencies, 99), 2),
+    }
 
 
-async def run(url: str, seconds: float, concurrency: int, phases: list[str],
-              cpu: CpuMeter) -> dict:
+async def run(url: str, seconds: float, concurrency: int, phases: list[str], cpu: CpuMeter) -> dict:
     db = Database(url, pool_size=concurrency)
     ledger = Ledger(db)
     spread = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(100)]
@@ -172,8 +192,7 @@ async def run(url: str, seconds: float, concurrency: int, phases: list[str],
     await throughput(ledger, spread, 2, concurrency, cpu)  # warm up: pool, prepared statements
     results = {}
     if "throughput" in phases:
-        results["spread_100_tenants"] = await throughput(ledger, spread, seconds, concurrency,
-                                                         cpu)
+        results["spread_100_tenants"] = await throughput(ledger, spread, seconds, concurrency, cpu)
         results["hot_tenant"] = await throughput(ledger, hot, seconds, concurrency, cpu)
         # What autovacuum would do at some point anyway, so it does not land inside the next
         # phase's 10 seconds.
@@ -184,8 +203,9 @@ async def run(url: str, seconds: float, concurrency: int, phases: list[str],
         before = await floor(db, 200, min(seconds, 5))
         results["latency_at_200_rps"] = await fixed_rate(ledger, spread, 200, seconds)
         after = await floor(db, 200, min(seconds, 5))
-        results["floor_at_200_rps"] = {f"{k}_{when}": v for when, d in (("before", before),
-                                       ("after", after)) for k, v in d.items()}
+        results["floor_at_200_rps"] = {
+            f"{k}_{when}": v for when, d in (("before", before), ("after", after)) for k, v in d.items()
+        }
     await db.dispose()
     return results
 
@@ -194,32 +214,43 @@ def print_table(results: dict) -> None:
     rows = []
     if "spread_100_tenants" in results:
         rows += [
-            ("reserve+settle throughput, 100 tenants",
-             f"{results['spread_100_tenants']['req_per_s']} req/s", ">= 2000 req/s"),
-            ("reserve+settle throughput, 1 hot tenant",
-             f"{results['hot_tenant']['req_per_s']} req/s", ">= 500 req/s"),
+            (
+                "reserve+settle throughput, 100 tenants",
+                f"{results['spread_100_tenants']['req_per_s']} req/s",
+                ">= 2000 req/s",
+            ),
+            ("reserve+settle throughput, 1 hot tenant", f"{results['hot_tenant']['req_per_s']} req/s", ">= 500 req/s"),
         ]
         spread = results["spread_100_tenants"]
         if spread["postgres_cpu_us"]:
             cores = os.cpu_count() or 1
             bound = round(cores * 1e6 / (spread["client_cpu_us"] + spread["postgres_cpu_us"]))
-            rows.append(("CPU per reserve+settle (client + postgres)",
-                         f"{spread['client_cpu_us']} + {spread['postgres_cpu_us']} us",
-                         f"CPU bound: ~{bound} req/s on {cores} cores"))
+            rows.append(
+                (
+                    "CPU per reserve+settle (client + postgres)",
+                    f"{spread['client_cpu_us']} + {spread['postgres_cpu_us']} us",
+                    f"CPU bound: ~{bound} req/s on {cores} cores",
+                )
+            )
     if "latency_at_200_rps" in results:
         lat = results["latency_at_200_rps"]
         rows += [
-            ("reserve latency p50 / p99 @ 200 req/s",
-             f"{lat['reserve_p50_ms']} / {lat['reserve_p99_ms']} ms", ""),
-            ("reserve+settle latency p50 / p99 @ 200 req/s",
-             f"{lat['reserve_settle_p50_ms']} / {lat['reserve_settle_p99_ms']} ms",
-             "p99 <= 5 ms"),
+            ("reserve latency p50 / p99 @ 200 req/s", f"{lat['reserve_p50_ms']} / {lat['reserve_p99_ms']} ms", ""),
+            (
+                "reserve+settle latency p50 / p99 @ 200 req/s",
+                f"{lat['reserve_settle_p50_ms']} / {lat['reserve_settle_p99_ms']} ms",
+                "p99 <= 5 ms",
+            ),
         ]
         fl = results["floor_at_200_rps"]
         for when in ("before", "after"):
-            rows.append((f"host floor {when}: 1-row INSERT+commit p50 / p99",
-                         f"{fl[f'insert_commit_p50_ms_{when}']} / "
-                         f"{fl[f'insert_commit_p99_ms_{when}']} ms", "(reference)"))
+            rows.append(
+                (
+                    f"host floor {when}: 1-row INSERT+commit p50 / p99",
+                    f"{fl[f'insert_commit_p50_ms_{when}']} / {fl[f'insert_commit_p99_ms_{when}']} ms",
+                    "(reference)",
+                )
+            )
     width = max(len(r[0]) for r in rows)
     print(f"| {'measure'.ljust(width)} | {'result':>18} | target")
     for name, value, target in rows:
@@ -247,8 +278,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--database-url", help="use this Postgres instead of an embedded one")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
-    parser.add_argument("--phases", nargs="+", choices=["throughput", "latency"],
-                        default=["throughput", "latency"])
+    parser.add_argument("--phases", nargs="+", choices=["throughput", "latency"], default=["throughput", "latency"])
     args = parser.parse_args()
 
     load_before = os.getloadavg()  # the machine may be shared: record how busy it was
@@ -266,9 +296,12 @@ def main() -> None:
         if server:
             server.stop()
     run_info = {
-        "python": platform.python_version(), "event_loop": args.loop, "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "event_loop": args.loop,
+        "cpus": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
-        "postgres": "embedded" if server else "external", "seconds": args.seconds,
+        "postgres": "embedded" if server else "external",
+        "seconds": args.seconds,
         "concurrency": args.concurrency,
         "command": " ".join(["python -m bench.quota_bench", *sys.argv[1:]]),
     }

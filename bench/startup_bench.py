@@ -72,7 +72,7 @@ def one_run(python: str, *, keep: bool = False) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="agencyllm-startup-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENCYLLM_")}
-    command = [python, "-m", "agencyllm.serving.cli", "up", "--data-dir", str(data_dir), "--port", str(port)]
+    command = [python, "-m", "agencyllm.serving.cli.main", "up", "--data-dir", str(data_dir), "--port", str(port)]
     load_before = os.getloadavg()
     started = time.monotonic()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -99,7 +99,9 @@ def one_run(python: str, *, keep: bool = False) -> dict:
         key = (data_dir / "admin.key").read_text().strip()
         chat = {"model": "placeholder", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         embed = {"model": "all-MiniLM-L6-v2", "input": "hi"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {key}"}, timeout=120) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {key}"}, timeout=120
+        ) as client:
             first_chat = timed(client, "/v1/chat/completions", chat)
             first_embed = timed(client, "/v1/embeddings", embed)
             warm_chat = [timed(client, "/v1/chat/completions", chat) for _ in range(WARM_REQUESTS)]

@@ -1,0 +1,10 @@
+"""Tenants, quotas and the usage ledger in Postgres (SQLAlchemy 2 + asyncpg), in layers:
+
+- `ledger`      admission and settlement: reserve quota, settle usage, calendar windows, leases;
+- `compliance`  data governance: content retention and its purge, staff feedback;
+- `store`       tenants, quota policies, API keys and usage reports (the admin API's store);
+- `audit`       the tamper-evident audit log every writer above appends to;
+- `db`, `models`  the database (engine, pool, embedded server, schema gate) and the tables.
+
+May import `agencyllm.auth` and `agencyllm.migrations` (the schema); never `agencyllm.serving`.
+"""

@@ -2,7 +2,7 @@
 
 Records live in `audit_events`, append-only and hash-chained by the database itself (migration
 0002): every insert, from any process, gets the next `seq`, the previous record's hash and its
-own. Model-request records are written by the settlement statement (quotas/ledger.py); admin
+own. Model-request records are written by the settlement statement (quotas/ledger/); admin
 changes by the admin store in the change's own transaction; authentication failures and quota
 refusals go through `AuditLog`, which folds a flood into one record per source, reason and
 minute. Records hold who, what, when, where, source and outcome — never prompts or outputs.
@@ -33,9 +33,8 @@ MAX_BUCKETS_PER_MINUTE = 1000
 OVERFLOW_SOURCE = "(other sources)"
 
 # The caller's network address for records written deeper in the call (set per HTTP request
-# by serving/governance.py's middleware; contextvars follow the request's task).
-request_source: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "agencyllm_request_source", default=None)
+# by serving/gateway/governance.py's middleware; contextvars follow the request's task).
+request_source: contextvars.ContextVar[str | None] = contextvars.ContextVar("agencyllm_request_source", default=None)
 
 
 def utc_now() -> datetime:
@@ -60,9 +59,22 @@ class AuditRecord:
     details: dict[str, Any] | None = None
 
 
-_COLUMNS = ("at", "category", "action", "outcome", "actor_subject", "actor_username",
-            "actor_client_id", "actor_key_id", "tenant", "source", "request_id", "target_type",
-            "target_id", "details")
+_COLUMNS = (
+    "at",
+    "category",
+    "action",
+    "outcome",
+    "actor_subject",
+    "actor_username",
+    "actor_client_id",
+    "actor_key_id",
+    "tenant",
+    "source",
+    "request_id",
+    "target_type",
+    "target_id",
+    "details",
+)
 _INSERT_SQL = (
     f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(_COLUMNS) + 1))})"
@@ -72,8 +84,12 @@ _INSERT_SQL = (
 async def insert_records(conn: asyncpg.Connection | asyncpg.Pool, records: list[AuditRecord]) -> None:
     if not records:
         return
-    rows = [tuple(json.dumps(getattr(r, c)) if c == "details" and r.details is not None
-                  else getattr(r, c) for c in _COLUMNS) for r in records]
+    rows = [
+        tuple(
+            json.dumps(getattr(r, c)) if c == "details" and r.details is not None else getattr(r, c) for c in _COLUMNS
+        )
+        for r in records
+    ]
     await conn.executemany(_INSERT_SQL, rows)
 
 
@@ -91,8 +107,7 @@ class AuditLog:
     (started on first use) and by `flush()`/`aclose()`. A flood of N events in a minute from
     one source for one reason is one record with `details.count = N`."""
 
-    def __init__(self, db: Database, *, clock: Callable[[], datetime] = utc_now,
-                 flush_interval: float = 5.0) -> None:
+    def __init__(self, db: Database, *, clock: Callable[[], datetime] = utc_now, flush_interval: float = 5.0) -> None:
         self._db = db
         self._clock = clock
         self._flush_interval = flush_interval
@@ -101,21 +116,51 @@ class AuditLog:
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
-    def auth_failure(self, reason: str, *, source: str | None = None,
-                     subject: str | None = None) -> None:
+    def auth_failure(self, reason: str, *, source: str | None = None, subject: str | None = None) -> None:
         """One refused credential. Only the reason and where it came from are kept (never the
         credential itself); `subject` when the token named one."""
-        self._count("auth", "auth.failure", "failure", reason, source, tenant=None,
-                    subject=subject or "anonymous", model=None)
+        self._count(
+            "auth", "auth.failure", "failure", reason, source, tenant=None, subject=subject or "anonymous", model=None
+        )
 
-    def quota_refusal(self, reason: str, *, tenant: str, subject: str, username: str | None,
-                      key_id: str | None, model: str, source: str | None = None) -> None:
-        self._count("quota", "quota.refusal", "refused", reason, source, tenant=tenant,
-                    subject=subject, model=model, username=username, key_id=key_id)
+    def quota_refusal(
+        self,
+        reason: str,
+        *,
+        tenant: str,
+        subject: str,
+        username: str | None,
+        key_id: str | None,
+        model: str,
+        source: str | None = None,
+    ) -> None:
+        self._count(
+            "quota",
+            "quota.refusal",
+            "refused",
+            reason,
+            source,
+            tenant=tenant,
+            subject=subject,
+            model=model,
+            username=username,
+            key_id=key_id,
+        )
 
-    def _count(self, category: str, action: str, outcome: str, reason: str, source: str | None,
-               *, tenant: str | None, subject: str, model: str | None,
-               username: str | None = None, key_id: str | None = None) -> None:
+    def _count(
+        self,
+        category: str,
+        action: str,
+        outcome: str,
+        reason: str,
+        source: str | None,
+        *,
+        tenant: str | None,
+        subject: str,
+        model: str | None,
+        username: str | None = None,
+        key_id: str | None = None,
+    ) -> None:
         now = self._clock()
         minute = now.astimezone(UTC).replace(second=0, microsecond=0)
         source = source if source is not None else request_source.get()
@@ -127,9 +172,9 @@ class AuditLog:
                 bucket = self._buckets.get(key)
             if bucket is None:
                 self._per_minute[minute] = self._per_minute.get(minute, 0) + 1
-                bucket = self._buckets[key] = _Bucket(sample={
-                    "category": category, "outcome": outcome, "username": username,
-                    "key_id": key_id})
+                bucket = self._buckets[key] = _Bucket(
+                    sample={"category": category, "outcome": outcome, "username": username, "key_id": key_id}
+                )
         bucket.count += 1
         bucket.first_at = bucket.first_at or now
         bucket.last_at = now
@@ -175,24 +220,33 @@ class AuditLog:
     def _record(key: tuple, bucket: _Bucket) -> AuditRecord:
         minute, action, reason, source, tenant, subject, model = key
         details: dict[str, Any] = {
-            "reason": reason, "count": bucket.count,
-            "window_start": minute.isoformat(), "window_seconds": 60,
+            "reason": reason,
+            "count": bucket.count,
+            "window_start": minute.isoformat(),
+            "window_seconds": 60,
             "first_at": bucket.first_at.isoformat() if bucket.first_at else None,
             "last_at": bucket.last_at.isoformat() if bucket.last_at else None,
         }
         return AuditRecord(
-            action=action, category=bucket.sample["category"], outcome=bucket.sample["outcome"],
-            actor_subject=subject, actor_username=bucket.sample["username"],
-            actor_key_id=bucket.sample["key_id"], tenant=tenant, source=source,
-            target_type="model" if model else "api", target_id=model,
-            at=bucket.last_at or minute, details=details)
+            action=action,
+            category=bucket.sample["category"],
+            outcome=bucket.sample["outcome"],
+            actor_subject=subject,
+            actor_username=bucket.sample["username"],
+            actor_key_id=bucket.sample["key_id"],
+            tenant=tenant,
+            source=source,
+            target_type="model" if model else "api",
+            target_id=model,
+            at=bucket.last_at or minute,
+            details=details,
+        )
 
     async def aclose(self) -> None:
         try:
             await self.flush(everything=True)
         except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("could not write %d aggregated audit records at shutdown: %s",
-                        len(self._buckets), exc)
+            log.warning("could not write %d aggregated audit records at shutdown: %s", len(self._buckets), exc)
         if self._task is not None:
             self._task.cancel()
 
@@ -219,8 +273,9 @@ class Verification:
         if self.ok:
             if not self.records:
                 return "audit chain OK: no records"
-            return (f"audit chain OK: {self.records} records, seq {self.first_seq}..{self.last_seq}, "
-                    f"head {self.head_hash}")
+            return (
+                f"audit chain OK: {self.records} records, seq {self.first_seq}..{self.last_seq}, head {self.head_hash}"
+            )
         return f"audit chain BROKEN at seq {self.bad_seq}: {self.problem}"
 
 
@@ -240,8 +295,9 @@ async def verify_chain(conn: asyncpg.Connection) -> Verification:
     count = 0
 
     def broken(seq: int, problem: str) -> Verification:
-        return Verification(False, count, first["seq"] if first else None,
-                            previous["seq"] if previous else None, None, problem, seq)
+        return Verification(
+            False, count, first["seq"] if first else None, previous["seq"] if previous else None, None, problem, seq
+        )
 
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         async for row in conn.cursor(_WALK_SQL, prefetch=1000):
@@ -249,36 +305,45 @@ async def verify_chain(conn: asyncpg.Connection) -> Verification:
                 details = json.loads(row["details"]) if isinstance(row["details"], str) else row["details"]
                 purges[int(details["through_seq"])] = details["through_hash"]
             if record_hash(row["canonical"]) != row["hash"]:
-                return broken(row["seq"], "record was modified or moved (its hash does not match its content and position)")
+                return broken(
+                    row["seq"], "record was modified or moved (its hash does not match its content and position)"
+                )
             if previous is None:
                 first = row  # seq > 1: older records were purged; a purge record must vouch
             else:
                 if row["seq"] != previous["seq"] + 1:
-                    return broken(previous["seq"] + 1,
-                                  f"record deleted (seq {previous['seq'] + 1} is missing; "
-                                  f"next is {row['seq']})")
+                    return broken(
+                        previous["seq"] + 1,
+                        f"record deleted (seq {previous['seq'] + 1} is missing; next is {row['seq']})",
+                    )
                 if row["prev_hash"] != previous["hash"]:
-                    return broken(row["seq"], "records reordered or replaced (prev_hash is not the "
-                                              f"hash of seq {previous['seq']})")
+                    return broken(
+                        row["seq"],
+                        f"records reordered or replaced (prev_hash is not the hash of seq {previous['seq']})",
+                    )
             previous = row
             count += 1
     if first is not None and first["seq"] != 1:
         vouched = purges.get(first["seq"] - 1)
         if vouched != first["prev_hash"]:
-            return broken(first["seq"] - 1,
-                          f"records before seq {first['seq']} deleted without a purge record")
+            return broken(first["seq"] - 1, f"records before seq {first['seq']} deleted without a purge record")
     elif first is not None and first["prev_hash"] != GENESIS_HASH:
         return broken(first["seq"], "first record does not start the chain")
     if head is not None and previous is not None and head["seq"] != previous["seq"]:
-        return broken(previous["seq"] + 1,
-                      f"records after seq {previous['seq']} deleted (chain head is seq {head['seq']})")
+        return broken(
+            previous["seq"] + 1, f"records after seq {previous['seq']} deleted (chain head is seq {head['seq']})"
+        )
     if head is not None and previous is None and head["seq"] != 0:
         return broken(1, f"every record deleted (chain head is seq {head['seq']})")
     if head is not None and previous is not None and head["hash"] != previous["hash"]:
         return broken(previous["seq"], "last record does not match the chain head")
-    return Verification(True, count, first["seq"] if first else None,
-                        previous["seq"] if previous else None,
-                        previous["hash"] if previous else None)
+    return Verification(
+        True,
+        count,
+        first["seq"] if first else None,
+        previous["seq"] if previous else None,
+        previous["hash"] if previous else None,
+    )
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -296,8 +361,9 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-async def export_records(conn: asyncpg.Connection, since: datetime, until: datetime,
-                         tenant: str | None = None) -> AsyncIterator[dict[str, Any]]:
+async def export_records(
+    conn: asyncpg.Connection, since: datetime, until: datetime, tenant: str | None = None
+) -> AsyncIterator[dict[str, Any]]:
     """Records with since <= at < until in chain order, as plain JSON-ready dicts (SIEM lines)."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         async for row in conn.cursor(_EXPORT_SQL, since, until, tenant, prefetch=1000):

@@ -143,12 +143,14 @@ class Database:
         self.url = async_url(url)
         self.pool_size = pool_size
         self.engine: AsyncEngine = create_async_engine(
-            self.url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, pool_timeout=10,
+            self.url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_pre_ping=True,
+            pool_timeout=10,
             connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
         )
-        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
-            self.engine, expire_on_commit=False
-        )
+        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(self.engine, expire_on_commit=False)
         self._pool: asyncpg.Pool | None = None
         self._lookup_pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -171,7 +173,10 @@ class Database:
 
     async def _create_pool(self, size: int) -> asyncpg.Pool:
         return await asyncpg.create_pool(
-            min_size=1, max_size=size, timeout=CONNECT_TIMEOUT_SECONDS, **asyncpg_connect_args(self.url),
+            min_size=1,
+            max_size=size,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            **asyncpg_connect_args(self.url),
         )
 
     async def ping(self) -> None:
@@ -295,9 +300,7 @@ class EmbeddedPostgres:
                     stale.unlink()
 
     def _create_database(self) -> None:
-        exists = self._server.psql(
-            f"SELECT 'present' FROM pg_database WHERE datname = '{DATABASE_NAME}';"
-        )
+        exists = self._server.psql(f"SELECT 'present' FROM pg_database WHERE datname = '{DATABASE_NAME}';")
         if "present" not in exists:
             try:
                 self._server.psql(f"CREATE DATABASE {DATABASE_NAME};")
@@ -370,9 +373,7 @@ async def assert_schema_current(db: Database) -> None:
     from alembic.runtime.migration import MigrationContext
 
     async with db.engine.connect() as conn:
-        current = await conn.run_sync(
-            lambda sync_conn: set(MigrationContext.configure(sync_conn).get_current_heads())
-        )
+        current = await conn.run_sync(lambda sync_conn: set(MigrationContext.configure(sync_conn).get_current_heads()))
     expected = head_revisions()
     if current != expected:
         have = ", ".join(sorted(current)) or "none"

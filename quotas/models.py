@@ -40,7 +40,7 @@ TENANT_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
 TENANT_STATUSES = ("active", "suspended")
 MAX_TOKENS_MODES = ("cap", "reject")
 KEY_KINDS = ("personal", "service")
-# Classes of traffic for fair sharing (serving/fairshare.py) and the largest tenant share.
+# Classes of traffic for fair sharing (serving/gateway/fairshare.py) and the largest tenant share.
 TRAFFIC_CLASSES = ("interactive", "batch")
 MAX_SHARE = 1000
 ENDPOINTS = ("chat", "completions", "embeddings")
@@ -231,7 +231,7 @@ class AuditChainHead(Base):
 
 class RequestContent(Base):
     """Prompt and output of one request, kept only for tenants that opted in, until their
-    retention period ends (quotas/retention.py purges it)."""
+    retention period ends (quotas/compliance/retention.py purges it)."""
 
     __tablename__ = "request_content"
     __table_args__ = (Index(None, "tenant_id", "created_at"),)
@@ -280,9 +280,7 @@ class QuotaCounter(Base):
     # Room on each page for HOT updates: every admission and settlement rewrites its rows.
     __table_args__ = {"postgresql_with": {"fillfactor": 50}}
 
-    tenant_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
-    )
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
     subject: Mapped[str] = mapped_column(Text, primary_key=True)
     day_key: Mapped[date] = mapped_column(Date)
     day_charged: Mapped[int] = mapped_column(BigInteger, server_default="0")

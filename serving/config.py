@@ -108,7 +108,9 @@ class ModelSpec(BaseModel):
     def _reserve_below_slots(self) -> ModelSpec:
         reserve = self.fair_share.interactive_reserve
         if reserve is not None and reserve >= self.engine_slots():
-            raise ValueError(f"fair_share.interactive_reserve ({reserve}) must be below the slots ({self.engine_slots()})")
+            raise ValueError(
+                f"fair_share.interactive_reserve ({reserve}) must be below the slots ({self.engine_slots()})"
+            )
         return self
 
     def engine_slots(self) -> int:

@@ -90,7 +90,7 @@ class Settings(_Validated):
     cors_origins: list[str] = []
     ingress_replicas: int = Field(default=1, ge=1)
     # Local run with one ingress replica: the replica serves the port itself, without Ray
-    # Serve's proxy in between (serving/ray_env.py): one process hop less per streamed chunk.
+    # Serve's proxy in between (serving/rayserve/ray_env.py): one process hop less per streamed chunk.
     direct_ingress: bool = True
     # Opt-in, with direct ingress: the first generate model's engine replica (when it runs one
     # replica) serves the gateway itself, so its chunks cross no process boundary to the client;
@@ -133,7 +133,9 @@ class Settings(_Validated):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not a time zone; use an IANA name such as 'UTC' or 'America/New_York'") from None
+            raise ValueError(
+                f"{value!r} is not a time zone; use an IANA name such as 'UTC' or 'America/New_York'"
+            ) from None
         return value
 
     @field_validator("oidc_issuer")

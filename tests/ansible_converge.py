@@ -35,13 +35,18 @@ def overlay(scratch: Path, runner_site: list[str]) -> None:
     them here, so the service users can run the venv's interpreter."""
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(scratch)], check=True)
     base_site = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})["purelib"]
-    closed = [str(d) for d in reversed(Path(sys.base_prefix).parents) if d != Path("/") and not d.stat().st_mode & 0o001]
+    closed = [
+        str(d) for d in reversed(Path(sys.base_prefix).parents) if d != Path("/") and not d.stat().st_mode & 0o001
+    ]
     tops = ["/etc", "/opt", "/var", *closed] + ([base_site] if runner_site else [])
     for i, top in enumerate(tops):
         upper, work = scratch / str(i) / "upper", scratch / str(i) / "work"
         upper.mkdir(parents=True)
         work.mkdir()
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={top},upperdir={upper},workdir={work}", top], check=True)
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={top},upperdir={upper},workdir={work}", top],
+            check=True,
+        )
     for folder in closed:
         os.chmod(folder, os.stat(folder).st_mode | 0o011)
     if runner_site:
@@ -54,12 +59,28 @@ def overlay(scratch: Path, runner_site: list[str]) -> None:
 
 def playbook(config: dict, *extra: str) -> dict:
     started = time.monotonic()
-    env = {**os.environ, "ANSIBLE_CONFIG": str(Path(config["ansible_dir"]) / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_LOCAL_TEMP": str(Path(config["work"]) / "ansible-local"),
-           "ANSIBLE_REMOTE_TEMP": str(Path(config["work"]) / "ansible-remote")}
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(Path(config["ansible_dir"]) / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_LOCAL_TEMP": str(Path(config["work"]) / "ansible-local"),
+        "ANSIBLE_REMOTE_TEMP": str(Path(config["work"]) / "ansible-remote"),
+    }
     done = subprocess.run(
-        [config["ansible_playbook"], "-i", config["inventory"], "-c", "local", str(Path(config["ansible_dir"]) / "site.yml"), *extra],
-        capture_output=True, text=True, env=env, timeout=1500,
+        [
+            config["ansible_playbook"],
+            "-i",
+            config["inventory"],
+            "-c",
+            "local",
+            str(Path(config["ansible_dir"]) / "site.yml"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1500,
     )
     recap = re.findall(r"^\S+\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", done.stdout, re.M)
     changed_tasks = re.findall(r"^changed: \[[^\]]+\].*$|^TASK \[(.+?)\]", done.stdout, re.M)
@@ -77,7 +98,7 @@ def _changed_tasks(output: str) -> list[str]:
     task, found = None, []
     for line in output.splitlines():
         if line.startswith("TASK ["):
-            task = line[6:line.rfind("]")]
+            task = line[6 : line.rfind("]")]
         elif line.startswith("changed:") and task:
             found.append(task)
     return found
@@ -138,8 +159,13 @@ class Service:
 
     def _spawn(self, unit: dict, env: dict, preexec) -> subprocess.Popen:
         return subprocess.Popen(
-            shlex.split(unit["ExecStart"]), env=env, cwd=unit.get("WorkingDirectory") or "/",
-            preexec_fn=preexec, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            shlex.split(unit["ExecStart"]),
+            env=env,
+            cwd=unit.get("WorkingDirectory") or "/",
+            preexec_fn=preexec,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def pids(self) -> list[int]:
@@ -219,8 +245,11 @@ def main() -> int:
         findings["units"] = {}
         for unit_path in units:
             verify = subprocess.run(["systemd-analyze", "verify", str(unit_path)], capture_output=True, text=True)
-            findings["units"][unit_path.name] = {"verify_rc": verify.returncode, "verify_stderr": verify.stderr.strip(),
-                                                 "unit": parse_unit(unit_path)}
+            findings["units"][unit_path.name] = {
+                "verify_rc": verify.returncode,
+                "verify_stderr": verify.stderr.strip(),
+                "unit": parse_unit(unit_path),
+            }
 
         postgres = findings["units"]["agencyllm-postgres.service"]["unit"]
         ray = findings["units"]["agencyllm-ray.service"]["unit"]

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
-
 from oidc_issuer import LocalOIDCIssuer, fresh_oidc_issuer, oidc_issuer  # noqa: F401
 from pg import make_tenant, pg_db, pg_url  # noqa: F401
+from pydantic import SecretStr
 
 from agencyllm.quotas.db import Database
+from agencyllm.serving.ops.stack import LocalStack, default_models
 from agencyllm.serving.settings import Settings
-from agencyllm.serving.stack import LocalStack, default_models
 
 STACK_GROUP = "office-stack"
 STACK_TENANT = "stack"
@@ -106,23 +105,35 @@ def _warm_up(stack: RunningStack) -> None:
     """First calls through cold replicas are slow; tests that time things should not pay for them."""
     client = stack.openai()
     client.chat.completions.create(model="placeholder", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    list(client.chat.completions.create(model="placeholder", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True))
+    list(
+        client.chat.completions.create(
+            model="placeholder", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True
+        )
+    )
     client.embeddings.create(model="all-MiniLM-L6-v2", input="hi")
 
 
 async def _stack_identities(database_url: str, data_dir) -> tuple[str, str, str]:
     """A tenant (mapped to a Keycloak group) with a staff key, and the bootstrap platform-admin key."""
-    from agencyllm.quotas import admin as store
-    from agencyllm.serving.identity import ensure_bootstrap_admin_key
+    from agencyllm.quotas import store
+    from agencyllm.serving.gateway.identity import ensure_bootstrap_admin_key
 
     database = Database(database_url)
     try:
         admin_key_file = await ensure_bootstrap_admin_key(database, data_dir)
         async with database.sessions() as session:
             actor = store.SystemActor()
-            await store.create_tenant(session, actor, name=STACK_TENANT, display_name="Stack tests", keycloak_group=STACK_GROUP)
+            await store.create_tenant(
+                session, actor, name=STACK_TENANT, display_name="Stack tests", keycloak_group=STACK_GROUP
+            )
             staff = await store.create_key(
-                session, actor, tenant_name=STACK_TENANT, kind="personal", name="tests", owner_subject="staff-1", owner_username="staff"
+                session,
+                actor,
+                tenant_name=STACK_TENANT,
+                kind="personal",
+                name="tests",
+                owner_subject="staff-1",
+                owner_username="staff",
             )
         return STACK_TENANT, staff.secret, admin_key_file.read_text().strip()
     finally:

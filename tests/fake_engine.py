@@ -10,7 +10,9 @@ class FakeCall:
     raised, or a hang; counts `cancel()`s, which raise again when `cancel_raises` (Ray does so
     for a call that already failed)."""
 
-    def __init__(self, items=(), *, fail: BaseException | None = None, hang: bool = False, cancel_raises: bool = False) -> None:
+    def __init__(
+        self, items=(), *, fail: BaseException | None = None, hang: bool = False, cancel_raises: bool = False
+    ) -> None:
         self.items = list(items)
         self.fail = fail
         self.hang = hang

@@ -175,8 +175,10 @@ class LocalOIDCIssuer:
     def public_key_pem(self, kid: str | None = None) -> bytes:
         from cryptography.hazmat.primitives import serialization
 
-        return self.key(kid).private_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        return (
+            self.key(kid)
+            .private_key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
 
     # -- tokens -------------------------------------------------------------------------------
@@ -238,8 +240,12 @@ class LocalOIDCIssuer:
         """A signed access token. `overrides` replace claims (use `claims=` for names like
         "allowed-origins"); `drop` removes claims; `kid`/`signing_key`/`headers` shape the header."""
         payload = self.claims(
-            username=username, realm_roles=realm_roles, groups=groups,
-            client_id=client_id, lifetime=lifetime, now=now,
+            username=username,
+            realm_roles=realm_roles,
+            groups=groups,
+            client_id=client_id,
+            lifetime=lifetime,
+            now=now,
         )
         payload.update(claims or {})
         payload.update(overrides)
@@ -267,7 +273,9 @@ class LocalOIDCIssuer:
             "jwks_uri": f"{oidc}/certs",
             "device_authorization_endpoint": f"{oidc}/auth/device",
             "grant_types_supported": [
-                "authorization_code", "refresh_token", "client_credentials",
+                "authorization_code",
+                "refresh_token",
+                "client_credentials",
                 "urn:ietf:params:oauth:grant-type:device_code",
             ],
             "id_token_signing_alg_values_supported": ["RS256", "PS256", "ES256"],
@@ -276,8 +284,9 @@ class LocalOIDCIssuer:
             "scopes_supported": ["openid", "basic", "roles", "profile", "email", "groups", "agencyllm"],
         }
 
-    def add_user(self, username: str, password: str, *, realm_roles: Iterable[str] = ("llm-user",),
-                 groups: Iterable[str] = ()) -> User:
+    def add_user(
+        self, username: str, password: str, *, realm_roles: Iterable[str] = ("llm-user",), groups: Iterable[str] = ()
+    ) -> User:
         user = User(username, password, tuple(realm_roles), tuple(groups))
         with self._lock:
             self.users[username] = user
@@ -289,8 +298,13 @@ class LocalOIDCIssuer:
         if username is None:  # client credentials: Keycloak's service-account token layout
             access = self.mint(username=f"service-account-{client_id}", client_id=client_id, groups=())
         elif user is not None:  # a browser user: their own roles and groups
-            access = self.mint(username=username, client_id=client_id, realm_roles=user.realm_roles,
-                               groups=user.groups, lifetime=lifetime)
+            access = self.mint(
+                username=username,
+                client_id=client_id,
+                realm_roles=user.realm_roles,
+                groups=user.groups,
+                lifetime=lifetime,
+            )
         else:
             access = self.mint(username=username, client_id=client_id)
         refresh = secrets.token_urlsafe(32)
@@ -299,7 +313,8 @@ class LocalOIDCIssuer:
         extra: dict[str, Any] = {}
         if nonce is not None:
             extra["id_token"] = self.id_token(username, client_id, nonce)
-        return {**extra,
+        return {
+            **extra,
             "access_token": access,
             "expires_in": lifetime,
             "refresh_expires_in": 1800,
@@ -313,9 +328,19 @@ class LocalOIDCIssuer:
     def id_token(self, username: str, client_id: str, nonce: str) -> str:
         """An ID token as Keycloak returns it from the token endpoint (`typ: ID`, aud = client)."""
         claims = self.claims(username=username, client_id=client_id)
-        payload = {k: claims[k] for k in ("exp", "iat", "auth_time", "iss", "sub", "sid", "preferred_username", "email")}
-        payload.update({"aud": client_id, "azp": client_id, "typ": "ID", "nonce": nonce,
-                        "jti": str(uuid.uuid4()), "at_hash": secrets.token_urlsafe(16)})
+        payload = {
+            k: claims[k] for k in ("exp", "iat", "auth_time", "iss", "sub", "sid", "preferred_username", "email")
+        }
+        payload.update(
+            {
+                "aud": client_id,
+                "azp": client_id,
+                "typ": "ID",
+                "nonce": nonce,
+                "jti": str(uuid.uuid4()),
+                "at_hash": secrets.token_urlsafe(16),
+            }
+        )
         key = next(k for k in self.keys if k.kid == self.active_kid)
         return jwt.encode(payload, key.private_key, algorithm="RS256", headers={"kid": key.kid, "typ": "JWT"})
 
@@ -455,7 +480,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return None
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         owner = self.owner
         url = urlsplit(self.path)
         path = url.path
@@ -486,7 +511,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, {"error": "not_found"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         owner = self.owner
         length = int(self.headers.get("Content-Length") or 0)
         raw = parse_qs(self.rfile.read(length).decode(), keep_blank_values=True)

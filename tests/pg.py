@@ -69,7 +69,9 @@ def make_tenant(pg_db: Database) -> MakeTenant:
         async with pool.acquire() as conn, conn.transaction():
             tenant_id = await conn.fetchval(
                 "INSERT INTO tenants (name, display_name, status) VALUES ($1, $2, $3) RETURNING id",
-                name, name.upper(), status,
+                name,
+                name.upper(),
+                status,
             )
             if policy:
                 await set_policy(conn, tenant_id, None, **policy)
@@ -85,7 +87,9 @@ async def set_policy(conn, tenant_id: uuid.UUID, subject: str | None, **fields: 
     await conn.execute(
         f"INSERT INTO quota_policies ({', '.join(columns)}) VALUES ({placeholders}) "
         f"ON CONFLICT (tenant_id, subject) DO UPDATE SET {updates}",
-        tenant_id, subject, *fields.values(),
+        tenant_id,
+        subject,
+        *fields.values(),
     )
 
 

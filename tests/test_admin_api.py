@@ -9,7 +9,7 @@ import csv
 import io
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -21,9 +21,9 @@ from sqlalchemy import select, update
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.models import ApiKey, AuditEvent, Tenant, UsageRecord
 from agencyllm.serving.admin import router
-from agencyllm.serving.errors import install_error_handlers
-from agencyllm.serving.gateway import Services
-from agencyllm.serving.identity import ensure_bootstrap_admin_key
+from agencyllm.serving.gateway.errors import install_error_handlers
+from agencyllm.serving.gateway.identity import ensure_bootstrap_admin_key
+from agencyllm.serving.gateway.pipeline import Services
 from agencyllm.serving.settings import Settings
 
 ADMIN_ROLES = ("llm-user", "llm-tenant-admin")
@@ -89,8 +89,13 @@ def error_of(response: httpx.Response) -> dict:
 async def test_openapi_lists_every_admin_route(api: Api):
     app = api.client._transport.app  # type: ignore[attr-defined]
     paths = app.openapi()["paths"]
-    assert {"/admin/v1/tenants", "/admin/v1/tenants/{name}/quota", "/admin/v1/usage",
-            "/admin/v1/me/keys", "/admin/v1/keys/{key_id}"} <= set(paths)
+    assert {
+        "/admin/v1/tenants",
+        "/admin/v1/tenants/{name}/quota",
+        "/admin/v1/usage",
+        "/admin/v1/me/keys",
+        "/admin/v1/keys/{key_id}",
+    } <= set(paths)
     assert "KeyCreated" in app.openapi()["components"]["schemas"]
 
 
@@ -107,7 +112,12 @@ async def test_tenant_crud_and_bad_input(api: Api):
     assert duplicate.status_code == 409 and "already exists" in error_of(duplicate)["message"]
     unknown = await api.call("GET", "/tenants/no-such-tenant")
     assert unknown.status_code == 404 and error_of(unknown)["type"] == "not_found_error"
-    for body in ({"name": "Bad Name"}, {"name": name + "x", "display_name": 5}, {"name": name + "y", "colour": "red"}, {}):
+    for body in (
+        {"name": "Bad Name"},
+        {"name": name + "x", "display_name": 5},
+        {"name": name + "y", "colour": "red"},
+        {},
+    ):
         bad = await api.call("POST", "/tenants", json=body)
         assert bad.status_code == 400, (body, bad.text)
         assert error_of(bad)["message"]
@@ -127,8 +137,14 @@ async def test_quota_put_get_and_nothing_half_written(api: Api):
     put = await api.call("PUT", f"/tenants/{name}/quota", json=good)
     assert put.status_code == 200 and put.json()["tokens_per_day"] == 1000
 
-    for bad in ({"tokens_per_day": -1}, {"tokens_per_day": "many"}, {"tokens_per_day": 1.5},
-                {"tokens_per_week": 1}, {"max_tokens_mode": "drop"}, {"allowed_models": "m1"}):
+    for bad in (
+        {"tokens_per_day": -1},
+        {"tokens_per_day": "many"},
+        {"tokens_per_day": 1.5},
+        {"tokens_per_week": 1},
+        {"max_tokens_mode": "drop"},
+        {"allowed_models": "m1"},
+    ):
         response = await api.call("PUT", f"/tenants/{name}/quota", json=bad)
         assert response.status_code == 400, (bad, response.text)
         error = error_of(response)
@@ -143,9 +159,11 @@ async def test_quota_put_get_and_nothing_half_written(api: Api):
     assert (await api.call("GET", f"/tenants/{name}/users/sub-42/quota")).json()["tokens_per_month"] == 5
 
     async with api.db.sessions() as session:
-        events = list(await session.scalars(
-            select(AuditEvent).where(AuditEvent.target_id == name, AuditEvent.action == "quota.set")
-        ))
+        events = list(
+            await session.scalars(
+                select(AuditEvent).where(AuditEvent.target_id == name, AuditEvent.action == "quota.set")
+            )
+        )
     assert len(events) == 1
     assert events[0].before is None and events[0].after["tokens_per_day"] == 1000
     assert events[0].actor_subject.startswith("service:")
@@ -173,22 +191,31 @@ async def test_service_key_use_revoke_and_expiry(api: Api):
     expiring = await api.service_key(name, expires_in_days=1)
     assert (await api.call("GET", "/me", expiring["key"])).status_code == 200
     async with api.db.sessions() as session:
-        await session.execute(update(ApiKey).where(ApiKey.id == uuid.UUID(expiring["id"]))
-                              .values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == uuid.UUID(expiring["id"]))
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
         await session.commit()
     assert (await api.call("GET", "/me", expiring["key"])).status_code == 401
 
-    both = await api.call("POST", f"/tenants/{name}/keys",
-                          json={"name": "x", "expires_in_days": 1, "expires_at": "2030-01-01T00:00:00Z"})
+    both = await api.call(
+        "POST", f"/tenants/{name}/keys", json={"name": "x", "expires_in_days": 1, "expires_at": "2030-01-01T00:00:00Z"}
+    )
     assert both.status_code == 400
 
 
 async def test_key_of_one_tenant_cannot_reach_another(api: Api):
     tenant_a, tenant_b = await api.tenant(), await api.tenant()
     key_a = (await api.service_key(tenant_a))["key"]
-    for method, path in (("GET", f"/tenants/{tenant_b}/keys"), ("GET", f"/tenants/{tenant_b}"),
-                         ("POST", f"/tenants/{tenant_b}/keys"), ("GET", f"/tenants/{tenant_b}/quota"),
-                         ("GET", f"/usage?tenant={tenant_b}"), ("POST", "/tenants")):
+    for method, path in (
+        ("GET", f"/tenants/{tenant_b}/keys"),
+        ("GET", f"/tenants/{tenant_b}"),
+        ("POST", f"/tenants/{tenant_b}/keys"),
+        ("GET", f"/tenants/{tenant_b}/quota"),
+        ("GET", f"/usage?tenant={tenant_b}"),
+        ("POST", "/tenants"),
+    ):
         response = await api.call(method, path, key_a, json={"name": "x"} if method == "POST" else None)
         assert response.status_code == 403, (method, path, response.text)
         assert error_of(response)["type"] == "permission_error"
@@ -207,11 +234,17 @@ async def test_tenant_admin_scoping(api: Api):
     assert (await api.call("GET", "/usage", admin_a)).status_code == 200
 
     denied = [
-        ("GET", f"/tenants/{tenant_b}"), ("GET", f"/tenants/{tenant_b}/keys"),
-        ("GET", f"/tenants/{tenant_b}/quota"), ("GET", f"/usage?tenant={tenant_b}"),
-        ("PUT", f"/tenants/{tenant_a}/quota"), ("POST", f"/tenants/{tenant_a}/suspend"),
-        ("PATCH", f"/tenants/{tenant_a}"), ("DELETE", f"/tenants/{tenant_a}"), ("POST", "/tenants"),
-        ("POST", "/tenants/system/keys"), ("GET", "/tenants/no-such-tenant"),
+        ("GET", f"/tenants/{tenant_b}"),
+        ("GET", f"/tenants/{tenant_b}/keys"),
+        ("GET", f"/tenants/{tenant_b}/quota"),
+        ("GET", f"/usage?tenant={tenant_b}"),
+        ("PUT", f"/tenants/{tenant_a}/quota"),
+        ("POST", f"/tenants/{tenant_a}/suspend"),
+        ("PATCH", f"/tenants/{tenant_a}"),
+        ("DELETE", f"/tenants/{tenant_a}"),
+        ("POST", "/tenants"),
+        ("POST", "/tenants/system/keys"),
+        ("GET", "/tenants/no-such-tenant"),
     ]
     for method, path in denied:
         response = await api.call(method, path, admin_a, json={} if method in ("PUT", "PATCH", "POST") else None)
@@ -261,14 +294,28 @@ async def test_suspended_tenant_key_is_refused(api: Api):
 async def test_usage_json_csv_and_scoping(api: Api):
     tenant, other = await api.tenant(), await api.tenant()
     async with api.db.sessions() as session:
-        ids = dict((await session.execute(select(Tenant.name, Tenant.id).where(Tenant.name.in_([tenant, other])))).all())
-        at = datetime(2026, 5, 4, 12, tzinfo=timezone.utc)
+        ids = dict(
+            (await session.execute(select(Tenant.name, Tenant.id).where(Tenant.name.in_([tenant, other])))).all()
+        )
+        at = datetime(2026, 5, 4, 12, tzinfo=UTC)
         for owner, model, tokens in ((tenant, "m1", 10), (tenant, "m2", 20), (tenant, "m1", 30), (other, "m1", 99)):
-            session.add(UsageRecord(
-                request_id=str(uuid.uuid4()), tenant_id=ids[owner], subject="u1", username="dora",
-                model=model, endpoint="chat", prompt_tokens=tokens, completion_tokens=1,
-                total_tokens=tokens + 1, status="ok", latency_ms=5.0, started_at=at, finished_at=at,
-            ))
+            session.add(
+                UsageRecord(
+                    request_id=str(uuid.uuid4()),
+                    tenant_id=ids[owner],
+                    subject="u1",
+                    username="dora",
+                    model=model,
+                    endpoint="chat",
+                    prompt_tokens=tokens,
+                    completion_tokens=1,
+                    total_tokens=tokens + 1,
+                    status="ok",
+                    latency_ms=5.0,
+                    started_at=at,
+                    finished_at=at,
+                )
+            )
         await session.commit()
 
     by_model = await api.call("GET", f"/usage?tenant={tenant}&group_by=model&from=2026-05-04&to=2026-05-04")
@@ -282,8 +329,16 @@ async def test_usage_json_csv_and_scoping(api: Api):
     as_csv = await api.call("GET", f"/usage?tenant={tenant}&group_by=user&format=csv")
     assert as_csv.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(as_csv.text)))
-    assert rows == [{"user": "u1", "username": "dora", "requests": "3", "prompt_tokens": "60",
-                     "completion_tokens": "3", "total_tokens": "63"}]
+    assert rows == [
+        {
+            "user": "u1",
+            "username": "dora",
+            "requests": "3",
+            "prompt_tokens": "60",
+            "completion_tokens": "3",
+            "total_tokens": "63",
+        }
+    ]
 
     admin = api.token(username="erin", groups=[f"/agencies/{tenant}"], roles=ADMIN_ROLES)
     scoped = (await api.call("GET", "/usage?group_by=tenant", admin)).json()["rows"]
@@ -300,9 +355,11 @@ async def test_key_actions_are_audited_without_secrets(api: Api):
     created = await api.service_key(tenant)
     await api.call("DELETE", f"/keys/{created['id']}")
     async with api.db.sessions() as session:
-        events = list(await session.scalars(
-            select(AuditEvent).where(AuditEvent.target_id == created["id"]).order_by(AuditEvent.id)
-        ))
+        events = list(
+            await session.scalars(
+                select(AuditEvent).where(AuditEvent.target_id == created["id"]).order_by(AuditEvent.id)
+            )
+        )
     assert [e.action for e in events] == ["key.create", "key.revoke"]
     assert events[1].before["revoked_at"] is None and events[1].after["revoked_at"]
     assert created["key"] not in str([(e.before, e.after) for e in events])
@@ -316,8 +373,14 @@ async def test_a_quota_refusal_behind_an_admin_route_is_answered_not_a_500(api: 
 
     class GoneTenant:
         async def authenticate(self, authorization_header):
-            return Principal(subject="s-gone", username="gone", client_id=None, tenant="no-such-tenant",
-                             roles=frozenset({Role.USER}), auth_method="api_key")
+            return Principal(
+                subject="s-gone",
+                username="gone",
+                client_id=None,
+                tenant="no-such-tenant",
+                roles=frozenset({Role.USER}),
+                auth_method="api_key",
+            )
 
     state = api.client._transport.app.state  # type: ignore[attr-defined]
     real, state.authenticator = state.authenticator, GoneTenant()

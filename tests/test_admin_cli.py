@@ -18,11 +18,11 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from agencyllm.serving import cli_admin
 from agencyllm.serving.admin import router
-from agencyllm.serving.errors import install_error_handlers
-from agencyllm.serving.gateway import Services
-from agencyllm.serving.identity import ensure_bootstrap_admin_key
+from agencyllm.serving.cli import admin as cli_admin
+from agencyllm.serving.gateway.errors import install_error_handlers
+from agencyllm.serving.gateway.identity import ensure_bootstrap_admin_key
+from agencyllm.serving.gateway.pipeline import Services
 from agencyllm.serving.settings import Settings
 
 
@@ -88,14 +88,20 @@ def test_tenant_quota_key_and_usage_commands(cli):
     assert json.loads(out)["keycloak_group"] == "/roads"
     assert cli("tenants", "suspend", name)[0] == 0
     assert "active" in cli("tenants", "resume", name)[1]
-    assert json.loads(cli("tenants", "update", name, "--keycloak-group", "none", "--format", "json")[1])["keycloak_group"] is None
+    assert (
+        json.loads(cli("tenants", "update", name, "--keycloak-group", "none", "--format", "json")[1])["keycloak_group"]
+        is None
+    )
 
     assert cli("quota", "set", name, "--tokens-per-day", "1000", "--allowed-models", "m1,m2")[0] == 0
     code, out, _ = cli("quota", "set", name, "--requests-per-minute", "5", "--format", "json")
     policy = json.loads(out)
     assert policy["tokens_per_day"] == 1000 and policy["requests_per_minute"] == 5
     assert policy["allowed_models"] == ["m1", "m2"]
-    assert json.loads(cli("quota", "set", name, "--tokens-per-day", "none", "--format", "json")[1])["tokens_per_day"] is None
+    assert (
+        json.loads(cli("quota", "set", name, "--tokens-per-day", "none", "--format", "json")[1])["tokens_per_day"]
+        is None
+    )
     assert json.loads(cli("quota", "show", name, "--user", "sub-1", "--format", "json")[1])["user"] == "sub-1"
 
     code, out, err = cli("keys", "create", "--tenant", name, "--name", "etl")
@@ -106,7 +112,13 @@ def test_tenant_quota_key_and_usage_commands(cli):
     assert "(none)" in cli("keys", "list", "--tenant", name)[1]
 
     code, out, _ = cli("usage", "--tenant", name, "--group-by", "model", "--format", "csv")
-    assert code == 0 and next(csv.reader(io.StringIO(out))) == ["model", "requests", "prompt_tokens", "completion_tokens", "total_tokens"]
+    assert code == 0 and next(csv.reader(io.StringIO(out))) == [
+        "model",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+    ]
     assert "(no usage)" in cli("usage", "--tenant", name, "--since", "2026-01-01")[1]
 
 

@@ -1,14 +1,14 @@
-"""quotas/admin.py on real Postgres: validation, audit trail, all-or-nothing writes, key lookup."""
+"""quotas/store/ on real Postgres: validation, audit trail, all-or-nothing writes, key lookup."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select, update
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.quotas.models import ApiKey, AuditEvent, QuotaPolicy, Tenant, UsageRecord
 
 ACTOR = store.SystemActor(subject="admin-sub", username="admin")
@@ -119,8 +119,13 @@ async def test_key_lifecycle(pg_db):
     async with pg_db.sessions() as session:
         await store.create_tenant(session, ACTOR, name=name)
         created = await store.create_key(
-            session, ACTOR, tenant_name=name, kind="personal", name="laptop",
-            owner_subject="u-1", owner_username="jdoe",
+            session,
+            ACTOR,
+            tenant_name=name,
+            kind="personal",
+            name="laptop",
+            owner_subject="u-1",
+            owner_username="jdoe",
         )
         stored = await session.get(ApiKey, created.key.id)
         assert created.secret.startswith("sk-agency-") and created.secret not in stored.key_hash
@@ -150,20 +155,29 @@ async def test_expired_key_is_refused(pg_db):
     async with pg_db.sessions() as session:
         await store.create_tenant(session, ACTOR, name=name)
         created = await store.create_key(
-            session, ACTOR, tenant_name=name, kind="service", name="ci",
-            expires_at=datetime.now(timezone.utc) + timedelta(hours=1),
+            session,
+            ACTOR,
+            tenant_name=name,
+            kind="service",
+            name="ci",
+            expires_at=datetime.now(UTC) + timedelta(hours=1),
         )
         assert await store.find_active_key(await pg_db.pool(), created.secret) is not None
         await session.execute(
-            update(ApiKey).where(ApiKey.id == created.key.id)
-            .values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
+            update(ApiKey)
+            .where(ApiKey.id == created.key.id)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
         )
         await session.commit()
         assert await store.find_active_key(await pg_db.pool(), created.secret) is None
         with pytest.raises(store.Invalid, match="future"):
             await store.create_key(
-                session, ACTOR, tenant_name=name, kind="service", name="old",
-                expires_at=datetime.now(timezone.utc) - timedelta(days=1),
+                session,
+                ACTOR,
+                tenant_name=name,
+                kind="service",
+                name="old",
+                expires_at=datetime.now(UTC) - timedelta(days=1),
             )
 
 
@@ -189,18 +203,31 @@ async def test_delete_tenant(pg_db):
             await store.create_tenant(session, ACTOR, name=name)
             await store.set_quota(session, ACTOR, name, {"tokens_per_day": 5})
         tenant = await store.get_tenant(session, kept)
-        now = datetime.now(timezone.utc)
-        session.add(UsageRecord(
-            request_id=unique("req"), tenant_id=tenant.id, subject="u", model="m", endpoint="chat",
-            prompt_tokens=1, completion_tokens=1, total_tokens=2, status="ok", latency_ms=1.0,
-            started_at=now, finished_at=now,
-        ))
+        now = datetime.now(UTC)
+        session.add(
+            UsageRecord(
+                request_id=unique("req"),
+                tenant_id=tenant.id,
+                subject="u",
+                model="m",
+                endpoint="chat",
+                prompt_tokens=1,
+                completion_tokens=1,
+                total_tokens=2,
+                status="ok",
+                latency_ms=1.0,
+                started_at=now,
+                finished_at=now,
+            )
+        )
         await session.commit()
         with pytest.raises(store.Conflict, match="usage history"):
             await store.delete_tenant(session, ACTOR, kept)
         gone_id = (await store.get_tenant(session, gone)).id
         await store.delete_tenant(session, ACTOR, gone)
-        policies = await session.scalar(select(func.count()).select_from(QuotaPolicy).where(QuotaPolicy.tenant_id == gone_id))
+        policies = await session.scalar(
+            select(func.count()).select_from(QuotaPolicy).where(QuotaPolicy.tenant_id == gone_id)
+        )
         events = await audit_rows(session, gone)
         assert await store.get_tenant(session, kept)
     assert policies == 0 and events[-1].action == "tenant.delete" and events[-1].after is None
@@ -210,15 +237,30 @@ async def test_usage_report_groups(pg_db):
     name = unique()
     async with pg_db.sessions() as session:
         tenant = await store.create_tenant(session, ACTOR, name=name)
-        day1 = datetime(2026, 3, 1, 23, 30, tzinfo=timezone.utc)
-        rows = [("u1", "alice", "m1", day1, 10, 5), ("u1", "alice", "m2", day1, 1, 1),
-                ("u2", "bob", "m1", day1 + timedelta(hours=1), 4, 4)]
+        day1 = datetime(2026, 3, 1, 23, 30, tzinfo=UTC)
+        rows = [
+            ("u1", "alice", "m1", day1, 10, 5),
+            ("u1", "alice", "m2", day1, 1, 1),
+            ("u2", "bob", "m1", day1 + timedelta(hours=1), 4, 4),
+        ]
         for subject, username, model, at, prompt, completion in rows:
-            session.add(UsageRecord(
-                request_id=unique("req"), tenant_id=tenant.id, subject=subject, username=username,
-                model=model, endpoint="chat", prompt_tokens=prompt, completion_tokens=completion,
-                total_tokens=prompt + completion, status="ok", latency_ms=3.0, started_at=at, finished_at=at,
-            ))
+            session.add(
+                UsageRecord(
+                    request_id=unique("req"),
+                    tenant_id=tenant.id,
+                    subject=subject,
+                    username=username,
+                    model=model,
+                    endpoint="chat",
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    total_tokens=prompt + completion,
+                    status="ok",
+                    latency_ms=3.0,
+                    started_at=at,
+                    finished_at=at,
+                )
+            )
         await session.commit()
         by_day = await store.usage_report(session, tenant_name=name, group_by="day")
         by_day_ny = await store.usage_report(session, tenant_name=name, group_by="day", time_zone="America/New_York")
@@ -231,5 +273,7 @@ async def test_usage_report_groups(pg_db):
     ]
     assert [r["day"] for r in by_day_ny] == ["2026-03-01"] and by_day_ny[0]["requests"] == 3
     assert [(r["user"], r["username"], r["total_tokens"]) for r in by_user] == [("u1", "alice", 15), ("u2", "bob", 8)]
-    assert by_tenant == [{"tenant": name, "requests": 2, "prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17}]
+    assert by_tenant == [
+        {"tenant": name, "requests": 2, "prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17}
+    ]
     assert since[0]["requests"] == 1

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import RUNNER_SITE
 
-from agencyllm.serving.cli import main as cli_main
+from agencyllm.serving.cli.main import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE = REPO / "infra" / "ansible"
@@ -42,7 +42,13 @@ def test_ansible_lint_production_profile_is_clean():
     lint = _tool("ansible-lint")
     if lint is None:
         pytest.skip("ansible-lint not installed")
-    done = subprocess.run([lint, "--profile", "production", "--offline", "--nocolor"], cwd=ANSIBLE, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [lint, "--profile", "production", "--offline", "--nocolor"],
+        cwd=ANSIBLE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "Profile 'production' was required, and it passed" in done.stderr + done.stdout
 
@@ -99,10 +105,18 @@ def _ca_pem() -> str:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Agency Test Root CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -121,66 +135,118 @@ def converged() -> Iterator[dict]:
 
 
 def _converge(work: Path) -> dict:
-    from agencyllm.serving.placeholder import write_placeholder_model
+    from agencyllm.serving.ops.placeholder import write_placeholder_model
 
     model = write_placeholder_model(work / "placeholder")
     bundle = work / "bundle"
     # A wheelhouse of agencyllm's own wheel: the venv sees this Python's packages (the full
     # wheelhouse install is the `wheelhouse` test in test_bundle.py).
     assert cli_main(["bundle", "build", str(bundle), "--cpu", "--wheel-only", "--model", f"placeholder={model}"]) == 0
-    ports = {name: _free_port() for name in ("api", "postgres", "gcs", "dashboard", "client", "node_manager", "object_manager",
-                                               "agent", "agent_grpc", "metrics", "runtime_env")}
+    ports = {
+        name: _free_port()
+        for name in (
+            "api",
+            "postgres",
+            "gcs",
+            "dashboard",
+            "client",
+            "node_manager",
+            "object_manager",
+            "agent",
+            "agent_grpc",
+            "metrics",
+            "runtime_env",
+        )
+    }
     first_worker = 20000 + (os.getpid() % 400) * 20
     inventory = work / "inventory"
     (inventory / "group_vars").mkdir(parents=True)
-    (inventory / "hosts.yml").write_text(yaml.safe_dump({
-        "agencyllm_head": {"hosts": {"localhost": {"ansible_host": "127.0.0.1", "ansible_connection": "local",
-                                                  "ansible_python_interpreter": BASE_PYTHON}}},
-        "agencyllm_workers": {"hosts": {}},
-    }))
+    (inventory / "hosts.yml").write_text(
+        yaml.safe_dump(
+            {
+                "agencyllm_head": {
+                    "hosts": {
+                        "localhost": {
+                            "ansible_host": "127.0.0.1",
+                            "ansible_connection": "local",
+                            "ansible_python_interpreter": BASE_PYTHON,
+                        }
+                    }
+                },
+                "agencyllm_workers": {"hosts": {}},
+            }
+        )
+    )
     ca_file = "/etc/pki/agency/agency-ca.pem"
-    (inventory / "group_vars" / "all.yml").write_text(yaml.safe_dump({
-        "agencyllm_bundle_dir": str(bundle),
-        "agencyllm_flavor": "cpu",
-        "agencyllm_service_manager": "none",
-        "agencyllm_python_interpreter": BASE_PYTHON,
-        "agencyllm_python_system_site_packages": True,
-        "agencyllm_python_bin_link_dir": "",
-        "agencyllm_ca_file": ca_file,
-        "agencyllm_preflight_require_ca": True,
-        "agencyllm_preflight_margin_bytes": 100_000_000,
-        "agencyllm_api_host": "127.0.0.1",
-        "agencyllm_api_port": ports["api"],
-        "agencyllm_postgres_port": ports["postgres"],
-        "agencyllm_ray_gcs_port": ports["gcs"],
-        "agencyllm_ray_dashboard_port": ports["dashboard"],
-        "agencyllm_ray_client_port": ports["client"],
-        "agencyllm_ray_node_manager_port": ports["node_manager"],
-        "agencyllm_ray_object_manager_port": ports["object_manager"],
-        "agencyllm_ray_dashboard_agent_port": ports["agent"],
-        "agencyllm_ray_dashboard_agent_grpc_port": ports["agent_grpc"],
-        "agencyllm_ray_metrics_port": ports["metrics"],
-        "agencyllm_ray_runtime_env_agent_port": ports["runtime_env"],
-        "agencyllm_ray_min_worker_port": first_worker,
-        "agencyllm_ray_max_worker_port": first_worker + 19,
-        "agencyllm_ray_num_cpus": "8",
-        "agencyllm_ray_firewall": False,
-        "agencyllm_models": [{"id": "placeholder"}],
-        "agencyllm_app_ready_timeout": 600,
-    }))
+    (inventory / "group_vars" / "all.yml").write_text(
+        yaml.safe_dump(
+            {
+                "agencyllm_bundle_dir": str(bundle),
+                "agencyllm_flavor": "cpu",
+                "agencyllm_service_manager": "none",
+                "agencyllm_python_interpreter": BASE_PYTHON,
+                "agencyllm_python_system_site_packages": True,
+                "agencyllm_python_bin_link_dir": "",
+                "agencyllm_ca_file": ca_file,
+                "agencyllm_preflight_require_ca": True,
+                "agencyllm_preflight_margin_bytes": 100_000_000,
+                "agencyllm_api_host": "127.0.0.1",
+                "agencyllm_api_port": ports["api"],
+                "agencyllm_postgres_port": ports["postgres"],
+                "agencyllm_ray_gcs_port": ports["gcs"],
+                "agencyllm_ray_dashboard_port": ports["dashboard"],
+                "agencyllm_ray_client_port": ports["client"],
+                "agencyllm_ray_node_manager_port": ports["node_manager"],
+                "agencyllm_ray_object_manager_port": ports["object_manager"],
+                "agencyllm_ray_dashboard_agent_port": ports["agent"],
+                "agencyllm_ray_dashboard_agent_grpc_port": ports["agent_grpc"],
+                "agencyllm_ray_metrics_port": ports["metrics"],
+                "agencyllm_ray_runtime_env_agent_port": ports["runtime_env"],
+                "agencyllm_ray_min_worker_port": first_worker,
+                "agencyllm_ray_max_worker_port": first_worker + 19,
+                "agencyllm_ray_num_cpus": "8",
+                "agencyllm_ray_firewall": False,
+                "agencyllm_models": [{"id": "placeholder"}],
+                "agencyllm_app_ready_timeout": 600,
+            }
+        )
+    )
     config = {
-        "work": str(work), "scratch": str(work / "scratch"), "inventory": str(inventory / "hosts.yml"),
-        "ansible_dir": str(bundle / "ansible"), "ansible_playbook": _tool("ansible-playbook"), "ports": ports,
-        "ca_file": ca_file, "ca_pem": _ca_pem(),
+        "work": str(work),
+        "scratch": str(work / "scratch"),
+        "inventory": str(inventory / "hosts.yml"),
+        "ansible_dir": str(bundle / "ansible"),
+        "ansible_playbook": _tool("ansible-playbook"),
+        "ports": ports,
+        "ca_file": ca_file,
+        "ca_pem": _ca_pem(),
         "runner_site": RUNNER_SITE,
         "bad_variables": ["-e", "agencyllm_service_manager=upstart", "-e", "agencyllm_flavor=tpu"],
-        "preflight_failure": ["-e", "agencyllm_gpus_per_host=2", "-e", "agencyllm_ca_file=/etc/pki/agency/missing.pem",
-                              "-e", f"agencyllm_python_interpreter={work}/no-python"],
+        "preflight_failure": [
+            "-e",
+            "agencyllm_gpus_per_host=2",
+            "-e",
+            "agencyllm_ca_file=/etc/pki/agency/missing.pem",
+            "-e",
+            f"agencyllm_python_interpreter={work}/no-python",
+        ],
     }
     (work / "scratch").mkdir()
     (work / "config.json").write_text(json.dumps(config))
-    done = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, str(REPO / "tests" / "ansible_converge.py"),
-                           str(work / "config.json")], capture_output=True, text=True, timeout=2400)
+    done = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            sys.executable,
+            str(REPO / "tests" / "ansible_converge.py"),
+            str(work / "config.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     findings = json.loads(done.stdout.strip().splitlines()[-1])
     findings["_work"] = str(work)
@@ -219,7 +285,11 @@ def test_converge_installs_and_units_verify(converged):
         assert unit["verify_stderr"] == "", f"systemd-analyze verify {name}: {unit['verify_stderr']}"
     ray = units["agencyllm-ray.service"]["unit"]
     assert ray["User"] == "agencyllm" and ray["KillMode"] == "control-group" and "ExecStop" not in ray
-    assert " --head " in ray["ExecStart"] and "--block" in ray["ExecStart"] and "--dashboard-host=127.0.0.1" in ray["ExecStart"]
+    assert (
+        " --head " in ray["ExecStart"]
+        and "--block" in ray["ExecStart"]
+        and "--dashboard-host=127.0.0.1" in ray["ExecStart"]
+    )
     assert units["agencyllm-postgres.service"]["unit"]["User"] == "agencyllm-postgres"
 
 

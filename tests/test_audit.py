@@ -15,14 +15,14 @@ import httpx
 import pytest
 from audit_helpers import as_role, audit_rows, fresh_database
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.quotas.audit import AuditLog, verify_chain
+from agencyllm.quotas.compliance.retention import Retention
 from agencyllm.quotas.db import Database, asyncpg_connect_args
 from agencyllm.quotas.ledger import AdmissionRefused, Ledger, ReservationRequest
-from agencyllm.quotas.retention import Retention
-from agencyllm.serving import cli
-from agencyllm.serving.http import create_app
-from agencyllm.serving.identity import Authenticator
+from agencyllm.serving.cli import main as cli
+from agencyllm.serving.gateway.identity import Authenticator
+from agencyllm.serving.http.app import create_app
 from agencyllm.serving.settings import Settings
 
 ACTOR = store.SystemActor(subject="admin-sub", username="admin")
@@ -31,9 +31,19 @@ AU3 = ("at", "action", "category", "outcome", "actor_subject", "seq", "prev_hash
 
 def request(tenant: str, *, subject: str = "staff-sub", max_tokens: int = 10) -> ReservationRequest:
     return ReservationRequest(
-        request_id=uuid.uuid4().hex, tenant=tenant, subject=subject, username="staff",
-        key_id=str(uuid.uuid4()), model="m1", endpoint="chat", prompt_tokens=5,
-        max_tokens=max_tokens, context_length=100, client_id="agencyllm-web", source="10.1.2.3")
+        request_id=uuid.uuid4().hex,
+        tenant=tenant,
+        subject=subject,
+        username="staff",
+        key_id=str(uuid.uuid4()),
+        model="m1",
+        endpoint="chat",
+        prompt_tokens=5,
+        max_tokens=max_tokens,
+        context_length=100,
+        client_id="agencyllm-web",
+        source="10.1.2.3",
+    )
 
 
 async def connect(url: str) -> asyncpg.Connection:
@@ -57,8 +67,7 @@ async def some_events(url: str) -> None:
             await store.set_tenant_status(session, ACTOR, name, "active")
         ledger = Ledger(db)
         reservation = await ledger.reserve(request(name))
-        await ledger.settle(reservation, prompt_tokens=5, completion_tokens=3, status="ok",
-                            ttft_ms=1.0, latency_ms=2.0)
+        await ledger.settle(reservation, prompt_tokens=5, completion_tokens=3, status="ok", ttft_ms=1.0, latency_ms=2.0)
     finally:
         await db.dispose()
 
@@ -79,8 +88,7 @@ async def test_every_event_type_lands_with_its_au3_fields(pg_url, pg_db, make_te
     ledger = Ledger(pg_db)
     req = request(name)
     reservation = await ledger.reserve(req)
-    await ledger.settle(reservation, prompt_tokens=5, completion_tokens=4, status="ok",
-                        ttft_ms=3.0, latency_ms=9.0)
+    await ledger.settle(reservation, prompt_tokens=5, completion_tokens=4, status="ok", ttft_ms=3.0, latency_ms=9.0)
     with pytest.raises(AdmissionRefused):
         await ledger.reserve(request(name, max_tokens=50))  # 55 > 20 tokens a day
     await ledger.audit.flush(everything=True)
@@ -93,9 +101,13 @@ async def test_every_event_type_lands_with_its_au3_fields(pg_url, pg_db, make_te
     await authenticator.audit.flush(everything=True)
 
     pool = await pg_db.pool()
-    rows = await audit_rows(pool, "tenant = $1 OR target_id = $1 OR target_id = $2 "
-                                  "OR (action = 'auth.failure' AND at > now() - interval '1 minute')",
-                            name, str(created.key.id))
+    rows = await audit_rows(
+        pool,
+        "tenant = $1 OR target_id = $1 OR target_id = $2 "
+        "OR (action = 'auth.failure' AND at > now() - interval '1 minute')",
+        name,
+        str(created.key.id),
+    )
     by_action: dict[str, list[dict]] = {}
     for row in rows:
         by_action.setdefault(row["action"], []).append(row)
@@ -103,8 +115,17 @@ async def test_every_event_type_lands_with_its_au3_fields(pg_url, pg_db, make_te
             assert row[field] is not None, (row["action"], field)
         assert row["at"].utcoffset() == timedelta(0) or row["at"].tzinfo is not None
         assert len(row["hash"]) == 64 and len(row["prev_hash"]) == 64
-    for action in ("tenant.create", "quota.set", "key.create", "key.revoke", "tenant.suspend",
-                   "tenant.resume", "model.request", "quota.refusal", "auth.failure"):
+    for action in (
+        "tenant.create",
+        "quota.set",
+        "key.create",
+        "key.revoke",
+        "tenant.suspend",
+        "tenant.resume",
+        "model.request",
+        "quota.refusal",
+        "auth.failure",
+    ):
         assert action in by_action, action
 
     for action in ("tenant.create", "quota.set", "key.create", "key.revoke", "tenant.suspend"):
@@ -117,8 +138,12 @@ async def test_every_event_type_lands_with_its_au3_fields(pg_url, pg_db, make_te
 
     model = by_action["model.request"][0]
     assert model["request_id"] == req.request_id and model["tenant"] == name
-    assert (model["actor_subject"], model["actor_username"], model["actor_client_id"],
-            model["actor_key_id"]) == ("staff-sub", "staff", "agencyllm-web", req.key_id)
+    assert (model["actor_subject"], model["actor_username"], model["actor_client_id"], model["actor_key_id"]) == (
+        "staff-sub",
+        "staff",
+        "agencyllm-web",
+        req.key_id,
+    )
     assert model["source"] == "10.1.2.3" and model["outcome"] == "success"
     assert model["target_id"] == "m1"
     details = model["details"]
@@ -150,17 +175,27 @@ async def tamper(url: str, sql: str) -> None:
         await conn.close()
 
 
-@pytest.mark.parametrize(("sql", "bad_seq", "words"), [
-    ("UPDATE audit_events SET actor_subject = 'someone-else' WHERE seq = 3", 3, "modified"),
-    ("UPDATE audit_events SET details = details || '{\"completion_tokens\": 0}' "
-     "WHERE action = 'model.request'", None, "modified"),
-    ("DELETE FROM audit_events WHERE seq = 4", 4, "deleted"),
-    ("DELETE FROM audit_events WHERE seq = (SELECT max(seq) FROM audit_events)", None, "deleted"),
-    ("DELETE FROM audit_events WHERE seq <= 2", 2, "deleted without a purge record"),
-    # Reordered: two records swap places in the sequence.
-    ("UPDATE audit_events SET seq = -2 WHERE seq = 2; UPDATE audit_events SET seq = 2 WHERE seq = 3;"
-     " UPDATE audit_events SET seq = 3 WHERE seq = -2", 2, "modified"),
-])
+@pytest.mark.parametrize(
+    ("sql", "bad_seq", "words"),
+    [
+        ("UPDATE audit_events SET actor_subject = 'someone-else' WHERE seq = 3", 3, "modified"),
+        (
+            "UPDATE audit_events SET details = details || '{\"completion_tokens\": 0}' WHERE action = 'model.request'",
+            None,
+            "modified",
+        ),
+        ("DELETE FROM audit_events WHERE seq = 4", 4, "deleted"),
+        ("DELETE FROM audit_events WHERE seq = (SELECT max(seq) FROM audit_events)", None, "deleted"),
+        ("DELETE FROM audit_events WHERE seq <= 2", 2, "deleted without a purge record"),
+        # Reordered: two records swap places in the sequence.
+        (
+            "UPDATE audit_events SET seq = -2 WHERE seq = 2; UPDATE audit_events SET seq = 2 WHERE seq = 3;"
+            " UPDATE audit_events SET seq = 3 WHERE seq = -2",
+            2,
+            "modified",
+        ),
+    ],
+)
 async def test_verify_names_the_first_tampered_record(pg_url, monkeypatch, capsys, sql, bad_seq, words):
     async with fresh_database(pg_url) as url:
         await some_events(url)
@@ -179,7 +214,8 @@ async def test_verify_names_the_first_tampered_record(pg_url, monkeypatch, capsy
                     assert result["bad_seq"] == await conn.fetchval("SELECT max(seq) + 1 FROM audit_events")
                 else:
                     assert result["bad_seq"] == await conn.fetchval(
-                        "SELECT seq FROM audit_events WHERE action = 'model.request'")
+                        "SELECT seq FROM audit_events WHERE action = 'model.request'"
+                    )
             finally:
                 await conn.close()
 
@@ -188,11 +224,14 @@ async def test_reordering_content_between_records_is_caught(pg_url):
     async with fresh_database(pg_url) as url:
         await some_events(url)
         # Swap two records' whole content but keep their seq and hashes in place.
-        await tamper(url, """
+        await tamper(
+            url,
+            """
             WITH a AS (SELECT * FROM audit_events WHERE seq = 2), b AS (SELECT * FROM audit_events WHERE seq = 3)
             UPDATE audit_events e SET action = CASE e.seq WHEN 2 THEN b.action ELSE a.action END,
                    after = CASE e.seq WHEN 2 THEN b.after ELSE a.after END
-              FROM a, b WHERE e.seq IN (2, 3)""")
+              FROM a, b WHERE e.seq IN (2, 3)""",
+        )
         conn = await connect(url)
         try:
             result = await verify_chain(conn)
@@ -220,12 +259,18 @@ async def test_app_role_may_only_insert_and_reader_may_only_read(pg_url):
     async with fresh_database(pg_url) as url:
         await some_events(url)
         async with as_role(url, "agencyllm_app") as (app, app_url):
-            await app.execute("INSERT INTO audit_events (action, category, actor_subject, target_type)"
-                              " VALUES ('test.insert', 'admin', 'app', 'test')")
-            for sql in ("UPDATE audit_events SET action = 'x'", "DELETE FROM audit_events",
-                        "TRUNCATE audit_events", "SELECT action FROM audit_events",
-                        "UPDATE audit_chain_head SET seq = 0",
-                        "ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"):
+            await app.execute(
+                "INSERT INTO audit_events (action, category, actor_subject, target_type)"
+                " VALUES ('test.insert', 'admin', 'app', 'test')"
+            )
+            for sql in (
+                "UPDATE audit_events SET action = 'x'",
+                "DELETE FROM audit_events",
+                "TRUNCATE audit_events",
+                "SELECT action FROM audit_events",
+                "UPDATE audit_chain_head SET seq = 0",
+                "ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only",
+            ):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
                     await app.execute(sql)
             # The platform itself runs as this role: admin changes (ORM), admission, settlement.
@@ -235,18 +280,26 @@ async def test_app_role_may_only_insert_and_reader_may_only_read(pg_url):
                     await store.create_tenant(session, ACTOR, name="app-role-tenant")
                 ledger = Ledger(db)
                 reservation = await ledger.reserve(request("app-role-tenant"))
-                await ledger.settle(reservation, prompt_tokens=1, completion_tokens=1, status="ok",
-                                    ttft_ms=None, latency_ms=1.0)
+                await ledger.settle(
+                    reservation, prompt_tokens=1, completion_tokens=1, status="ok", ttft_ms=None, latency_ms=1.0
+                )
             finally:
                 await db.dispose()
         async with as_role(url, "agencyllm_audit_reader") as (reader, _):
-            assert await reader.fetchval(
-                "SELECT count(*) FROM audit_events WHERE action IN ('test.insert', 'model.request')") == 3
+            assert (
+                await reader.fetchval(
+                    "SELECT count(*) FROM audit_events WHERE action IN ('test.insert', 'model.request')"
+                )
+                == 3
+            )
             result = await verify_chain(reader)
             assert result.ok, result.summary()
-            for sql in ("INSERT INTO audit_events (action, category, actor_subject, target_type)"
-                        " VALUES ('x', 'admin', 'r', 'x')", "DELETE FROM audit_events",
-                        "SELECT * FROM usage_ledger"):
+            for sql in (
+                "INSERT INTO audit_events (action, category, actor_subject, target_type)"
+                " VALUES ('x', 'admin', 'r', 'x')",
+                "DELETE FROM audit_events",
+                "SELECT * FROM usage_ledger",
+            ):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
                     await reader.execute(sql)
 
@@ -267,16 +320,16 @@ async def test_concurrent_writers_keep_one_unbroken_chain(pg_url, make_tenant):
             async def traffic(ledger: Ledger, tenant: str) -> None:
                 for _ in range(15):
                     r = await ledger.reserve(request(tenant))
-                    await ledger.settle(r, prompt_tokens=5, completion_tokens=2, status="ok",
-                                        ttft_ms=1.0, latency_ms=1.0)
+                    await ledger.settle(
+                        r, prompt_tokens=5, completion_tokens=2, status="ok", ttft_ms=1.0, latency_ms=1.0
+                    )
 
             async def admin(tenant: str) -> None:
                 for i in range(5):
                     async with db.sessions() as session:
                         await store.set_quota(session, ACTOR, tenant, {"tokens_per_day": 10**6 + i})
 
-            await asyncio.gather(*(traffic(ledgers[i % 2], names[i % 3]) for i in range(6)),
-                                 *(admin(n) for n in names))
+            await asyncio.gather(*(traffic(ledgers[i % 2], names[i % 3]) for i in range(6)), *(admin(n) for n in names))
         finally:
             await db.dispose()
         conn = await connect(url)
@@ -298,8 +351,11 @@ async def test_audit_purge_keeps_a_verifiable_chain_and_is_audited(pg_url, monke
         try:
             old = datetime.now(UTC) - timedelta(days=200)
             for i in range(5):
-                await conn.execute("INSERT INTO audit_events (at, action, category, actor_subject, target_type)"
-                                   " VALUES ($1, 'old.event', 'admin', 'a', 'x')", old + timedelta(minutes=i))
+                await conn.execute(
+                    "INSERT INTO audit_events (at, action, category, actor_subject, target_type)"
+                    " VALUES ($1, 'old.event', 'admin', 'a', 'x')",
+                    old + timedelta(minutes=i),
+                )
             await some_events(url)  # recent records
             with pytest.raises(asyncpg.InvalidParameterValueError, match="at least 90 days"):
                 await conn.fetchrow("SELECT * FROM audit_purge(now(), 30)")
@@ -330,8 +386,12 @@ async def test_export_a_day_as_json_lines_to_a_file_and_to_syslog(pg_url, monkey
     async with fresh_database(pg_url) as url:
         await some_events(url)
         out = tmp_path / "audit.jsonl"
-        assert await run_cli(monkeypatch, url, "audit", "export", "--since", "24h", "--format", "jsonl",
-                             "--output", str(out)) == 0
+        assert (
+            await run_cli(
+                monkeypatch, url, "audit", "export", "--since", "24h", "--format", "jsonl", "--output", str(out)
+            )
+            == 0
+        )
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["seq"] for r in lines] == list(range(1, len(lines) + 1))
         actions = [r["action"] for r in lines]
@@ -348,8 +408,21 @@ async def test_export_a_day_as_json_lines_to_a_file_and_to_syslog(pg_url, monkey
             receiver.bind(("127.0.0.1", 0))
             receiver.settimeout(5)
             port = receiver.getsockname()[1]
-            assert await run_cli(monkeypatch, url, "audit", "export", "--since", "1h",
-                                 "--syslog", f"127.0.0.1:{port}", "--syslog-facility", "local3") == 0
+            assert (
+                await run_cli(
+                    monkeypatch,
+                    url,
+                    "audit",
+                    "export",
+                    "--since",
+                    "1h",
+                    "--syslog",
+                    f"127.0.0.1:{port}",
+                    "--syslog-facility",
+                    "local3",
+                )
+                == 0
+            )
             datagrams = [receiver.recv(65536).decode() for _ in lines]
         assert capsys.readouterr().out == ""  # syslog only: nothing on stdout
         # <PRI> = facility local3 (19) * 8 + info (6)
@@ -375,10 +448,12 @@ async def test_failed_sign_in_flood_adds_a_bounded_number_of_rows(pg_url):
             started = datetime.now(UTC)
             transport = httpx.ASGITransport(app=app, client=("192.0.2.7", 40000))
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
                 async def burst(n: int, headers: dict) -> None:
                     for _ in range(n):
                         response = await client.get("/admin/v1/tenants", headers=headers)
                         assert response.status_code == 401
+
                 await asyncio.gather(burst(5000, {}), burst(5000, {"authorization": "Bearer not-a-jwt"}))
             await authenticator.aclose()
             minutes = int((datetime.now(UTC) - started).total_seconds() // 60) + 2
@@ -441,7 +516,9 @@ async def test_records_written_before_the_chain_are_chained_by_the_migration(pg_
             for i in range(3):
                 await conn.execute(
                     "INSERT INTO audit_events (actor_subject, action, target_type, target_id, after)"
-                    " VALUES ('old-admin', 'tenant.create', 'tenant', $1, '{\"status\": \"active\"}')", f"t{i}")
+                    " VALUES ('old-admin', 'tenant.create', 'tenant', $1, '{\"status\": \"active\"}')",
+                    f"t{i}",
+                )
             await asyncio.to_thread(upgrade_schema, url)
             result = await verify_chain(conn)
             assert result.ok and result.records == 3 and result.last_seq == 3, result.summary()

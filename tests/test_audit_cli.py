@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from agencyllm.serving import cli
-from agencyllm.serving.placeholder import write_placeholder_model
+from agencyllm.serving.cli import main as cli
+from agencyllm.serving.ops.placeholder import write_placeholder_model
 
 
 def test_model_card_names_weights_hash_context_and_engine_args(tmp_path, capsys, monkeypatch):

@@ -16,8 +16,13 @@ from agencyllm.auth.principal import Principal, Role, RoleNames, identity_from_c
 
 
 def claims(**overrides):
-    base = {"sub": "u-1", "preferred_username": "jdoe", "azp": "agencyllm-cli",
-            "realm_access": {"roles": ["offline_access", "llm-user"]}, "groups": ["office-a"]}
+    base = {
+        "sub": "u-1",
+        "preferred_username": "jdoe",
+        "azp": "agencyllm-cli",
+        "realm_access": {"roles": ["offline_access", "llm-user"]},
+        "groups": ["office-a"],
+    }
     base.update(overrides)
     return base
 
@@ -37,7 +42,9 @@ def test_roles_mapping_and_custom_names():
     assert identity_from_claims(claims(realm_access=None)).roles == frozenset()
     assert identity_from_claims(claims(realm_access={"roles": "llm-user"})).roles == {Role.USER}
     names = RoleNames(user="ai-user", tenant_admin="ai-office-admin", platform_admin="ai-admin")
-    identity = identity_from_claims(claims(realm_access={"roles": ["ai-user", "ai-admin", "llm-user"]}), role_names=names)
+    identity = identity_from_claims(
+        claims(realm_access={"roles": ["ai-user", "ai-admin", "llm-user"]}), role_names=names
+    )
     assert identity.roles == {Role.USER, Role.PLATFORM_ADMIN}
 
 
@@ -64,8 +71,9 @@ def test_client_credentials_identity_and_missing_sub():
 
 
 def principal(roles, tenant="office-a"):
-    return Principal(subject="u", username="u", client_id=None, tenant=tenant,
-                     roles=frozenset(roles), auth_method="oidc")
+    return Principal(
+        subject="u", username="u", client_id=None, tenant=tenant, roles=frozenset(roles), auth_method="oidc"
+    )
 
 
 def test_principal_permissions():
@@ -102,8 +110,16 @@ def test_api_key_parsing():
     good = mint_key().key
     assert looks_like_api_key(good) and looks_like_api_key("sk-agency-broken")
     assert not looks_like_api_key("eyJhbGciOi.x.y") and not looks_like_api_key(None)
-    for bad in ["sk-agency-broken", "sk-agency-abcdefghijkl_short", "sk-agency-ABCDEFGHIJKL_" + "a" * 43,
-                "sk-agency-abcdefghijk_" + "a" * 44, good + "!", "x" + good, good[:-1] + " ", good + "a" * 300]:
+    for bad in [
+        "sk-agency-broken",
+        "sk-agency-abcdefghijkl_short",
+        "sk-agency-ABCDEFGHIJKL_" + "a" * 43,
+        "sk-agency-abcdefghijk_" + "a" * 44,
+        good + "!",
+        "x" + good,
+        good[:-1] + " ",
+        good + "a" * 300,
+    ]:
         assert parse_key(bad) is None, bad
 
 

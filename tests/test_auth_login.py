@@ -55,8 +55,9 @@ async def test_device_login_and_refresh(oidc_issuer, cache, backend):
     sleeps: list[float] = []
     oidc_issuer.device_pending_polls = 1
     try:
-        record = device_login(oidc_issuer.issuer, print_fn=prompts.append, cache=cache,
-                              backend=backend, sleep=sleeps.append)
+        record = device_login(
+            oidc_issuer.issuer, print_fn=prompts.append, cache=cache, backend=backend, sleep=sleeps.append
+        )
     finally:
         oidc_issuer.device_pending_polls = 0
     assert "ABCD-EFGH" in prompts[0] and oidc_issuer.issuer + "/device" in prompts[0]

@@ -79,8 +79,9 @@ async def test_hs256_signed_with_public_key_pem(verifier, oidc_issuer):
 
 async def test_alg_must_match_key(verifier, oidc_issuer):
     # ES256 header naming an RSA key; PS256 against a JWK pinned to RS256.
-    await rejected(verifier, craft({"alg": "ES256", "typ": "JWT", "kid": oidc_issuer.active_kid},
-                                   oidc_issuer.claims(), b"x" * 64))
+    await rejected(
+        verifier, craft({"alg": "ES256", "typ": "JWT", "kid": oidc_issuer.active_kid}, oidc_issuer.claims(), b"x" * 64)
+    )
     await rejected(verifier, oidc_issuer.mint(alg="PS256"))
 
 
@@ -148,8 +149,13 @@ async def test_ec_key_with_es256():
     private = ec.generate_private_key(ec.SECP256R1())
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private.public_key()))
     jwk.update(kid="ec1", use="sig", alg="ES256")
-    claims = {"iss": "https://kc/realms/a", "aud": "agencyllm", "sub": "u", "iat": int(time.time()),
-              "exp": int(time.time()) + 60}
+    claims = {
+        "iss": "https://kc/realms/a",
+        "aud": "agencyllm",
+        "sub": "u",
+        "iat": int(time.time()),
+        "exp": int(time.time()) + 60,
+    }
     token = jwt.encode(claims, private, algorithm="ES256", headers={"kid": "ec1"})
     verifier = OIDCVerifier("https://kc/realms/a", "agencyllm")
     verifier._keys = verifier._parse_jwks({"keys": [jwk]})  # skip HTTP: only the EC path is under test

@@ -1,11 +1,11 @@
-"""The ledger's natural batching (quotas/batching.py): calls made together share a batch, and
+"""The ledger's natural batching (quotas/ledger/batching.py): calls made together share a batch, and
 with a partition one tenant's stuck batch never holds up another tenant's call."""
 
 from __future__ import annotations
 
 import asyncio
 
-from agencyllm.quotas.batching import Batcher
+from agencyllm.quotas.ledger.batching import Batcher
 
 
 class Recorder:

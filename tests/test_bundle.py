@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from agencyllm.serving.bundle import build as bundle_build
-from agencyllm.serving.bundle import verify
-from agencyllm.serving.cli import main as cli_main
+from agencyllm.serving.cli.main import main as cli_main
+from agencyllm.serving.ops.bundle import build as bundle_build
+from agencyllm.serving.ops.bundle import verify
 
 REPO = Path(__file__).resolve().parents[1]
 DIGEST = "sha256:" + "3" * 64
@@ -30,26 +30,41 @@ BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")
 
 def run_verify(bundle: Path, *args: str) -> subprocess.CompletedProcess:
     """The standalone verifier as agency IT runs it: no site-packages (-I -S), nothing installed."""
-    return subprocess.run([sys.executable, "-I", "-S", str(bundle / "verify.py"), str(bundle), *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-I", "-S", str(bundle / "verify.py"), str(bundle), *args], capture_output=True, text=True
+    )
 
 
-def airgapped(command: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def airgapped(
+    command: list[str], env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run inside a new network namespace (no interface up, not even loopback), pip config ignored."""
-    clean = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PIP_CONFIG_FILE": "/dev/null", "HOME": "/nonexistent",
-             "PIP_DISABLE_PIP_VERSION_CHECK": "1", "LANG": "C.UTF-8", **(env or {})}
+    clean = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PIP_CONFIG_FILE": "/dev/null",
+        "HOME": "/nonexistent",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "LANG": "C.UTF-8",
+        **(env or {}),
+    }
     return subprocess.run(["unshare", "-n", "--", *command], capture_output=True, text=True, env=clean, timeout=timeout)
 
 
 def _can_unshare_net() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    return (
+        shutil.which("unshare") is not None
+        and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    )
 
 
-needs_netns = pytest.mark.skipif(not _can_unshare_net(), reason="needs `unshare -n` (root or unprivileged user namespaces)")
+needs_netns = pytest.mark.skipif(
+    not _can_unshare_net(), reason="needs `unshare -n` (root or unprivileged user namespaces)"
+)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from agencyllm.serving.placeholder import write_placeholder_model
+    from agencyllm.serving.ops.placeholder import write_placeholder_model
 
     return write_placeholder_model(tmp_path_factory.mktemp("models") / "placeholder")
 
@@ -73,7 +88,17 @@ def source(tmp_path_factory) -> Path:
 
 
 def make_bundle(out: Path, source: Path, model_dir: Path, *extra: str) -> Path:
-    argv = ["bundle", "build", str(out), "--no-wheels", "--source", str(source), "--model", f"placeholder={model_dir}", *extra]
+    argv = [
+        "bundle",
+        "build",
+        str(out),
+        "--no-wheels",
+        "--source",
+        str(source),
+        "--model",
+        f"placeholder={model_dir}",
+        *extra,
+    ]
     assert cli_main(argv) == 0
     return out
 
@@ -104,7 +129,9 @@ def test_bundle_holds_everything_and_verifies(bundle):
     with tarfile.open(bundle / chart["file"]) as tar:
         assert {"demo/Chart.yaml", "demo/values.yaml", "demo/templates/pod.yaml"} <= set(tar.getnames())
     assert (bundle / "helm" / "crds" / "demo" / "thing.yaml").is_file()
-    assert (bundle / "images.lock").read_text().splitlines()[1] == f"registry.agency.gov/agencyllm/ray@{DIGEST} {DIGEST}"
+    assert (bundle / "images.lock").read_text().splitlines()[
+        1
+    ] == f"registry.agency.gov/agencyllm/ray@{DIGEST} {DIGEST}"
     # Every file but the manifest is listed; `sha256sum -c` reads the same file.
     listed = set(verify.parse_manifest((bundle / "MANIFEST.sha256").read_text()))
     assert listed == verify.bundle_files(bundle) - {"MANIFEST.sha256"}
@@ -166,7 +193,7 @@ def test_signature_checks_against_allowed_signers(source, model_dir, tmp_path):
     key, public = _keypair(tmp_path, "release")
     _, stranger = _keypair(tmp_path, "stranger")
     allowed = tmp_path / "allowed_signers"
-    allowed.write_text(f"release@agency.gov namespaces=\"agencyllm-bundle\" {public}\n")
+    allowed.write_text(f'release@agency.gov namespaces="agencyllm-bundle" {public}\n')
     signed = make_bundle(tmp_path / "signed", source, model_dir, "--sign-key", str(key))
     assert (signed / "MANIFEST.sha256.sig").is_file()
     done = run_verify(signed, "--allowed-signers", str(allowed))
@@ -186,7 +213,10 @@ def test_signature_checks_against_allowed_signers(source, model_dir, tmp_path):
     bundle_build.write_manifest(forged)
     assert run_verify(forged).returncode == 0
     done = run_verify(forged, "--allowed-signers", str(allowed))
-    assert done.returncode == 1 and "FAILED MANIFEST.sha256.sig: signature does not verify against MANIFEST.sha256" in done.stderr
+    assert (
+        done.returncode == 1
+        and "FAILED MANIFEST.sha256.sig: signature does not verify against MANIFEST.sha256" in done.stderr
+    )
 
     unsigned = make_bundle(tmp_path / "unsigned", source, model_dir)
     done = run_verify(unsigned, "--allowed-signers", str(allowed))
@@ -208,7 +238,10 @@ def test_split_for_media_verifies_as_parts_and_joins(source, tmp_path):
     broken = fresh_copy(bundle, tmp_path)
     (broken / "models" / "placeholder" / "model.safetensors.part-001").write_bytes(b"x")
     done = run_verify(broken, "--join")
-    assert done.returncode == 1 and "FAILED models/placeholder/model.safetensors.part-001: checksum mismatch" in done.stderr
+    assert (
+        done.returncode == 1
+        and "FAILED models/placeholder/model.safetensors.part-001: checksum mismatch" in done.stderr
+    )
     assert not (broken / "models" / "placeholder" / "model.safetensors").exists()
 
     done = run_verify(bundle, "--join")
@@ -227,7 +260,10 @@ def test_bad_build_arguments_say_what_to_fix(bundle, model_dir, tmp_path, capsys
     assert "letters, digits" in capsys.readouterr().err
     assert cli_main(["bundle", "build", str(tmp_path / "x"), "--no-wheels", "--split-size", "lots"]) == 2
     assert "give a size like 4G" in capsys.readouterr().err
-    assert cli_main(["bundle", "build", str(tmp_path / "x"), "--no-wheels", "--image", "registry.agency.gov/ray:2.60"]) == 2
+    assert (
+        cli_main(["bundle", "build", str(tmp_path / "x"), "--no-wheels", "--image", "registry.agency.gov/ray:2.60"])
+        == 2
+    )
     assert "pin them as NAME@sha256" in capsys.readouterr().err
     assert cli_main(["bundle", "build", str(tmp_path / "x"), "--no-wheels", "--cpu"]) == 2
 
@@ -235,7 +271,9 @@ def test_bad_build_arguments_say_what_to_fix(bundle, model_dir, tmp_path, capsys
 # --- wheels ---------------------------------------------------------------------------------------
 
 
-def _wheel(directory: Path, name: str, version: str, requires: list[str] | None = None, extras: dict | None = None) -> Path:
+def _wheel(
+    directory: Path, name: str, version: str, requires: list[str] | None = None, extras: dict | None = None
+) -> Path:
     """Build a small real wheel offline (setuptools, no build isolation)."""
     project = directory / f"src-{name}"
     package = name.replace("-", "_")
@@ -248,7 +286,21 @@ def _wheel(directory: Path, name: str, version: str, requires: list[str] | None 
         f"[project.optional-dependencies]\n{extras_toml}"
         f'[tool.setuptools]\npackages = ["{package}"]\n'
     )
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(directory), str(project)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(directory),
+            str(project),
+        ],
+        check=True,
+    )
     shutil.rmtree(project)
     return next(directory.glob(f"{package}-{version}-*.whl"))
 
@@ -275,7 +327,10 @@ def test_cpu_wheelhouse_installs_with_no_network(tmp_path, source, model_dir):
     argv = ["bundle", "build", str(out), "--cpu", "--source", str(fake), "--no-index", "--find-links", str(index)]
     assert cli_main(argv) == 0
     wheels = out / "wheels" / "cpu"
-    assert sorted(p.name for p in wheels.glob("*.whl")) == ["agencyllm-0.0.1-py3-none-any.whl", "tinydep-1.0-py3-none-any.whl"]
+    assert sorted(p.name for p in wheels.glob("*.whl")) == [
+        "agencyllm-0.0.1-py3-none-any.whl",
+        "tinydep-1.0-py3-none-any.whl",
+    ]
     lock = (wheels / "requirements.lock").read_text()
     assert "agencyllm==0.0.1 \\\n    --hash=sha256:" in lock and "tinydep==1.0" in lock and "torchvision==" not in lock
     info = json.loads((out / "bundle.json").read_text())
@@ -286,9 +341,16 @@ def test_cpu_wheelhouse_installs_with_no_network(tmp_path, source, model_dir):
     assert (tmp_path / "again" / "MANIFEST.sha256").read_bytes() == (out / "MANIFEST.sha256").read_bytes()
 
     venv = tmp_path / "venv"
-    done = airgapped(["sh", "-c", f"{BASE_PYTHON} -m venv {venv} && {venv}/bin/python -m pip install -q --no-index --no-deps "
-                      f"--find-links {wheels} --require-hashes -r {wheels}/requirements.lock && {venv}/bin/python -c "
-                      "'import agencyllm_standin; print(agencyllm_standin.OK)'"], timeout=300)
+    done = airgapped(
+        [
+            "sh",
+            "-c",
+            f"{BASE_PYTHON} -m venv {venv} && {venv}/bin/python -m pip install -q --no-index --no-deps "
+            f"--find-links {wheels} --require-hashes -r {wheels}/requirements.lock && {venv}/bin/python -c "
+            "'import agencyllm_standin; print(agencyllm_standin.OK)'",
+        ],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("standin 1.0")
 
@@ -323,20 +385,37 @@ def _full_wheelhouse(tmp_path: Path, model_dir: Path) -> None:
     venv, home = tmp_path / "venv", tmp_path / "home"
     home.mkdir()
     started = time.monotonic()
-    done = airgapped(["sh", "-c", f"{BASE_PYTHON} -m venv {venv} && {venv}/bin/python -m pip install -q --no-index --no-deps "
-                      f"--find-links {wheels} --require-hashes -r {wheels}/requirements.lock"], env={"HOME": str(home)}, timeout=900)
+    done = airgapped(
+        [
+            "sh",
+            "-c",
+            f"{BASE_PYTHON} -m venv {venv} && {venv}/bin/python -m pip install -q --no-index --no-deps "
+            f"--find-links {wheels} --require-hashes -r {wheels}/requirements.lock",
+        ],
+        env={"HOME": str(home)},
+        timeout=900,
+    )
     installed = time.monotonic() - started
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     probe = (
-        "import agencyllm.serving.app, agencyllm.serving.cli, vllm, ray; from ray import serve; "
+        "import agencyllm.serving.rayserve.app, agencyllm.serving.cli.main, vllm, ray; from ray import serve; "
         "import importlib.util as u; assert u.find_spec('torchvision') is None; print('imports ok', ray.__version__)"
     )
-    done = airgapped(["sh", "-c", f"cd {home} && {venv}/bin/python -c \"{probe}\" && {venv}/bin/agencyllm model placeholder {home}/placeholder"],
-                     env={"HOME": str(home)}, timeout=300)
+    done = airgapped(
+        [
+            "sh",
+            "-c",
+            f'cd {home} && {venv}/bin/python -c "{probe}" && {venv}/bin/agencyllm model placeholder {home}/placeholder',
+        ],
+        env={"HOME": str(home)},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "imports ok 2.60.0" in done.stdout and (home / "placeholder" / "model.safetensors").is_file()
-    print(f"\nwheelhouse bundle: {size / 1e9:.2f} GB, {len(verify.bundle_files(out))} files; build {built:.0f} s, "
-          f"verify {verified:.1f} s, offline install {installed:.0f} s")
+    print(
+        f"\nwheelhouse bundle: {size / 1e9:.2f} GB, {len(verify.bundle_files(out))} files; build {built:.0f} s, "
+        f"verify {verified:.1f} s, offline install {installed:.0f} s"
+    )
 
 
 def test_chart_images_without_digest_are_listed_unresolved(source, model_dir, tmp_path):

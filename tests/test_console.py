@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,13 +25,13 @@ from oidc_issuer import LocalOIDCIssuer
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.models import ApiKey, Tenant, UsageRecord
 from agencyllm.serving.console.session import FLOW_COOKIE, SESSION_COOKIE, CookieBox, Session, dump_session, session_key
-from agencyllm.serving.http import create_app
-from agencyllm.serving.gateway import Services
-from agencyllm.serving.identity import ensure_bootstrap_admin_key
+from agencyllm.serving.gateway.identity import ensure_bootstrap_admin_key
+from agencyllm.serving.gateway.pipeline import Services
+from agencyllm.serving.http.app import create_app
 from agencyllm.serving.settings import Settings
 
 BASE = "http://console.test"
@@ -90,11 +90,14 @@ async def oidc_app(pg_url, oidc_issuer, tmp_path_factory):
 async def key_sign_in(client: httpx.AsyncClient, key: str) -> httpx.Response:
     client.cookies.clear()
     page = await client.get("/console/login")
-    return await client.post("/console/login", data={"csrf_token": csrf_of(page.text), "api_key": key,
-                                                     "next": "/console/tenants"})
+    return await client.post(
+        "/console/login", data={"csrf_token": csrf_of(page.text), "api_key": key, "next": "/console/tenants"}
+    )
 
 
-async def oidc_sign_in(app, issuer: LocalOIDCIssuer, username: str, *, next_path: str = "/console/") -> httpx.AsyncClient:
+async def oidc_sign_in(
+    app, issuer: LocalOIDCIssuer, username: str, *, next_path: str = "/console/"
+) -> httpx.AsyncClient:
     """The browser's part of the authorization-code flow, step by step; returns a signed-in client."""
     client = client_for(app)
     start = await client.get("/console/login/start", params={"next": next_path})
@@ -107,8 +110,9 @@ async def oidc_sign_in(app, issuer: LocalOIDCIssuer, username: str, *, next_path
         form = await browser.get(authorize)
         assert form.status_code == 200 and 'id="kc-form-login"' in form.text
         user = issuer.users[username]
-        back = await browser.post(authorize, data={
-            **{k: v[0] for k, v in query.items()}, "username": username, "password": user.password})
+        back = await browser.post(
+            authorize, data={**{k: v[0] for k, v in query.items()}, "username": username, "password": user.password}
+        )
     assert back.status_code == 302, back.text
     callback = urlsplit(back.headers["location"])
     done = await client.get(f"{callback.path}?{callback.query}")
@@ -134,13 +138,17 @@ async def test_key_sign_in_sets_a_short_http_only_cookie_and_refuses_bad_keys(ke
 
     async with store_session(client) as session:
         tenant = await store.create_tenant(session, store.SystemActor(), name=new_name())
-        service = await store.create_key(session, store.SystemActor(), tenant_name=tenant.name, kind="service", name="s")
+        service = await store.create_key(
+            session, store.SystemActor(), tenant_name=tenant.name, kind="service", name="s"
+        )
     not_admin = await key_sign_in(client, service.secret)
     assert not_admin.status_code == 400 and "not a platform administrator key" in field_error(not_admin.text, "api-key")
 
     signed_in = await key_sign_in(client, admin_key)
     assert signed_in.status_code == 303 and signed_in.headers["location"] == "/console/tenants"
-    cookie = next(v for k, v in signed_in.headers.multi_items() if k == "set-cookie" and v.startswith(SESSION_COOKIE + "="))
+    cookie = next(
+        v for k, v in signed_in.headers.multi_items() if k == "set-cookie" and v.startswith(SESSION_COOKIE + "=")
+    )
     attributes = {part.strip().split("=")[0].lower(): part for part in cookie.split(";")}
     assert {"httponly", "path", "max-age"} <= set(attributes) and "secure" not in attributes
     assert "samesite=lax" in cookie.lower() and "Path=/console" in cookie
@@ -194,8 +202,14 @@ async def test_sign_in_only_returns_to_console_paths(keyed):
     client, admin_key, _ = keyed
     for target in ("//evil.example/x", "https://evil.example/", "/console/\\evil", "/elsewhere"):
         page = await client.get("/console/login", params={"next": target})
-        response = await client.post("/console/login", data={"csrf_token": csrf_of(page.text) if "csrf_token" in page.text else "",
-                                                             "api_key": admin_key, "next": target})
+        response = await client.post(
+            "/console/login",
+            data={
+                "csrf_token": csrf_of(page.text) if "csrf_token" in page.text else "",
+                "api_key": admin_key,
+                "next": target,
+            },
+        )
         location = (response if response.status_code == 303 else page).headers.get("location", "/console/")
         assert location.startswith("/console/") and "evil" not in location
 
@@ -207,8 +221,11 @@ async def test_secure_cookie_behind_tls(pg_url, pg_db, tmp_path_factory):
     async with console_app(settings, pg_url) as app, client_for(app, "https://llm.agency.example") as client:
         page = await client.get("/console/login")
         assert "secure" in page.headers["set-cookie"].lower()
-        response = await client.post("/console/login", data={"csrf_token": csrf_of(page.text), "api_key": key},
-                                     headers={"origin": "https://llm.agency.example"})
+        response = await client.post(
+            "/console/login",
+            data={"csrf_token": csrf_of(page.text), "api_key": key},
+            headers={"origin": "https://llm.agency.example"},
+        )
         assert response.status_code == 303
         assert all("secure" in v.lower() for k, v in response.headers.multi_items() if k == "set-cookie")
 
@@ -217,7 +234,9 @@ async def test_oidc_sign_in_with_pkce_then_sign_out(oidc_app, oidc_issuer):
     name = new_name()
     async with store_session(client_for(oidc_app)) as session:
         await store.create_tenant(session, store.SystemActor(), name=name, keycloak_group=f"/agencies/{name}")
-    oidc_issuer.add_user(f"adm-{name}", "pw1", realm_roles=["llm-user", "llm-tenant-admin"], groups=[f"/agencies/{name}"])
+    oidc_issuer.add_user(
+        f"adm-{name}", "pw1", realm_roles=["llm-user", "llm-tenant-admin"], groups=[f"/agencies/{name}"]
+    )
     exchanges = oidc_issuer.code_exchanges
     client = await oidc_sign_in(oidc_app, oidc_issuer, f"adm-{name}")
     assert oidc_issuer.code_exchanges == exchanges + 1
@@ -228,7 +247,9 @@ async def test_oidc_sign_in_with_pkce_then_sign_out(oidc_app, oidc_issuer):
     assert "Change the quota" not in page.text  # a tenant admin reads the quota; platform admins set it
 
     out = await client.post("/console/logout", data={"csrf_token": csrf_of(page.text)})
-    assert out.status_code == 303 and out.headers["location"].startswith(f"{oidc_issuer.issuer}/protocol/openid-connect/logout?")
+    assert out.status_code == 303 and out.headers["location"].startswith(
+        f"{oidc_issuer.issuer}/protocol/openid-connect/logout?"
+    )
     assert "post_logout_redirect_uri=" in out.headers["location"]
     assert SESSION_COOKIE not in client.cookies
     assert (await client.get(f"/console/tenants/{name}")).status_code == 303
@@ -315,15 +336,18 @@ async def test_create_tenant_errors_in_plain_words_next_to_the_field(keyed):
     assert field_error(empty.text, "name") == "Enter a name for the tenant."
 
     name = new_name("roads")
-    made = await client.post("/console/tenants", data={"csrf_token": token, "name": name,
-                                                      "display_name": "Roads Office", "keycloak_group": f"/agencies/{name}"})
+    made = await client.post(
+        "/console/tenants",
+        data={"csrf_token": token, "name": name, "display_name": "Roads Office", "keycloak_group": f"/agencies/{name}"},
+    )
     assert made.status_code == 303 and made.headers["location"] == f"/console/tenants/{name}"
     shown = await client.get(made.headers["location"])
     assert f"Tenant {name} created" in shown.text
     again = await client.post("/console/tenants", data={"csrf_token": token, "name": name})
     assert again.status_code == 400 and "already exists" in field_error(again.text, "name")
-    clash = await client.post("/console/tenants", data={"csrf_token": token, "name": name + "b",
-                                                       "keycloak_group": f"/agencies/{name}"})
+    clash = await client.post(
+        "/console/tenants", data={"csrf_token": token, "name": name + "b", "keycloak_group": f"/agencies/{name}"}
+    )
     assert "already mapped" in field_error(clash.text, "keycloak-group")
 
 
@@ -341,16 +365,33 @@ async def test_quota_form_sets_every_dimension_and_shows_use_against_limits(keye
     huge = await client.post(path, data={"csrf_token": token, "requests_per_minute": str(2**40)})
     assert "no larger than" in field_error(huge.text, "requests-per-minute")
 
-    saved = await client.post(path, data={
-        "csrf_token": token, "tokens_per_day": "2,000,000", "tokens_per_month": "40000000",
-        "requests_per_minute": "120", "max_concurrent_requests": "16", "max_tokens_per_request": "4096",
-        "max_tokens_mode": "reject", "allowed_models": "placeholder, all-MiniLM-L6-v2", "share": "2.5"})
+    saved = await client.post(
+        path,
+        data={
+            "csrf_token": token,
+            "tokens_per_day": "2,000,000",
+            "tokens_per_month": "40000000",
+            "requests_per_minute": "120",
+            "max_concurrent_requests": "16",
+            "max_tokens_per_request": "4096",
+            "max_tokens_mode": "reject",
+            "allowed_models": "placeholder, all-MiniLM-L6-v2",
+            "share": "2.5",
+        },
+    )
     assert saved.status_code == 303
     async with store_session(client) as session:
         policy = await store.get_quota(session, name)
-    assert policy == {"tokens_per_day": 2_000_000, "tokens_per_month": 40_000_000, "requests_per_minute": 120,
-                      "max_concurrent_requests": 16, "max_tokens_per_request": 4096, "max_tokens_mode": "reject",
-                      "allowed_models": ["placeholder", "all-MiniLM-L6-v2"], "share": 2.5}
+    assert policy == {
+        "tokens_per_day": 2_000_000,
+        "tokens_per_month": 40_000_000,
+        "requests_per_minute": 120,
+        "max_concurrent_requests": 16,
+        "max_tokens_per_request": 4096,
+        "max_tokens_mode": "reject",
+        "allowed_models": ["placeholder", "all-MiniLM-L6-v2"],
+        "share": 2.5,
+    }
     page = (await client.get(f"/console/tenants/{name}")).text
     assert "Quota saved" in page and "2,000,000" in page and "is refused" in page
 
@@ -363,10 +404,14 @@ async def test_mint_shows_the_key_once_then_lists_and_revokes_it(keyed):
     await client.post("/console/tenants", data={"csrf_token": token, "name": name})
     no_name = await client.post(f"/console/tenants/{name}/keys", data={"csrf_token": token, "name": ""})
     assert no_name.status_code == 400 and "Give the key a name" in field_error(no_name.text, "name")
-    bad_days = await client.post(f"/console/tenants/{name}/keys", data={"csrf_token": token, "name": "etl", "expires_in_days": "0"})
+    bad_days = await client.post(
+        f"/console/tenants/{name}/keys", data={"csrf_token": token, "name": "etl", "expires_in_days": "0"}
+    )
     assert "1 to 3650" in field_error(bad_days.text, "expires-in-days")
 
-    minted = await client.post(f"/console/tenants/{name}/keys", data={"csrf_token": token, "name": "etl", "expires_in_days": "90"})
+    minted = await client.post(
+        f"/console/tenants/{name}/keys", data={"csrf_token": token, "name": "etl", "expires_in_days": "90"}
+    )
     assert minted.status_code == 303
     page = (await client.get(f"/console/tenants/{name}/keys")).text
     secret = re.search(r'id="new-key"[^>]*value="(sk-agency-[^"]+)"', page).group(1)
@@ -376,8 +421,9 @@ async def test_mint_shows_the_key_once_then_lists_and_revokes_it(keyed):
 
     async with store_session(client) as session:
         key_id = next(str(k.id) for k, _ in await store.list_keys(session, tenant_name=name))
-    revoked = await client.post(f"/console/keys/{key_id}/revoke",
-                                data={"csrf_token": token, "back": f"/console/tenants/{name}/keys"})
+    revoked = await client.post(
+        f"/console/keys/{key_id}/revoke", data={"csrf_token": token, "back": f"/console/tenants/{name}/keys"}
+    )
     assert revoked.status_code == 303 and revoked.headers["location"] == f"/console/tenants/{name}/keys"
     async with store_session(client) as session:
         key = await session.scalar(select(ApiKey).where(ApiKey.id == uuid.UUID(key_id)))
@@ -399,13 +445,16 @@ async def test_mint_a_batch_key_for_a_bulk_job(keyed):
     form = (await client.get(f"/console/tenants/{name}/keys")).text
     assert re.search(r'name="traffic_class" value="interactive" checked', form)  # interactive unless chosen
 
-    wrong = await client.post(f"/console/tenants/{name}/keys",
-                              data={"csrf_token": token, "name": "etl", "traffic_class": "urgent"})
+    wrong = await client.post(
+        f"/console/tenants/{name}/keys", data={"csrf_token": token, "name": "etl", "traffic_class": "urgent"}
+    )
     assert wrong.status_code == 400 and field_error(wrong.text, "traffic-class") == "Choose interactive or batch."
     assert re.search(r'name="traffic_class" value="interactive" checked', wrong.text) is None
 
-    minted = await client.post(f"/console/tenants/{name}/keys",
-                               data={"csrf_token": token, "name": "archive-summaries", "traffic_class": "batch"})
+    minted = await client.post(
+        f"/console/tenants/{name}/keys",
+        data={"csrf_token": token, "name": "archive-summaries", "traffic_class": "batch"},
+    )
     assert minted.status_code == 303
     async with store_session(client) as session:
         [(key, _)] = await store.list_keys(session, tenant_name=name)
@@ -429,8 +478,11 @@ async def test_forms_without_the_csrf_token_or_from_another_site_are_refused(key
         assert "not sent from this console" in response.text
         async with store_session(client) as session:
             assert await session.scalar(select(Tenant.id).where(Tenant.name == data["name"])) is None
-    same_origin = await client.post("/console/tenants", data={"name": new_name(), "csrf_token": token},
-                                    headers={"origin": BASE, "sec-fetch-site": "same-origin"})
+    same_origin = await client.post(
+        "/console/tenants",
+        data={"name": new_name(), "csrf_token": token},
+        headers={"origin": BASE, "sec-fetch-site": "same-origin"},
+    )
     assert same_origin.status_code == 303
 
 
@@ -444,11 +496,18 @@ async def test_tenant_admin_cannot_reach_another_tenants_pages_or_forms(oidc_app
     client = await oidc_sign_in(oidc_app, oidc_issuer, f"ta-{mine}")
     token = csrf_of((await client.get(f"/console/tenants/{mine}")).text)
 
-    for path in (f"/console/tenants/{theirs}", f"/console/tenants/{theirs}/keys", f"/console/usage?tenant={theirs}",
-                 f"/console/usage.csv?tenant={theirs}", "/console/tenants/no-such-tenant"):
+    for path in (
+        f"/console/tenants/{theirs}",
+        f"/console/tenants/{theirs}/keys",
+        f"/console/usage?tenant={theirs}",
+        f"/console/usage.csv?tenant={theirs}",
+        "/console/tenants/no-such-tenant",
+    ):
         response = await client.get(path)
         assert response.status_code == 403, path
-        assert theirs not in response.text.replace(f"'{theirs}'", "") or "may not administer" in html.unescape(response.text)
+        assert theirs not in response.text.replace(f"'{theirs}'", "") or "may not administer" in html.unescape(
+            response.text
+        )
     forged = [
         (f"/console/tenants/{theirs}/keys", {"name": "stolen"}),
         (f"/console/tenants/{theirs}/quota", {"tokens_per_day": "1"}),
@@ -482,7 +541,7 @@ async def test_staff_see_only_their_keys_and_usage(oidc_app, oidc_issuer):
     home = await client.get("/console/")
     assert home.headers["location"] == "/console/me"
     page = await client.get("/console/me")
-    assert page.status_code == 200 and "Quick start" in page.text and f'{BASE}/v1' in page.text
+    assert page.status_code == 200 and "Quick start" in page.text and f"{BASE}/v1" in page.text
     for path in (f"/console/tenants/{name}", "/console/tenants", "/console/usage", "/console/usage.csv"):
         assert (await client.get(path)).status_code == 403, path
     token = csrf_of(page.text)
@@ -500,14 +559,31 @@ async def test_usage_chart_and_csv_reflect_the_ledger(keyed):
     client, admin_key, _ = keyed
     await key_sign_in(client, admin_key)
     name = new_name()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     async with store_session(client) as session:
         tenant = await store.create_tenant(session, store.SystemActor(), name=name)
-        for subject, username, model, tokens in (("u1", "dora", "m1", 100), ("u2", "eli", "m2", 50), ("u1", "dora", "m2", 7)):
-            session.add(UsageRecord(
-                request_id=str(uuid.uuid4()), tenant_id=tenant.id, subject=subject, username=username, model=model,
-                endpoint="chat", prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens, status="ok",
-                latency_ms=1.0, started_at=now, finished_at=now))
+        for subject, username, model, tokens in (
+            ("u1", "dora", "m1", 100),
+            ("u2", "eli", "m2", 50),
+            ("u1", "dora", "m2", 7),
+        ):
+            session.add(
+                UsageRecord(
+                    request_id=str(uuid.uuid4()),
+                    tenant_id=tenant.id,
+                    subject=subject,
+                    username=username,
+                    model=model,
+                    endpoint="chat",
+                    prompt_tokens=tokens,
+                    completion_tokens=0,
+                    total_tokens=tokens,
+                    status="ok",
+                    latency_ms=1.0,
+                    started_at=now,
+                    finished_at=now,
+                )
+            )
         await session.commit()
     by_model = await client.get("/console/usage", params={"tenant": name, "split": "model"})
     assert by_model.status_code == 200
@@ -516,7 +592,7 @@ async def test_usage_chart_and_csv_reflect_the_ledger(keyed):
     assert "157 tokens in 3 requests." in by_model.text
     by_user = await client.get("/console/usage", params={"tenant": name, "split": "user"})
     assert "dora: 107 tokens" in by_user.text and "eli: 50 tokens" in by_user.text
-    top = by_user.text[by_user.text.index("Top users"):]
+    top = by_user.text[by_user.text.index("Top users") :]
     assert top.index("dora") < top.index("eli")
 
     report = await client.get("/console/usage.csv", params={"tenant": name, "group_by": "user"})
@@ -538,7 +614,9 @@ def test_every_asset_ships_in_the_package_and_nothing_points_off_site():
         assert "@import" not in text and "fonts.googleapis" not in text
     import tomllib
 
-    package_data = tomllib.loads((CONSOLE.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package_data = tomllib.loads((CONSOLE.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]
     assert set(package_data["agencyllm.serving.console"]) >= {"templates/*.html", "static/*.css", "static/*.js"}
 
 

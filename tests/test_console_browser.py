@@ -26,9 +26,18 @@ pytestmark = pytest.mark.stack
 CHROMIUM = os.environ.get("AGENCYLLM_CHROMIUM", "/usr/bin/chromium")
 # What the machine's closed network needs: no background requests to Google's hosts, no sandbox as root.
 CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-default-apps", "--disable-extensions", "--metrics-recording-only", "--no-default-browser-check",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--metrics-recording-only",
+    "--no-default-browser-check",
 ]
 AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
 PASSWORD = "correct horse battery staple"
@@ -50,8 +59,9 @@ class Browser:
         self.checked: list[str] = []
 
     async def context(self):
-        context = await self.browser.new_context(base_url=self.base_url, accept_downloads=True,
-                                                 viewport={"width": 1280, "height": 900})
+        context = await self.browser.new_context(
+            base_url=self.base_url, accept_downloads=True, viewport={"width": 1280, "height": 900}
+        )
         await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=self.base_url)
         return context
 
@@ -169,7 +179,9 @@ async def test_admin_gives_an_office_a_budget_and_a_key_and_sees_its_first_reque
     # The office's first request, with the official SDK and the key just minted.
     client = stack.openai(api_key=key)
     reply = await asyncio.to_thread(
-        client.chat.completions.create, model="placeholder", messages=[{"role": "user", "content": "Hello"}],
+        client.chat.completions.create,
+        model="placeholder",
+        messages=[{"role": "user", "content": "Hello"}],
         max_tokens=8,
     )
     tokens = reply.usage.total_tokens
@@ -190,8 +202,15 @@ async def test_admin_gives_an_office_a_budget_and_a_key_and_sees_its_first_reque
         await page.get_by_role("link", name="Usage by model (CSV)").click()
     download = await download_info.value
     rows = list(csv.DictReader(io.StringIO(Path(await download.path()).read_text())))
-    assert rows == [{"model": "placeholder", "requests": "1", "prompt_tokens": str(reply.usage.prompt_tokens),
-                     "completion_tokens": str(reply.usage.completion_tokens), "total_tokens": str(tokens)}]
+    assert rows == [
+        {
+            "model": "placeholder",
+            "requests": "1",
+            "prompt_tokens": str(reply.usage.prompt_tokens),
+            "completion_tokens": str(reply.usage.completion_tokens),
+            "total_tokens": str(tokens),
+        }
+    ]
 
     await page.goto("/console/me")
     snippet = await page.inner_text("#snippet-python")
@@ -214,7 +233,7 @@ class _Attacker(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         body = (
             f'<!doctype html><html lang="en"><title>Win a prize</title><body>'
             f'<form id="f" method="post" action="{self.target}"><input name="name" value="stolen"></form>'

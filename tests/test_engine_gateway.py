@@ -1,4 +1,4 @@
-"""The engine replica that serves the gateway itself (serving/ray_adapter.py `EngineGateway`):
+"""The engine replica that serves the gateway itself (serving/rayserve/ingress.py `EngineGateway`):
 which model's replica hosts it, and how the gateway reaches that model's engine in process.
 The real replica serves `agencyllm up` in tests/test_fault_up.py (its engine-gateway run)."""
 
@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 
-from agencyllm.serving.app import INGRESS_NAME, gateway_engine, ingress_name
 from agencyllm.serving.config import ModelSpec, ServingConfig
-from agencyllm.serving.fairshare import Ticket
-from agencyllm.serving.placeholder import write_placeholder_model
-from agencyllm.serving.ray_adapter import LocalCall, ReplicaEngines
+from agencyllm.serving.gateway.fairshare import Ticket
+from agencyllm.serving.ops.placeholder import write_placeholder_model
+from agencyllm.serving.rayserve.app import INGRESS_NAME, gateway_engine, ingress_name
+from agencyllm.serving.rayserve.ingress import LocalCall, ReplicaEngines
 
 TICKET = Ticket(tenant="t", share=1.0, traffic_class="interactive")
 
@@ -25,12 +25,15 @@ def spec(tmp_path_factory):
     return lambda model, **fields: ModelSpec(id=model, path=weights, **fields)
 
 
-@pytest.mark.parametrize(("models", "host"), [
-    ([("chat", {}), ("embed", {"task": "embed"})], "chat"),
-    ([("embed", {"task": "embed"}), ("chat", {}), ("other", {})], "chat"),  # the first generate model
-    ([("embed", {"task": "embed"})], None),  # embeddings are unary: no stream to save a hop on
-    ([("chat", {"replicas": {"min": 1, "max": 2}})], None),  # only one replica can own the port
-])
+@pytest.mark.parametrize(
+    ("models", "host"),
+    [
+        ([("chat", {}), ("embed", {"task": "embed"})], "chat"),
+        ([("embed", {"task": "embed"}), ("chat", {}), ("other", {})], "chat"),  # the first generate model
+        ([("embed", {"task": "embed"})], None),  # embeddings are unary: no stream to save a hop on
+        ([("chat", {"replicas": {"min": 1, "max": 2}})], None),  # only one replica can own the port
+    ],
+)
 def test_the_first_generate_model_with_one_replica_hosts_the_gateway(spec, models, host):
     serving = ServingConfig(models=[spec(model, **fields) for model, fields in models])
     chosen = gateway_engine(serving, engine_http=True)

@@ -9,7 +9,7 @@ import uuid
 from test_admin_api import Api, api, error_of  # noqa: F401
 from test_admin_cli import cli, server  # noqa: F401
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 
 
 async def test_share_round_trips_and_bad_shares_are_refused(api: Api):  # noqa: F811

@@ -7,8 +7,8 @@ import asyncio
 
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
 
-from agencyllm.serving.engines import FairLLMServer, _FairQueueMetrics
-from agencyllm.serving.fairshare import FairQueue, Ticket
+from agencyllm.serving.gateway.fairshare import FairQueue, Ticket
+from agencyllm.serving.rayserve.engines import FairLLMServer, _FairQueueMetrics
 
 
 def server(queue: FairQueue) -> FairLLMServer:

@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from agencyllm.serving.fairshare import FairQueue, QueueRefused, Ticket
-
+from agencyllm.serving.gateway.fairshare import FairQueue, QueueRefused, Ticket
 
 ENGINES: list[FakeEngine] = []
 

@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from agencyllm.quotas.db import Availability, Database, database_unavailable
 from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.admin import router
-from agencyllm.serving.errors import as_openai_error, install_error_handlers
-from agencyllm.serving.identity import Authenticator
+from agencyllm.serving.gateway.errors import as_openai_error, install_error_handlers
+from agencyllm.serving.gateway.identity import Authenticator
 from agencyllm.serving.settings import Settings
 
 

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from agencyllm.serving.stack import PLACEHOLDER_ID
+from agencyllm.serving.ops.stack import PLACEHOLDER_ID
 
 pytestmark = [pytest.mark.stack, pytest.mark.fault]
 
@@ -44,8 +44,13 @@ def test_killed_engine_fails_streams_at_once_and_recovers(stack, pg_url):
 
     tenant, key = stack_tenant(stack)
     headers = {"authorization": f"Bearer {key}"}
-    body = {"model": PLACEHOLDER_ID, "messages": [{"role": "user", "content": "Write the annual report."}],
-            "max_tokens": 900, "ignore_eos": True, "stream": True}
+    body = {
+        "model": PLACEHOLDER_ID,
+        "messages": [{"role": "user", "content": "Write the annual report."}],
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "stream": True,
+    }
     started = threading.Barrier(STREAMS + 1, timeout=120)
     outcomes: list[dict] = []
     killed_at: list[float] = []

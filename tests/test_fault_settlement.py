@@ -19,14 +19,14 @@ from ray.serve.llm.openai_api_models import ErrorResponse
 from agencyllm.auth.principal import Principal, Role
 from agencyllm.quotas.ledger import Ledger
 from agencyllm.serving.config import ServingConfig
-from agencyllm.serving.engine_health import EngineHealth
-from agencyllm.serving.errors import EngineUnavailable, OpenAIError
-from agencyllm.serving.fairshare import Ticket
-from agencyllm.serving.gateway import Gateway, Services
-from agencyllm.serving.governance import Governance
-from agencyllm.serving.metering import Metering
+from agencyllm.serving.gateway.engine_health import EngineHealth
+from agencyllm.serving.gateway.errors import EngineUnavailable, OpenAIError
+from agencyllm.serving.gateway.fairshare import Ticket
+from agencyllm.serving.gateway.governance import Governance
+from agencyllm.serving.gateway.metering import Metering
+from agencyllm.serving.gateway.pipeline import Gateway, Services
+from agencyllm.serving.ops.stack import PLACEHOLDER_ID
 from agencyllm.serving.settings import Settings
-from agencyllm.serving.stack import PLACEHOLDER_ID
 
 PROMPT_TOKENS = 11
 TICKET = Ticket(tenant="t")
@@ -75,14 +75,23 @@ async def metered(pg_db, make_tenant):
     ledger = Ledger(pg_db, lease_seconds=30)
     metering = Metering(ledger)
     principal = Principal(
-        subject=f"user-{uuid.uuid4().hex[:6]}", username="u", client_id=None, tenant=tenant,
-        roles=frozenset({Role.USER}), auth_method="api_key",
+        subject=f"user-{uuid.uuid4().hex[:6]}",
+        username="u",
+        client_id=None,
+        tenant=tenant,
+        roles=frozenset({Role.USER}),
+        auth_method="api_key",
     )
 
     async def admit():
         return await metering.admit(
-            principal, request_id=uuid.uuid4().hex, model=PLACEHOLDER_ID, endpoint="chat",
-            prompt_tokens=PROMPT_TOKENS, max_tokens=64, context_length=512,
+            principal,
+            request_id=uuid.uuid4().hex,
+            model=PLACEHOLDER_ID,
+            endpoint="chat",
+            prompt_tokens=PROMPT_TOKENS,
+            max_tokens=64,
+            context_length=512,
         )
 
     yield metering, ledger, tenant, admit
@@ -152,7 +161,9 @@ async def test_engine_refusal_settles_at_zero(pg_db, metered):
 async def test_engine_5xx_is_503_and_settles_at_zero(pg_db, metered):
     _, _, _, admit = metered
     admitted = await admit()
-    failure = ErrorResponse.model_validate({"error": {"message": "engine dead", "type": "InternalServerError", "code": 500}})
+    failure = ErrorResponse.model_validate(
+        {"error": {"message": "engine dead", "type": "InternalServerError", "code": 500}}
+    )
     with pytest.raises(EngineUnavailable):
         await gateway_with(FakeUpstream([failure]), metered[0])._generate(Body(), "chat", admitted, True, TICKET)
     await assert_settled(pg_db, metered, admitted, status="engine_error", prompt=0, completion=0)
@@ -301,7 +312,7 @@ def test_cancelled_non_streaming_request_is_charged_its_prompt(stack, pg_url):
 
 
 async def test_a_call_queued_for_an_engine_with_no_replica_fails_fast_and_the_model_recovers():
-    from agencyllm.serving.engine_health import EngineGone, engine_gone
+    from agencyllm.serving.gateway.engine_health import EngineGone, engine_gone
 
     replica = {"running": False}
 

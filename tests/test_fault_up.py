@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from agencyllm.quotas.db import EmbeddedPostgres
-from agencyllm.serving.placeholder import write_placeholder_model
+from agencyllm.serving.ops.placeholder import write_placeholder_model
 
 pytestmark = [pytest.mark.fault]
 
@@ -81,8 +81,21 @@ def up(request, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("up")
     model_dir = write_placeholder_model(data_dir / "weights" / MODEL)
     port = free_port()
-    command = [sys.executable, "-m", "agencyllm.serving.cli", "up", "--data-dir", str(data_dir), "--port", str(port), "--model", str(model_dir)]
-    process = subprocess.Popen(command, env=_env(request.param), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "agencyllm.serving.cli.main",
+        "up",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+        "--model",
+        str(model_dir),
+    ]
+    process = subprocess.Popen(
+        command, env=_env(request.param), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     running = Up(process, f"http://127.0.0.1:{port}", data_dir, request.param)
 
     def read() -> None:
@@ -143,10 +156,12 @@ def ledger(up: Up, tenant: str) -> list[dict]:
         connection = await asyncpg.connect(host=lines[4], port=int(lines[3]), user="postgres", database="agencyllm")
         try:
             rows = await connection.fetch(
-                "SELECT u.request_id, u.status, u.completion_tokens FROM usage_ledger u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1", tenant
+                "SELECT u.request_id, u.status, u.completion_tokens FROM usage_ledger u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1",
+                tenant,
             )
             open_count = await connection.fetchval(
-                "SELECT count(*) FROM quota_reservations r JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1", tenant
+                "SELECT count(*) FROM quota_reservations r JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1",
+                tenant,
             )
         finally:
             await connection.close()
@@ -161,7 +176,9 @@ def test_up_serves_requests(up, tenant_key):
         response = client.post(**chat(key))
     assert response.status_code == 200, response.text
     # The replica serving the port is the one this topology puts there.
-    serving = f"ServeReplica:agencyllm:LLMServer:{MODEL}" if up.engine_gateway else "ServeReplica:agencyllm:AgencyIngress"
+    serving = (
+        f"ServeReplica:agencyllm:LLMServer:{MODEL}" if up.engine_gateway else "ServeReplica:agencyllm:AgencyIngress"
+    )
     assert serving in " ".join(_port_owner(up).cmdline())
     up.remember_tree()
 
@@ -177,7 +194,10 @@ def test_client_that_leaves_mid_stream_is_settled_at_once(up, tenant_key):
                 if i >= 5:
                     break
     deadline = time.monotonic() + 20
-    while not (rows := [r for r in ledger(up, tenant)[:-1] if r["request_id"] == request_id]) and time.monotonic() < deadline:
+    while (
+        not (rows := [r for r in ledger(up, tenant)[:-1] if r["request_id"] == request_id])
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     assert [r["status"] for r in rows] == ["cancelled"], "the request was not settled when its client left"
     assert rows[0]["completion_tokens"] < 900
@@ -209,7 +229,11 @@ def test_up_shows_one_line_per_step_and_no_log_records(up, tenant_key):
         assert step in steps, f"no progress line {step!r}:\n{up.text()[-3000:]}"
     order = [steps.index(step) for step in expected]
     assert order[1] < order[2] and order[3] < order[4] < order[5], steps  # Ray starts beside the database
-    records = [line for line in lines if line.lstrip().startswith("{") or re.match(r"^(\x1b\[\d+m)?\(?\w*(DEBUG|INFO|WARNING) ", line)]
+    records = [
+        line
+        for line in lines
+        if line.lstrip().startswith("{") or re.match(r"^(\x1b\[\d+m)?\(?\w*(DEBUG|INFO|WARNING) ", line)
+    ]
     assert not records, f"log records on the terminal: {records[:5]}"
     text = log_file.read_text(errors="replace")
     assert "Started vLLM engine" in text and f"LLMServer:{MODEL}" in text
@@ -294,7 +318,11 @@ def _stream_to_the_end(up: Up, key: str, max_tokens: int, request_ids: list[str]
 
 def _port_owner(up: Up) -> psutil.Process:
     port = int(up.url.rsplit(":", 1)[1])
-    pids = {c.pid for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+    pids = {
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid
+    }
     assert len(pids) == 1, f"who listens on {port}: {pids}"
     return psutil.Process(pids.pop())
 
@@ -381,7 +409,9 @@ def test_sigterm_stops_everything_it_started(up, tenant_key):
         except psutil.Error:
             pass
     assert not left, f"left running after SIGTERM ({took:.0f} s): {left}"
-    assert not psutil.pid_exists(postgres) or psutil.Process(postgres).status() == psutil.STATUS_ZOMBIE, "Postgres left running"
+    assert not psutil.pid_exists(postgres) or psutil.Process(postgres).status() == psutil.STATUS_ZOMBIE, (
+        "Postgres left running"
+    )
     print(f"up stopped in {took:.1f} s")
 
     # The in-flight request was settled before the database went down, and a stale handle

@@ -9,20 +9,22 @@ import uuid
 import httpx
 import pytest
 
-from agencyllm.serving import cli, cli_admin
+from agencyllm.serving.cli import admin as cli_admin
+from agencyllm.serving.cli import main as cli
 
 pytestmark = pytest.mark.stack
 
 
 def staff(stack, key: str | None = None) -> httpx.Client:
-    return httpx.Client(base_url=stack.url, timeout=60,
-                        headers={"authorization": f"Bearer {key or stack.api_key}"})
+    return httpx.Client(base_url=stack.url, timeout=60, headers={"authorization": f"Bearer {key or stack.api_key}"})
 
 
 def a_response(stack) -> str:
     with staff(stack) as client:
-        response = client.post("/v1/chat/completions", json={
-            "model": "placeholder", "messages": [{"role": "user", "content": "Draft a memo."}], "max_tokens": 3})
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": "placeholder", "messages": [{"role": "user", "content": "Draft a memo."}], "max_tokens": 3},
+        )
         assert response.status_code == 200, response.text
         return response.headers["x-agencyllm-request-id"]
 
@@ -31,8 +33,9 @@ def test_feedback_round_trip(stack, monkeypatch, capsys):
     request_id = a_response(stack)
     comment = f"Cited a regulation that does not exist ({uuid.uuid4().hex[:6]})."
     with staff(stack) as client:
-        response = client.post("/v1/feedback", json={
-            "request_id": request_id, "rating": 1, "category": "inaccurate", "comment": comment})
+        response = client.post(
+            "/v1/feedback", json={"request_id": request_id, "rating": 1, "category": "inaccurate", "comment": comment}
+        )
     assert response.status_code == 201, response.text
     created = response.json()
     assert created["tenant"] == stack.tenant and created["subject"] == "staff-1"
@@ -41,8 +44,9 @@ def test_feedback_round_trip(stack, monkeypatch, capsys):
     with stack.admin() as admin:
         listed = admin.get("/admin/v1/feedback", params={"tenant": stack.tenant}).json()
         assert any(item["id"] == created["id"] and item["comment"] == comment for item in listed)
-        lines = admin.get("/admin/v1/feedback", params={"tenant": stack.tenant, "format": "jsonl",
-                                                        "category": "inaccurate"}).text.splitlines()
+        lines = admin.get(
+            "/admin/v1/feedback", params={"tenant": stack.tenant, "format": "jsonl", "category": "inaccurate"}
+        ).text.splitlines()
         assert created["id"] in [json.loads(line)["id"] for line in lines]
         csv_text = admin.get("/admin/v1/feedback", params={"format": "csv"}).text
         assert csv_text.startswith("id,created_at,tenant,request_id") and comment in csv_text
@@ -58,16 +62,19 @@ def test_feedback_round_trip(stack, monkeypatch, capsys):
     assert "inaccurate" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("body", "status", "param"), [
-    ({"category": "rude"}, 400, "category"),
-    ({"rating": 9}, 400, "rating"),
-    ({"rating": "5"}, 400, "rating"),
-    ({"comment": "x" * 5000}, 400, "comment"),
-    ({"comment": "a\u0000b"}, 400, "comment"),
-    ({"request_id": "not-a-request-of-yours", "category": "harmful"}, 404, "request_id"),
-    ({"surprise": 1}, 400, "surprise"),
-    ({}, 400, None),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"category": "rude"}, 400, "category"),
+        ({"rating": 9}, 400, "rating"),
+        ({"rating": "5"}, 400, "rating"),
+        ({"comment": "x" * 5000}, 400, "comment"),
+        ({"comment": "a\u0000b"}, 400, "comment"),
+        ({"request_id": "not-a-request-of-yours", "category": "harmful"}, 404, "request_id"),
+        ({"surprise": 1}, 400, "surprise"),
+        ({}, 400, None),
+    ],
+)
 def test_bad_feedback_is_refused_in_openai_shape(stack, body, status, param):
     with staff(stack) as client:
         response = client.post("/v1/feedback", json=body)

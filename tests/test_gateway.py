@@ -29,14 +29,14 @@ from ray.serve.llm.openai_api_models import (
 )
 from starlette.requests import Request
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.serving.config import ModelSpec, ServingConfig
-from agencyllm.serving.errors import EngineUnavailable, OpenAIError
-from agencyllm.serving.gateway import REQUEST_ID_HEADER, Gateway, RequestModels
-from agencyllm.serving.ingress import http_app
-from agencyllm.serving.placeholder import write_placeholder_model
+from agencyllm.serving.gateway.errors import EngineUnavailable, OpenAIError
+from agencyllm.serving.gateway.pipeline import REQUEST_ID_HEADER, Gateway, RequestModels
+from agencyllm.serving.gateway.tokens import PromptCounter
+from agencyllm.serving.http.openai import http_app
+from agencyllm.serving.ops.placeholder import write_placeholder_model
 from agencyllm.serving.settings import Settings
-from agencyllm.serving.tokens import PromptCounter
 
 MODEL = "placeholder"
 EMBED = "embedder"
@@ -75,12 +75,16 @@ class FakeEngines:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> ServingConfig:
     directory = write_placeholder_model(tmp_path_factory.mktemp("models") / MODEL)
-    return ServingConfig(models=[ModelSpec(id=MODEL, path=directory), ModelSpec(id=EMBED, path=directory, task="embed")])
+    return ServingConfig(
+        models=[ModelSpec(id=MODEL, path=directory), ModelSpec(id=EMBED, path=directory, task="embed")]
+    )
 
 
 @pytest.fixture(scope="module")
 async def gateway(pg_url, models, tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("data"), database_url=SecretStr(pg_url), reservation_lease_seconds=30)
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("data"), database_url=SecretStr(pg_url), reservation_lease_seconds=30
+    )
     engines = FakeEngines()
     gateway = await Gateway.start(settings, models, engines)
     gateway.engines = engines  # the tests script it
@@ -95,8 +99,15 @@ async def caller(pg_db, make_tenant):
     async def make(**policy) -> tuple[str, str]:
         tenant = await make_tenant(**{"max_concurrent_requests": 1, **policy})
         async with pg_db.sessions() as session:
-            key = await store.create_key(session, store.SystemActor(), tenant_name=tenant, kind="personal", name="k",
-                                         owner_subject=f"u-{uuid.uuid4().hex[:6]}", owner_username="u")
+            key = await store.create_key(
+                session,
+                store.SystemActor(),
+                tenant_name=tenant,
+                kind="personal",
+                name="k",
+                owner_subject=f"u-{uuid.uuid4().hex[:6]}",
+                owner_username="u",
+            )
         return tenant, key.secret
 
     return make
@@ -105,9 +116,15 @@ async def caller(pg_db, make_tenant):
 def request(path: str, body: dict, key: str, **headers: str) -> Request:
     raw = json.dumps(body).encode()
     scope = {
-        "type": "http", "method": "POST", "path": path, "query_string": b"",
-        "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json"),
-                    *((k.encode(), v.encode()) for k, v in headers.items())],
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "query_string": b"",
+        "headers": [
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", b"application/json"),
+            *((k.encode(), v.encode()) for k, v in headers.items()),
+        ],
     }
     sent = False
 
@@ -127,12 +144,16 @@ async def ledger_rows(pg_db, tenant: str, count: int = 1, timeout: float = 10) -
     while True:
         rows = await pool.fetch(
             "SELECT u.request_id, u.prompt_tokens, u.completion_tokens, u.status FROM usage_ledger u"
-            " JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1", tenant)
+            " JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1",
+            tenant,
+        )
         if len(rows) >= count or time.monotonic() > deadline:
             await asyncio.sleep(0.2)  # a second row would show up now
             rows = await pool.fetch(
                 "SELECT u.request_id, u.prompt_tokens, u.completion_tokens, u.status FROM usage_ledger u"
-                " JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1", tenant)
+                " JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1",
+                tenant,
+            )
             return [dict(r) for r in rows]
         await asyncio.sleep(0.05)
 
@@ -140,7 +161,8 @@ async def ledger_rows(pg_db, tenant: str, count: int = 1, timeout: float = 10) -
 async def nothing_held(pg_db, tenant: str) -> bool:
     pool = await pg_db.pool()
     held = await pool.fetchval(
-        "SELECT count(*) FROM quota_reservations r JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1", tenant)
+        "SELECT count(*) FROM quota_reservations r JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1", tenant
+    )
     return held == 0
 
 
@@ -149,13 +171,28 @@ def sse(data: dict | str) -> str:
 
 
 def chunk(text: str) -> str:
-    return sse({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
-                "choices": [{"index": 0, "delta": {"content": text}}]})
+    return sse(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": text}}],
+        }
+    )
 
 
 def usage_chunk(prompt: int, completion: int) -> str:
-    return sse({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": MODEL, "choices": [],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+    return sse(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": MODEL,
+            "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        }
+    )
 
 
 def error_response(code: int, message: str = "refused") -> ErrorResponse:
@@ -177,7 +214,9 @@ async def read_all(response) -> list[str]:
 async def test_stream_is_admitted_relayed_and_settled_once_with_the_engines_usage(gateway, caller, pg_db):
     tenant, key = await caller()
     gateway.engines.answer(FakeCall([[chunk("a"), chunk("b")], [chunk("c"), usage_chunk(9, 3)], [sse("[DONE]")]]))
-    response = await gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 5}, key))
+    response = await gateway.chat(
+        request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 5}, key)
+    )
     events = await read_all(response)
     # The client did not ask for usage: the engine's usage chunk is used, not passed on.
     assert events == [chunk("a"), chunk("b"), chunk("c"), sse("[DONE]")]
@@ -188,7 +227,8 @@ async def test_stream_is_admitted_relayed_and_settled_once_with_the_engines_usag
     assert body.cache_salt and body.request_id == response.headers[REQUEST_ID_HEADER]
     rows = await ledger_rows(pg_db, tenant)
     assert [(r["request_id"], r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [
-        (response.headers[REQUEST_ID_HEADER], 9, 3, "ok")]
+        (response.headers[REQUEST_ID_HEADER], 9, 3, "ok")
+    ]
     assert await nothing_held(pg_db, tenant)
 
 
@@ -241,12 +281,16 @@ def asgi_server(response, *, spec_version: str, stall_at: int | None = None, slo
 
 @pytest.mark.parametrize("spec_version", ["2.4", "2.3"])  # Starlette's two ways of streaming
 @pytest.mark.parametrize(("stalled_send", "chunks_made"), [(3, 3), (0, 0)])  # the third chunk; the headers
-async def test_client_that_leaves_mid_stream_is_charged_prompt_and_streamed_chunks(gateway, caller, pg_db, models, spec_version, stalled_send, chunks_made):
+async def test_client_that_leaves_mid_stream_is_charged_prompt_and_streamed_chunks(
+    gateway, caller, pg_db, models, spec_version, stalled_send, chunks_made
+):
     """The engine call is aborted and the row written when the client leaves, not when the
     garbage collector finds the stream (collection is off here), even before the first chunk."""
     tenant, key = await caller()
     call = gateway.engines.answer(FakeCall([[chunk("x")]] * 5, hang=True))
-    response = await gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key))
+    response = await gateway.chat(
+        request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key)
+    )
     gc.disable()
     try:
         serving, _, stalled = asgi_server(response, spec_version=spec_version, stall_at=stalled_send)
@@ -258,31 +302,41 @@ async def test_client_that_leaves_mid_stream_is_charged_prompt_and_streamed_chun
     finally:
         gc.enable()
     rows = await ledger_rows(pg_db, tenant)
-    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [(counted_prompt(models), chunks_made, "cancelled")]
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [
+        (counted_prompt(models), chunks_made, "cancelled")
+    ]
     assert await nothing_held(pg_db, tenant)
 
 
 async def test_client_that_leaves_before_the_first_item_is_charged_its_prompt(gateway, caller, pg_db, models):
     tenant, key = await caller()
     call = gateway.engines.answer(FakeCall(hang=True))
-    pending = asyncio.ensure_future(gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO}, key)))
+    pending = asyncio.ensure_future(
+        gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO}, key))
+    )
     await asyncio.sleep(0.3)
     pending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await pending
     rows = await ledger_rows(pg_db, tenant)
-    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [(counted_prompt(models), 0, "cancelled")]
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [
+        (counted_prompt(models), 0, "cancelled")
+    ]
     assert call.cancelled == 1
 
 
 async def test_stream_that_dies_midway_ends_with_an_error_event(gateway, caller, pg_db, models):
     tenant, key = await caller()
     gateway.engines.answer(FakeCall([[chunk("x")], [chunk("y")]], fail=ConnectionError("replica died")))
-    events = await read_all(await gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key)))
+    events = await read_all(
+        await gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key))
+    )
     assert events[:2] == [chunk("x"), chunk("y")]
     assert json.loads(events[2][6:])["error"]["code"] == "service_unavailable" and events[3] == "data: [DONE]\n\n"
     rows = await ledger_rows(pg_db, tenant)
-    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [(counted_prompt(models), 2, "engine_error")]
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [
+        (counted_prompt(models), 2, "engine_error")
+    ]
 
 
 @pytest.fixture
@@ -298,11 +352,15 @@ async def fresh_gateway(pg_url, models, tmp_path):
 
 @pytest.mark.parametrize("spec_version", ["2.4", "2.3"])
 @pytest.mark.parametrize("stop_while", ["waiting for the engine", "sending a chunk"])
-async def test_stopping_replica_ends_its_streams_in_band_and_settles_them(fresh_gateway, caller, pg_db, models, spec_version, stop_while):
+async def test_stopping_replica_ends_its_streams_in_band_and_settles_them(
+    fresh_gateway, caller, pg_db, models, spec_version, stop_while
+):
     stopping = fresh_gateway
     tenant, key = await caller(max_concurrent_requests=2)
     stopping.engines.answer(FakeCall([[chunk("x")], [chunk("y")], [chunk("z")]], hang=True))
-    response = await stopping.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key))
+    response = await stopping.chat(
+        request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key)
+    )
     sending_z = 3 if stop_while == "sending a chunk" else None  # after the headers, x and y
     relaying, received, _ = asgi_server(response, spec_version=spec_version, slow_at=sending_z)
     while len(received) < 2:
@@ -318,7 +376,9 @@ async def test_stopping_replica_ends_its_streams_in_band_and_settles_them(fresh_
     error = json.loads(rest[0].removeprefix("data: "))["error"]
     assert (error["code"], rest[1:]) == ("service_unavailable", ["data: [DONE]\n\n"])
     rows = await ledger_rows(pg_db, tenant)
-    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [(counted_prompt(models), 3, "cancelled")]
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [
+        (counted_prompt(models), 3, "cancelled")
+    ]
     assert await nothing_held(pg_db, tenant)
 
     with pytest.raises(OpenAIError) as refused:  # nothing new starts on a stopping replica
@@ -330,7 +390,9 @@ async def test_stopping_replica_ends_its_streams_in_band_and_settles_them(fresh_
 async def test_stream_that_starts_after_the_stop_sends_only_the_farewell(fresh_gateway, caller, pg_db):
     tenant, key = await caller()
     call = fresh_gateway.engines.answer(FakeCall([[chunk("x")]], hang=True))
-    response = await fresh_gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key))
+    response = await fresh_gateway.chat(
+        request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key)
+    )
     assert await fresh_gateway.stop_serving(timeout=10) == 0  # admitted, not yet sending
     relaying, received, _ = asgi_server(response, spec_version="2.3")
     await asyncio.wait_for(relaying, 5)
@@ -355,13 +417,21 @@ async def test_engine_call_that_fails_before_the_first_item_charges_nothing(gate
     assert await nothing_held(pg_db, tenant)
 
 
-@pytest.mark.parametrize(("code", "status", "row_status"), [(400, 400, "client_error"), (429, 429, "client_error"), (500, 503, "engine_error")])
-async def test_engine_error_response_is_its_status_and_charges_nothing(gateway, caller, pg_db, code, status, row_status):
+@pytest.mark.parametrize(
+    ("code", "status", "row_status"),
+    [(400, 400, "client_error"), (429, 429, "client_error"), (500, 503, "engine_error")],
+)
+async def test_engine_error_response_is_its_status_and_charges_nothing(
+    gateway, caller, pg_db, code, status, row_status
+):
     tenant, key = await caller()
     gateway.engines.answer(FakeCall([[error_response(code, "temperature is out of range")]]))
     async with client_of(gateway) as client:
-        response = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "stream": True},
-                                     headers={"authorization": f"Bearer {key}"})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": HELLO, "stream": True},
+            headers={"authorization": f"Bearer {key}"},
+        )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     if status == 503:
@@ -379,8 +449,11 @@ async def test_quota_refusal_never_reaches_the_engine(gateway, caller, pg_db):
     tenant, key = await caller(tokens_per_day=5)
     calls = len(gateway.engines.calls)
     async with client_of(gateway) as client:
-        response = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 4},
-                                     headers={"authorization": f"Bearer {key}"})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": HELLO, "max_tokens": 4},
+            headers={"authorization": f"Bearer {key}"},
+        )
     assert response.status_code == 429, response.text
     assert response.json()["error"]["code"] == "tokens_per_day"
     assert int(response.headers["retry-after"]) >= 1
@@ -392,8 +465,11 @@ async def test_quota_refusal_never_reaches_the_engine(gateway, caller, pg_db):
 async def test_unknown_model_is_404_and_never_admitted(gateway, caller, pg_db):
     tenant, key = await caller()
     async with client_of(gateway) as client:
-        response = await client.post("/v1/chat/completions", json={"model": "nope", "messages": HELLO},
-                                     headers={"authorization": f"Bearer {key}"})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": "nope", "messages": HELLO},
+            headers={"authorization": f"Bearer {key}"},
+        )
         card = await client.get("/v1/models/nope", headers={"authorization": f"Bearer {key}"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     assert card.status_code == 404 and card.json()["error"]["param"] == "model"
@@ -411,35 +487,55 @@ async def test_missing_credentials_are_401(gateway):
 
 async def test_non_streaming_answer_is_returned_and_charged_its_usage(gateway, caller, pg_db):
     tenant, key = await caller()
-    answer = ChatCompletionResponse.model_validate({
-        "id": "r", "object": "chat.completion", "created": 1, "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Done."}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14},
-    })
+    answer = ChatCompletionResponse.model_validate(
+        {
+            "id": "r",
+            "object": "chat.completion",
+            "created": 1,
+            "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Done."}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14},
+        }
+    )
     gateway.engines.answer(FakeCall([answer]))
     async with client_of(gateway) as client:
-        response = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 4},
-                                     headers={"authorization": f"Bearer {key}"})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": HELLO, "max_tokens": 4},
+            headers={"authorization": f"Bearer {key}"},
+        )
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "Done."
     rows = await ledger_rows(pg_db, tenant)
     assert [(r["request_id"], r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [
-        (response.headers[REQUEST_ID_HEADER], 12, 2, "ok")]
+        (response.headers[REQUEST_ID_HEADER], 12, 2, "ok")
+    ]
 
 
 async def test_embeddings_are_charged_their_input(gateway, caller, pg_db):
     tenant, key = await caller()
-    answer = EmbeddingResponse.model_validate({
-        "id": "e", "object": "list", "created": 1, "model": EMBED,
-        "data": [{"index": 0, "object": "embedding", "embedding": [0.1, 0.2]}],
-        "usage": {"prompt_tokens": 4, "total_tokens": 4},
-    })
+    answer = EmbeddingResponse.model_validate(
+        {
+            "id": "e",
+            "object": "list",
+            "created": 1,
+            "model": EMBED,
+            "data": [{"index": 0, "object": "embedding", "embedding": [0.1, 0.2]}],
+            "usage": {"prompt_tokens": 4, "total_tokens": 4},
+        }
+    )
     gateway.engines.answer(FakeCall([answer]))
     async with client_of(gateway) as client:
-        response = await client.post("/v1/embeddings", json={"model": EMBED, "input": "annual report"},
-                                     headers={"authorization": f"Bearer {key}"})
-        wrong = await client.post("/v1/embeddings", json={"model": MODEL, "input": "annual report"},
-                                  headers={"authorization": f"Bearer {key}"})
+        response = await client.post(
+            "/v1/embeddings",
+            json={"model": EMBED, "input": "annual report"},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        wrong = await client.post(
+            "/v1/embeddings",
+            json={"model": MODEL, "input": "annual report"},
+            headers={"authorization": f"Bearer {key}"},
+        )
     assert response.status_code == 200 and response.json()["data"][0]["embedding"] == [0.1, 0.2]
     assert gateway.engines.calls[-1][:2] == (EMBED, "embeddings")
     assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "model_not_supported"
@@ -486,8 +582,10 @@ def client_of(gateway: Gateway) -> httpx.AsyncClient:
 
 
 def test_the_gateway_imports_without_ray_or_vllm(tmp_path):
-    code = ("import sys; import agencyllm.serving.gateway, agencyllm.serving.ingress; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm')))")
+    code = (
+        "import sys; import agencyllm.serving.gateway.pipeline, agencyllm.serving.http.openai; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm')))"
+    )
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[]"
@@ -498,5 +596,9 @@ PRIVATE_RAY = "ray.llm." + "_internal"  # spelled apart, so this file does not n
 
 @pytest.mark.parametrize("package", ["serving", "auth", "quotas", "migrations", "bench", "tests"])
 def test_no_module_imports_rays_private_packages(package):
-    offenders = [str(path.relative_to(ROOT)) for path in (ROOT / package).rglob("*.py") if PRIVATE_RAY in path.read_text(encoding="utf-8")]
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / package).rglob("*.py")
+        if PRIVATE_RAY in path.read_text(encoding="utf-8")
+    ]
     assert offenders == []

@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from agencyllm.auth.apikeys import mint_key
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.quotas.db import Database, asyncpg_connect_args, upgrade_schema
-from agencyllm.serving.cli import main
-from agencyllm.serving.cluster_init import BootstrapKeyError, register_admin_key, wait_for_current_schema
+from agencyllm.serving.cli.main import main
+from agencyllm.serving.ops.cluster_init import BootstrapKeyError, register_admin_key, wait_for_current_schema
 
 
 @pytest.fixture
@@ -113,4 +113,3 @@ def test_bootstrap_admin_command(monkeypatch, pg_url, tmp_path, capsys):
     assert main(["db", "bootstrap-admin", "--key-file", str(key_file)]) == 1
     assert "not an agencyllm API key" in capsys.readouterr().err
     assert main(["db", "bootstrap-admin", "--key-file", str(tmp_path / "absent")]) == 2
-

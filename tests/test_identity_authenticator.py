@@ -1,4 +1,4 @@
-"""serving/identity.py: bearer credentials to Principals, and the bootstrap admin key."""
+"""serving/gateway/identity.py: bearer credentials to Principals, and the bootstrap admin key."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from oidc_issuer import LocalOIDCIssuer
 
 from agencyllm.auth.oidc import OIDCVerifier
 from agencyllm.auth.principal import Role
-from agencyllm.quotas import admin as store
-from agencyllm.serving.errors import OpenAIError
-from agencyllm.serving.identity import (
+from agencyllm.quotas import store
+from agencyllm.serving.gateway.errors import OpenAIError
+from agencyllm.serving.gateway.identity import (
     PUBLIC_AUTH_MESSAGE,
     Authenticator,
     ensure_bootstrap_admin_key,
@@ -102,8 +102,16 @@ async def test_custom_role_names(pg_db, oidc_issuer, verifier):
 
 @pytest.mark.parametrize(
     "header",
-    [None, "", "Bearer", "Basic dXNlcjpwYXNz", "Bearer a b", "Bearer not-a-jwt",
-     "Bearer sk-agency-abc", "Bearer sk-agency-aaaaaaaaaaaa_" + "A" * 43],
+    [
+        None,
+        "",
+        "Bearer",
+        "Basic dXNlcjpwYXNz",
+        "Bearer a b",
+        "Bearer not-a-jwt",
+        "Bearer sk-agency-abc",
+        "Bearer sk-agency-aaaaaaaaaaaa_" + "A" * 43,
+    ],
 )
 async def test_bad_credentials_get_one_generic_401(pg_db, oidc_issuer, verifier, header):
     error = await refused(authenticator(pg_db, oidc_issuer, verifier), header)
@@ -151,8 +159,13 @@ async def test_personal_key_carries_owner_identity(pg_db, oidc_issuer, verifier)
     tenant = await new_tenant(pg_db)
     async with pg_db.sessions() as session:
         created = await store.create_key(
-            session, ACTOR, tenant_name=tenant, kind="personal", name="laptop",
-            owner_subject="sub-7", owner_username="gina",
+            session,
+            ACTOR,
+            tenant_name=tenant,
+            kind="personal",
+            name="laptop",
+            owner_subject="sub-7",
+            owner_username="gina",
         )
     principal = await authenticator(pg_db, oidc_issuer, verifier).authenticate(f"Bearer {created.secret}")
     assert (principal.subject, principal.username, principal.tenant) == ("sub-7", "gina", tenant)

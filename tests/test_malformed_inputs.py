@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from agencyllm.serving.stack import EMBEDDING_ID, PLACEHOLDER_ID
+from agencyllm.serving.ops.stack import EMBEDDING_ID, PLACEHOLDER_ID
 
 pytestmark = pytest.mark.stack
 
@@ -45,7 +45,14 @@ OPENAI_CASES = [
     ("chat max_tokens string", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": "10"}, 400, "max_tokens"),
     ("chat max_tokens float", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 1.5}, 400, "max_tokens"),
     ("chat max_tokens huge", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 10**12}, 400, "max_tokens"),
-    ("chat max_completion_tokens string", "POST", "/v1/chat/completions", {**CHAT, "max_completion_tokens": "5"}, 400, "max_completion_tokens"),
+    (
+        "chat max_completion_tokens string",
+        "POST",
+        "/v1/chat/completions",
+        {**CHAT, "max_completion_tokens": "5"},
+        400,
+        "max_completion_tokens",
+    ),
     ("chat stream yes", "POST", "/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "stream"),
     ("chat stream 1", "POST", "/v1/chat/completions", {**CHAT, "stream": 1}, 400, "stream"),
     ("chat n zero", "POST", "/v1/chat/completions", {**CHAT, "n": 0}, 400, "n"),
@@ -58,26 +65,68 @@ OPENAI_CASES = [
     ("chat top_p list", "POST", "/v1/chat/completions", {**CHAT, "top_p": [1]}, 400, "top_p"),
     ("chat seed string", "POST", "/v1/chat/completions", {**CHAT, "seed": "7"}, 400, "seed"),
     ("chat logprobs number", "POST", "/v1/chat/completions", {**CHAT, "logprobs": 3}, 400, "logprobs"),
-    ("chat top_logprobs too many", "POST", "/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 99}, 400, "top_logprobs"),
+    (
+        "chat top_logprobs too many",
+        "POST",
+        "/v1/chat/completions",
+        {**CHAT, "logprobs": True, "top_logprobs": 99},
+        400,
+        "top_logprobs",
+    ),
     ("chat model number", "POST", "/v1/chat/completions", {**CHAT, "model": 5}, 400, "model"),
-    ("chat stream_options string", "POST", "/v1/chat/completions", {**CHAT, "stream": True, "stream_options": "x"}, 400, "stream_options"),
+    (
+        "chat stream_options string",
+        "POST",
+        "/v1/chat/completions",
+        {**CHAT, "stream": True, "stream_options": "x"},
+        400,
+        "stream_options",
+    ),
     ("chat messages string", "POST", "/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
     ("chat messages missing", "POST", "/v1/chat/completions", {"model": PLACEHOLDER_ID}, 400, "messages"),
     ("chat messages null", "POST", "/v1/chat/completions", {**CHAT, "messages": None}, 400, "messages"),
     ("chat messages object", "POST", "/v1/chat/completions", {**CHAT, "messages": {"role": "user"}}, 400, "messages"),
     ("completions prompt null", "POST", "/v1/completions", {**COMPLETION, "prompt": None}, 400, "prompt"),
     ("embeddings input null", "POST", "/v1/embeddings", {**EMBEDDING, "input": None}, 400, "input"),
-    ("chat NUL in content", "POST", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": NUL}]}, 400, "messages.0.content"),
+    (
+        "chat NUL in content",
+        "POST",
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": NUL}]},
+        400,
+        "messages.0.content",
+    ),
     ("chat NUL in key", "POST", "/v1/chat/completions", {**CHAT, NUL: 1}, 400, NUL),
-    ("chat lone surrogate in content", "POST", "/v1/chat/completions", message_with(SURROGATE_JSON), 400, "messages.0.content"),
+    (
+        "chat lone surrogate in content",
+        "POST",
+        "/v1/chat/completions",
+        message_with(SURROGATE_JSON),
+        400,
+        "messages.0.content",
+    ),
     ("chat extra field nested 500 deep", "POST", "/v1/chat/completions", {**CHAT, "extra": nested(500)}, 400, "extra"),
     ("chat JSON nested 1000 deep", "POST", "/v1/chat/completions", b"[" * 1000 + b"]" * 1000, 400, None),
     ("chat invalid JSON", "POST", "/v1/chat/completions", b'{"model": ', 400, None),
     ("chat body not an object", "POST", "/v1/chat/completions", [CHAT], 400, None),
     ("chat invalid UTF-8", "POST", "/v1/chat/completions", b'{"model": "\xff\xfe"}', 400, None),
-    ("completions prompt list too long", "POST", "/v1/completions", {**COMPLETION, "prompt": ["hi"] * 1025}, 400, "prompt"),
+    (
+        "completions prompt list too long",
+        "POST",
+        "/v1/completions",
+        {**COMPLETION, "prompt": ["hi"] * 1025},
+        400,
+        "prompt",
+    ),
     ("completions NUL in prompt", "POST", "/v1/completions", {**COMPLETION, "prompt": NUL}, 400, "prompt"),
-    ("completions surrogate in prompt", "POST", "/v1/completions", raw_with(COMPLETION, "prompt", SURROGATE_JSON), 400, "prompt"),
+    (
+        "completions surrogate in prompt",
+        "POST",
+        "/v1/completions",
+        raw_with(COMPLETION, "prompt", SURROGATE_JSON),
+        400,
+        "prompt",
+    ),
     ("completions logprobs bool", "POST", "/v1/completions", {**COMPLETION, "logprobs": True}, 400, "logprobs"),
     ("completions echo string", "POST", "/v1/completions", {**COMPLETION, "echo": "yes"}, 400, "echo"),
     ("completions max_tokens string", "POST", "/v1/completions", {**COMPLETION, "max_tokens": "10"}, 400, "max_tokens"),
@@ -87,7 +136,14 @@ OPENAI_CASES = [
     ("embeddings NUL in input", "POST", "/v1/embeddings", {**EMBEDDING, "input": [NUL]}, 400, "input.0"),
     ("embeddings model number", "POST", "/v1/embeddings", {**EMBEDDING, "model": 7}, 400, "model"),
     ("embeddings dimensions string", "POST", "/v1/embeddings", {**EMBEDDING, "dimensions": "8"}, 400, "dimensions"),
-    ("embeddings encoding_format number", "POST", "/v1/embeddings", {**EMBEDDING, "encoding_format": 5}, 400, "encoding_format"),
+    (
+        "embeddings encoding_format number",
+        "POST",
+        "/v1/embeddings",
+        {**EMBEDDING, "encoding_format": 5},
+        400,
+        "encoding_format",
+    ),
     ("model NUL in path", "GET", "/v1/models/a%00b", None, 400, "path"),
     ("model unknown", "GET", "/v1/models/nope", None, 404, "model"),
     ("models trailing slash", "GET", "/v1/models/", None, 404, None),
@@ -100,9 +156,30 @@ def admin_cases(tenant: str, key_id: str) -> list[tuple]:
     base = f"/admin/v1/tenants/{tenant}"
     return [
         ("tenant name NUL", "POST", "/admin/v1/tenants", {"name": NUL}, 400, "name"),
-        ("tenant display_name NUL", "POST", "/admin/v1/tenants", {"name": "ok-name", "display_name": NUL}, 400, "display_name"),
-        ("tenant display_name surrogate", "POST", "/admin/v1/tenants", raw_with({"name": "ok-name"}, "display_name", SURROGATE_JSON), 400, "display_name"),
-        ("tenant group NUL", "POST", "/admin/v1/tenants", {"name": "ok-name", "keycloak_group": NUL}, 400, "keycloak_group"),
+        (
+            "tenant display_name NUL",
+            "POST",
+            "/admin/v1/tenants",
+            {"name": "ok-name", "display_name": NUL},
+            400,
+            "display_name",
+        ),
+        (
+            "tenant display_name surrogate",
+            "POST",
+            "/admin/v1/tenants",
+            raw_with({"name": "ok-name"}, "display_name", SURROGATE_JSON),
+            400,
+            "display_name",
+        ),
+        (
+            "tenant group NUL",
+            "POST",
+            "/admin/v1/tenants",
+            {"name": "ok-name", "keycloak_group": NUL},
+            400,
+            "keycloak_group",
+        ),
         ("tenant name number", "POST", "/admin/v1/tenants", {"name": 5}, 400, "name"),
         ("tenant unknown field", "POST", "/admin/v1/tenants", {"name": "ok-name", "colour": "red"}, 400, "colour"),
         ("tenant body nested deep", "POST", "/admin/v1/tenants", {"name": "ok-name", "x": nested(300)}, 400, "x"),
@@ -120,11 +197,46 @@ def admin_cases(tenant: str, key_id: str) -> list[tuple]:
         ("user quota sub NUL", "PUT", f"{base}/users/a%00b/quota", {"tokens_per_day": 1}, 400, "path"),
         ("user quota read sub NUL", "GET", f"{base}/users/a%00b/quota", None, 400, "path"),
         ("key name NUL", "POST", f"{base}/keys", {"name": NUL}, 400, "name"),
-        ("key expires far future", "POST", f"{base}/keys", {"name": "k", "expires_at": "9999-12-31T23:59:59-05:00"}, 400, "expires_at"),
-        ("key expires year 1", "POST", f"{base}/keys", {"name": "k", "expires_at": "0001-01-01T00:00:00+14:00"}, 400, "expires_at"),
-        ("key expires in the past", "POST", f"{base}/keys", {"name": "k", "expires_at": "2001-01-01T00:00:00Z"}, 400, "expires_at"),
-        ("key expires_in_days string", "POST", f"{base}/keys", {"name": "k", "expires_in_days": "3"}, 400, "expires_in_days"),
-        ("key expires_in_days zero", "POST", f"{base}/keys", {"name": "k", "expires_in_days": 0}, 400, "expires_in_days"),
+        (
+            "key expires far future",
+            "POST",
+            f"{base}/keys",
+            {"name": "k", "expires_at": "9999-12-31T23:59:59-05:00"},
+            400,
+            "expires_at",
+        ),
+        (
+            "key expires year 1",
+            "POST",
+            f"{base}/keys",
+            {"name": "k", "expires_at": "0001-01-01T00:00:00+14:00"},
+            400,
+            "expires_at",
+        ),
+        (
+            "key expires in the past",
+            "POST",
+            f"{base}/keys",
+            {"name": "k", "expires_at": "2001-01-01T00:00:00Z"},
+            400,
+            "expires_at",
+        ),
+        (
+            "key expires_in_days string",
+            "POST",
+            f"{base}/keys",
+            {"name": "k", "expires_in_days": "3"},
+            400,
+            "expires_in_days",
+        ),
+        (
+            "key expires_in_days zero",
+            "POST",
+            f"{base}/keys",
+            {"name": "k", "expires_in_days": 0},
+            400,
+            "expires_in_days",
+        ),
         ("keys include_revoked", "GET", f"{base}/keys?include_revoked=perhaps", None, 400, "include_revoked"),
         ("revoke id NUL", "DELETE", "/admin/v1/keys/a%00b", None, 400, "path"),
         ("revoke not a uuid", "DELETE", "/admin/v1/keys/not-a-key", None, 404, "id"),
@@ -154,7 +266,9 @@ def send(stack, method: str, path: str, body, key: str) -> httpx.Response:
         content, json_body = None, body
     # A raw path: httpx must not normalise `%00` or `%2F` away.
     url = httpx.URL(stack.url).copy_with(raw_path=path.encode())
-    return httpx.request(method, url, content=content, json=json_body, headers=headers, timeout=60, follow_redirects=False)
+    return httpx.request(
+        method, url, content=content, json=json_body, headers=headers, timeout=60, follow_redirects=False
+    )
 
 
 def assert_clean_4xx(response: httpx.Response, status: int, param: str | None) -> None:
@@ -209,7 +323,9 @@ def test_another_tenants_key_is_not_found_like_an_unknown_one(stack, admin_targe
     unknown_id = str(uuid.uuid4())
     unknown = send(stack, "DELETE", f"/admin/v1/keys/{unknown_id}", None, token)
     assert theirs.status_code == unknown.status_code == 404
-    assert theirs.json()["error"]["message"].replace(key_id, "ID") == unknown.json()["error"]["message"].replace(unknown_id, "ID")
+    assert theirs.json()["error"]["message"].replace(key_id, "ID") == unknown.json()["error"]["message"].replace(
+        unknown_id, "ID"
+    )
     # And the key is still live.
     with stack.admin() as admin:
         keys = admin.get(f"/admin/v1/tenants/{tenant}/keys").json()

@@ -14,7 +14,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from agencyllm.serving.http import create_app
+from agencyllm.serving.http.app import create_app
 
 pytestmark = [pytest.mark.stack, pytest.mark.fault]
 
@@ -23,7 +23,7 @@ PROTECTED_TENANTS = {"stack", "system"}
 
 
 def openapi_document() -> dict:
-    from agencyllm.serving.ingress import router  # the routes only: no gateway behind them
+    from agencyllm.serving.http.openai import router  # the routes only: no gateway behind them
 
     app = create_app(cors_origins=[], max_request_bytes=256 * 1024, api_docs=True)
     app.include_router(router)

@@ -35,9 +35,15 @@ def test_metrics_show_a_requests_tokens_under_its_tenant(stack):
         assert admin.post("/admin/v1/tenants", json={"name": name}).status_code == 201
         key = admin.post(f"/admin/v1/tenants/{name}/keys", json={"name": "metrics"}).json()["key"]
     with httpx.Client(base_url=stack.url, timeout=60, headers={"authorization": f"Bearer {key}"}) as client:
-        response = client.post("/v1/chat/completions", json={
-            "model": "placeholder", "messages": [{"role": "user", "content": "Count me."}],
-            "max_tokens": 5, "ignore_eos": True})
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "placeholder",
+                "messages": [{"role": "user", "content": "Count me."}],
+                "max_tokens": 5,
+                "ignore_eos": True,
+            },
+        )
     assert response.status_code == 200, response.text
     tokens = response.json()["usage"]["total_tokens"]
 

@@ -14,7 +14,6 @@ import uuid
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.ledger import AdmissionRefused, Ledger, ReservationRequest
 
-
 PROMPT, MAX_TOKENS = 100, 100
 BUDGET = 50 * (PROMPT + MAX_TOKENS)  # room for ~50 reservations at once
 
@@ -22,9 +21,17 @@ BUDGET = 50 * (PROMPT + MAX_TOKENS)  # room for ~50 reservations at once
 async def one_request(ledger: Ledger, tenant: str, rng: random.Random) -> tuple[str, int]:
     """An ingress request: admit, 'generate', settle. Returns (outcome, tokens used)."""
     req = ReservationRequest(
-        request_id=f"race-{uuid.uuid4()}", tenant=tenant, subject=f"user{rng.randrange(5)}",
-        username=None, key_id=None, model="m", endpoint="chat", prompt_tokens=PROMPT,
-        max_tokens=MAX_TOKENS, context_length=4096)
+        request_id=f"race-{uuid.uuid4()}",
+        tenant=tenant,
+        subject=f"user{rng.randrange(5)}",
+        username=None,
+        key_id=None,
+        model="m",
+        endpoint="chat",
+        prompt_tokens=PROMPT,
+        max_tokens=MAX_TOKENS,
+        context_length=4096,
+    )
     try:
         reservation = await ledger.reserve(req)
     except AdmissionRefused as refusal:
@@ -32,20 +39,25 @@ async def one_request(ledger: Ledger, tenant: str, rng: random.Random) -> tuple[
         return "refused", 0
     await asyncio.sleep(rng.random() * 0.05)
     completion = rng.randint(0, MAX_TOKENS)
-    await ledger.settle(reservation, prompt_tokens=PROMPT, completion_tokens=completion,
-                        status="ok", ttft_ms=1.0, latency_ms=10.0)
+    await ledger.settle(
+        reservation, prompt_tokens=PROMPT, completion_tokens=completion, status="ok", ttft_ms=1.0, latency_ms=10.0
+    )
     return "admitted", PROMPT + completion
 
 
 async def tally(db: Database, tenant: str) -> dict:
     pool = await db.pool()
-    return dict(await pool.fetchrow(
-        "SELECT (SELECT count(*) FROM usage_ledger u WHERE u.tenant_id = t.id) AS rows,"
-        " (SELECT coalesce(sum(total_tokens), 0) FROM usage_ledger u WHERE u.tenant_id = t.id)"
-        "   AS ledger_tokens,"
-        " c.day_charged, c.day_reserved, c.month_charged, c.in_flight"
-        " FROM tenants t JOIN quota_counters c ON c.tenant_id = t.id AND c.subject = ''"
-        " WHERE t.name = $1", tenant))
+    return dict(
+        await pool.fetchrow(
+            "SELECT (SELECT count(*) FROM usage_ledger u WHERE u.tenant_id = t.id) AS rows,"
+            " (SELECT coalesce(sum(total_tokens), 0) FROM usage_ledger u WHERE u.tenant_id = t.id)"
+            "   AS ledger_tokens,"
+            " c.day_charged, c.day_reserved, c.month_charged, c.in_flight"
+            " FROM tenants t JOIN quota_counters c ON c.tenant_id = t.id AND c.subject = ''"
+            " WHERE t.name = $1",
+            tenant,
+        )
+    )
 
 
 async def test_300_concurrent_through_two_replicas(pg_url, pg_db, make_tenant):
@@ -54,8 +66,7 @@ async def test_300_concurrent_through_two_replicas(pg_url, pg_db, make_tenant):
     ledgers = [Ledger(db) for db in replicas]
     rng = random.Random(4)
     try:
-        results = await asyncio.gather(*(one_request(ledgers[i % 2], tenant, rng)
-                                         for i in range(300)))
+        results = await asyncio.gather(*(one_request(ledgers[i % 2], tenant, rng) for i in range(300)))
     finally:
         for db in replicas:
             await db.dispose()
@@ -90,9 +101,12 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 async def test_two_processes(pg_url, pg_db, make_tenant):
     tenant = await make_tenant(tokens_per_day=BUDGET)
     tests_dir = str(__import__("pathlib").Path(__file__).parent)
-    workers = [await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WORKER, pg_url, tenant, "150", tests_dir,
-        stdout=asyncio.subprocess.PIPE) for _ in range(2)]
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WORKER, pg_url, tenant, "150", tests_dir, stdout=asyncio.subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
     outputs = [await w.communicate() for w in workers]
     assert all(w.returncode == 0 for w in workers)
     admitted = [tokens for out, _ in outputs for tokens in json.loads(out)]
@@ -122,7 +136,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 async def test_killed_ingress_process_is_reaped(pg_url, pg_db, make_tenant):
     tenant = await make_tenant(tokens_per_day=1000, max_concurrent_requests=1)
     ingress = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", DYING_INGRESS, pg_url, tenant, stdout=asyncio.subprocess.PIPE)
+        sys.executable, "-c", DYING_INGRESS, pg_url, tenant, stdout=asyncio.subprocess.PIPE
+    )
     assert (await asyncio.wait_for(ingress.stdout.readline(), 60)).strip().isdigit()
     ingress.kill()  # SIGKILL: no settle, no cleanup
     await ingress.wait()
@@ -134,5 +149,4 @@ async def test_killed_ingress_process_is_reaped(pg_url, pg_db, make_tenant):
         reaped += await survivor.reap()
     assert reaped == 1
     t = await tally(pg_db, tenant)
-    assert (t["rows"], t["ledger_tokens"], t["day_charged"], t["day_reserved"], t["in_flight"]) == (
-        1, 200, 200, 0, 0)
+    assert (t["rows"], t["ledger_tokens"], t["day_charged"], t["day_reserved"], t["in_flight"]) == (1, 200, 200, 0, 0)

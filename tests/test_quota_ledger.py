@@ -12,8 +12,7 @@ from pg import set_user_policy
 
 from agencyllm.quotas.db import Database
 from agencyllm.quotas.ledger import AdmissionRefused, Ledger, Reservation, ReservationRequest
-from agencyllm.serving.errors import OpenAIError, as_openai_error
-
+from agencyllm.serving.gateway.errors import OpenAIError, as_openai_error
 
 _ids = itertools.count()
 
@@ -29,33 +28,52 @@ class Clock:
         self.now += timedelta(**delta)
 
 
-def request(tenant: str, *, subject: str = "alice", prompt: int = 10, max_tokens: int | None = 90,
-            model: str = "m", context: int = 4096, endpoint: str = "chat") -> ReservationRequest:
+def request(
+    tenant: str,
+    *,
+    subject: str = "alice",
+    prompt: int = 10,
+    max_tokens: int | None = 90,
+    model: str = "m",
+    context: int = 4096,
+    endpoint: str = "chat",
+) -> ReservationRequest:
     return ReservationRequest(
-        request_id=f"req-{next(_ids)}-{tenant}", tenant=tenant, subject=subject, username=subject,
-        key_id=None, model=model, endpoint=endpoint, prompt_tokens=prompt, max_tokens=max_tokens,
-        context_length=context)
+        request_id=f"req-{next(_ids)}-{tenant}",
+        tenant=tenant,
+        subject=subject,
+        username=subject,
+        key_id=None,
+        model=model,
+        endpoint=endpoint,
+        prompt_tokens=prompt,
+        max_tokens=max_tokens,
+        context_length=context,
+    )
 
 
 async def settle(ledger: Ledger, r: Reservation, completion: int, status: str = "ok") -> None:
     prompt = r.reserved_tokens - r.max_tokens
-    await ledger.settle(r, prompt_tokens=prompt, completion_tokens=completion, status=status,
-                        ttft_ms=1.0, latency_ms=2.0)
+    await ledger.settle(
+        r, prompt_tokens=prompt, completion_tokens=completion, status=status, ttft_ms=1.0, latency_ms=2.0
+    )
 
 
 async def counters(db: Database, tenant: str, subject: str = "") -> dict:
     pool = await db.pool()
     row = await pool.fetchrow(
-        "SELECT c.* FROM quota_counters c JOIN tenants t ON t.id = c.tenant_id"
-        " WHERE t.name = $1 AND c.subject = $2", tenant, subject)
+        "SELECT c.* FROM quota_counters c JOIN tenants t ON t.id = c.tenant_id WHERE t.name = $1 AND c.subject = $2",
+        tenant,
+        subject,
+    )
     return dict(row) if row else {}
 
 
 async def ledger_rows(db: Database, tenant: str) -> list[dict]:
     pool = await db.pool()
     rows = await pool.fetch(
-        "SELECT u.* FROM usage_ledger u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1",
-        tenant)
+        "SELECT u.* FROM usage_ledger u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1", tenant
+    )
     return [dict(r) for r in rows]
 
 
@@ -122,8 +140,7 @@ async def test_calendar_month_not_thirty_days(pg_db, make_tenant):
     await settle(ledger, r, 0)
 
 
-async def test_window_boundary_between_reserve_and_settle_charges_reserving_window(
-        pg_db, make_tenant):
+async def test_window_boundary_between_reserve_and_settle_charges_reserving_window(pg_db, make_tenant):
     tenant = await make_tenant(tokens_per_day=1000)
     clock = Clock(datetime(2026, 5, 5, 23, 59, 50, tzinfo=UTC))
     ledger = Ledger(pg_db, clock=clock)
@@ -162,7 +179,11 @@ async def test_concurrency_slot_freed_at_settle(pg_db, make_tenant):
     second = await ledger.reserve(request(tenant))
     err = await refused(ledger, request(tenant))
     assert (answer(err).status, answer(err).type, err.reason, err.retry_after) == (
-        429, "rate_limit_exceeded", "max_concurrent_requests", None)
+        429,
+        "rate_limit_exceeded",
+        "max_concurrent_requests",
+        None,
+    )
     # The client disconnects: the ingress settles what was generated so far, at once.
     await settle(ledger, first, 3, status="cancelled")
     third = await ledger.reserve(request(tenant))
@@ -200,8 +221,9 @@ async def test_reaper_settles_dead_ingress(pg_url, pg_db, make_tenant):
     assert await survivor.reap() == 1
 
     rows = await ledger_rows(pg_db, tenant)
-    assert [(r["request_id"], r["status"], r["total_tokens"], r["completion_tokens"])
-            for r in rows] == [(orphan.request_id, "expired", 500, 400)]
+    assert [(r["request_id"], r["status"], r["total_tokens"], r["completion_tokens"]) for r in rows] == [
+        (orphan.request_id, "expired", 500, 400)
+    ]
     assert rows[0]["latency_ms"] == pytest.approx(35_000)
     c = await counters(pg_db, tenant)
     assert (c["day_charged"], c["day_reserved"], c["in_flight"]) == (500, 500, 1)
@@ -267,8 +289,7 @@ async def test_settle_is_idempotent(pg_db, make_tenant):
     await settle(ledger, r, 40)
     await settle(ledger, r, 90)
     rows = await ledger_rows(pg_db, tenant)
-    assert [(x["prompt_tokens"], x["completion_tokens"], x["status"]) for x in rows] == [
-        (10, 40, "ok")]
+    assert [(x["prompt_tokens"], x["completion_tokens"], x["status"]) for x in rows] == [(10, 40, "ok")]
     c = await counters(pg_db, tenant)
     assert (c["day_charged"], c["day_reserved"], c["in_flight"]) == (50, 0, 0)
 
@@ -281,14 +302,18 @@ async def test_user_override_and_tenant_sum(pg_db, make_tenant):
     err = await refused(ledger, request(tenant, prompt=1, max_tokens=1))
     assert (err.reason, "your user" in err.message) == ("tokens_per_day", True)
     # Bob has no override: only the tenant's budget (700 left) limits him.
-    await settle(ledger, await ledger.reserve(request(tenant, subject="bob", prompt=100,
-                                                      max_tokens=500)), 500)
+    await settle(ledger, await ledger.reserve(request(tenant, subject="bob", prompt=100, max_tokens=500)), 500)
     err = await refused(ledger, request(tenant, subject="carol", prompt=100, max_tokens=50))
     assert (err.reason, f"tenant '{tenant}'" in err.message) == ("tokens_per_day", True)
 
     left = await ledger.remaining(tenant, "alice")
     assert left["tenant_limits"]["tokens_per_day"] | {"resets_at": None} == {
-        "limit": 1000, "used": 900, "reserved": 0, "remaining": 100, "resets_at": None}
+        "limit": 1000,
+        "used": 900,
+        "reserved": 0,
+        "remaining": 100,
+        "resets_at": None,
+    }
     assert left["user_limits"]["tokens_per_day"]["remaining"] == 0
     assert left["user_limits"]["tokens_per_month"]["limit"] is None
 
@@ -304,7 +329,9 @@ async def test_reserve_cancelled_midway_releases(pg_db, make_tenant):
         await tx.start()
         await blocker.execute(
             "SELECT 1 FROM quota_counters c JOIN tenants t ON t.id = c.tenant_id"
-            " WHERE t.name = $1 AND c.subject = '' FOR UPDATE", tenant)
+            " WHERE t.name = $1 AND c.subject = '' FOR UPDATE",
+            tenant,
+        )
         task = asyncio.ensure_future(ledger.reserve(request(tenant)))
         await asyncio.sleep(0.2)
         task.cancel()  # the client goes away mid-admission
@@ -352,21 +379,23 @@ async def test_metrics_count_admissions_refusals_and_tokens(pg_db, make_tenant):
     labels = {"tenant": tenant, "model": "m"}
     assert REGISTRY.get_sample_value("agencyllm_requests_admitted_total", labels) == 1
     assert REGISTRY.get_sample_value("agencyllm_tokens_charged_total", labels) == 40
-    assert REGISTRY.get_sample_value(
-        "agencyllm_requests_refused_total", labels | {"reason": "tokens_per_day"}) == 1
+    assert REGISTRY.get_sample_value("agencyllm_requests_refused_total", labels | {"reason": "tokens_per_day"}) == 1
     assert REGISTRY.get_sample_value("agencyllm_reservation_seconds_count") >= 2
 
 
 async def test_remaining_reports_effective_per_request_fields(pg_db, make_tenant):
-    tenant = await make_tenant(max_tokens_per_request=100, max_tokens_mode="reject",
-                               allowed_models=["a"], requests_per_minute=10)
+    tenant = await make_tenant(
+        max_tokens_per_request=100, max_tokens_mode="reject", allowed_models=["a"], requests_per_minute=10
+    )
     await set_user_policy(pg_db, tenant, "dave", allowed_models=["a", "b"])
     ledger = Ledger(pg_db)
-    await settle(ledger, await ledger.reserve(request(tenant, subject="dave", model="b",
-                                                      max_tokens=50)), 10)
+    await settle(ledger, await ledger.reserve(request(tenant, subject="dave", model="b", max_tokens=50)), 10)
     left = await ledger.remaining(tenant, "dave")
     assert (left["max_tokens_per_request"], left["max_tokens_mode"], left["allowed_models"]) == (
-        100, "reject", ["a", "b"])
+        100,
+        "reject",
+        ["a", "b"],
+    )
     assert left["tenant_limits"]["requests_per_minute"]["remaining"] == 9
     tenant_only = await ledger.remaining(tenant)
     assert tenant_only["allowed_models"] == ["a"] and "user_limits" not in tenant_only

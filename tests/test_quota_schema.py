@@ -25,8 +25,7 @@ from agencyllm.quotas.models import Base
 
 async def test_migration_matches_models(pg_db):
     def compare(sync_conn):
-        context = MigrationContext.configure(
-            sync_conn, opts={"compare_type": True, "compare_server_default": True})
+        context = MigrationContext.configure(sync_conn, opts={"compare_type": True, "compare_server_default": True})
         return compare_metadata(context, Base.metadata)
 
     async with pg_db.engine.connect() as conn:
@@ -40,8 +39,8 @@ async def test_unique_policy_per_subject_treats_null_as_one_value(pg_db, make_te
     pool = await pg_db.pool()
     with pytest.raises(asyncpg.UniqueViolationError):
         await pool.execute(
-            "INSERT INTO quota_policies (tenant_id, subject) SELECT id, NULL FROM tenants"
-            " WHERE name = $1", tenant)
+            "INSERT INTO quota_policies (tenant_id, subject) SELECT id, NULL FROM tenants WHERE name = $1", tenant
+        )
 
 
 async def test_schema_current_check(pg_url, pg_db):
@@ -67,14 +66,15 @@ async def test_schema_current_check(pg_url, pg_db):
 
 
 def test_database_urls_are_normalised_to_asyncpg():
-    for url in ("postgresql://u:p@db:5432/agencyllm", "postgres://u:p@db:5432/agencyllm",
-                "postgresql+psycopg://u:p@db:5432/agencyllm"):
-        assert async_url(url).render_as_string(hide_password=False) == (
-            "postgresql+asyncpg://u:p@db:5432/agencyllm")
+    for url in (
+        "postgresql://u:p@db:5432/agencyllm",
+        "postgres://u:p@db:5432/agencyllm",
+        "postgresql+psycopg://u:p@db:5432/agencyllm",
+    ):
+        assert async_url(url).render_as_string(hide_password=False) == ("postgresql+asyncpg://u:p@db:5432/agencyllm")
     socket_url = "postgresql://postgres:@/agencyllm?host=/tmp/pg"
     assert async_url(socket_url).drivername == "postgresql+asyncpg"
-    assert asyncpg_connect_args(socket_url) == {
-        "host": "/tmp/pg", "user": "postgres", "database": "agencyllm"}
+    assert asyncpg_connect_args(socket_url) == {"host": "/tmp/pg", "user": "postgres", "database": "agencyllm"}
     with pytest.raises(ValueError):
         async_url("mysql://u:p@db/x")
 

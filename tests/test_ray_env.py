@@ -1,4 +1,4 @@
-"""Who serves the local run's port (serving/ray_env.py): the one ingress replica itself (direct
+"""Who serves the local run's port (serving/rayserve/ray_env.py): the one ingress replica itself (direct
 ingress, the default; `agencyllm up` in tests/test_fault_up.py runs with it) or Ray Serve's proxy
 (several ingress replicas, as the shared test stack runs)."""
 
@@ -11,16 +11,21 @@ import time
 import pytest
 from conftest import free_port
 
-from agencyllm.serving.ray_env import PortBusy, serve_http, wait_for_direct_port
+from agencyllm.serving.rayserve.ray_env import PortBusy, serve_http, wait_for_direct_port
 from agencyllm.serving.settings import Settings
 
 
 def test_one_ingress_replica_serves_the_users_port_itself():
-    http = serve_http(Settings(host="127.0.0.1", port=18123, ingress_replicas=1, direct_ingress=True, database_url=None))
+    http = serve_http(
+        Settings(host="127.0.0.1", port=18123, ingress_replicas=1, direct_ingress=True, database_url=None)
+    )
     assert http.direct
     assert http.env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     # Ray allocates replica ports from [MIN, MAX): the user's port and nothing else.
-    assert (http.env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], http.env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("18123", "18124")
+    assert (http.env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], http.env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "18123",
+        "18124",
+    )
     # Nothing to deregister from: stop without Ray's 30 s drain, restart on the port at once.
     assert http.env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
     assert http.env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
@@ -30,10 +35,16 @@ def test_one_ingress_replica_serves_the_users_port_itself():
         s.bind(("127.0.0.1", http.http_options["port"]))
 
 
-@pytest.mark.parametrize("settings", [
-    {"ingress_replicas": 2, "direct_ingress": True},  # several replicas cannot share one port: the proxy balances them
-    {"direct_ingress": False},
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {
+            "ingress_replicas": 2,
+            "direct_ingress": True,
+        },  # several replicas cannot share one port: the proxy balances them
+        {"direct_ingress": False},
+    ],
+)
 def test_otherwise_the_proxy_serves_it(settings):
     http = serve_http(Settings(host="0.0.0.0", port=18123, database_url=None, **settings))
     assert not http.direct
@@ -67,7 +78,7 @@ def _closed_by_the_server_first(port: int) -> None:
 
 
 def test_a_port_left_in_time_wait_cannot_be_bound_the_way_ray_binds_it():
-    """Why replicas wait (serving/ray_env.py): Ray's bind, without SO_REUSEADDR, fails on it."""
+    """Why replicas wait (serving/rayserve/ray_env.py): Ray's bind, without SO_REUSEADDR, fails on it."""
     port = free_port()
     _closed_by_the_server_first(port)
     with socket.socket() as ray_like, pytest.raises(OSError):

@@ -15,11 +15,11 @@ from audit_helpers import audit_rows, fresh_database
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
+from agencyllm.quotas.compliance.governance import ContentPolicy, set_content_retention, tenant_cache_salt
+from agencyllm.quotas.compliance.retention import Retention
 from agencyllm.quotas.db import Database
-from agencyllm.quotas.governance import ContentPolicy, set_content_retention, tenant_cache_salt
-from agencyllm.quotas.retention import Retention
-from agencyllm.serving.governance import Governance
+from agencyllm.serving.gateway.governance import Governance
 
 ACTOR = store.SystemActor(subject="admin-sub", username="admin")
 
@@ -105,7 +105,11 @@ async def test_ledger_rows_past_their_retention_are_purged_and_audited(pg_url):
                 await pool.execute(
                     "INSERT INTO usage_ledger (request_id, tenant_id, subject, model, endpoint, prompt_tokens,"
                     " completion_tokens, total_tokens, status, latency_ms, started_at, finished_at)"
-                    " VALUES ($1, $2, 's', 'm', 'chat', 1, 1, 2, 'ok', 1, $3, $3)", f"l{i}", tenant.id, at)
+                    " VALUES ($1, $2, 's', 'm', 'chat', 1, 1, 2, 'ok', 1, $3, $3)",
+                    f"l{i}",
+                    tenant.id,
+                    at,
+                )
             assert (await Retention(db).run()).ledger == 0  # default: the ledger is kept for ever
             report = await Retention(db, ledger_days=30).run()
             assert report.ledger == 1
@@ -148,8 +152,12 @@ def new_tenant(stack) -> tuple[str, str]:
 
 def chat(stack, key: str, content: str, *, stream: bool = False) -> str:
     with httpx.Client(base_url=stack.url, timeout=60, headers={"authorization": f"Bearer {key}"}) as client:
-        body = {"model": "placeholder", "messages": [{"role": "user", "content": content}],
-                "max_tokens": 4, "stream": stream}
+        body = {
+            "model": "placeholder",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4,
+            "stream": stream,
+        }
         if stream:
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 assert response.status_code == 200
@@ -184,15 +192,18 @@ ORDER BY table_name, column_name
 @pytest.mark.stack
 async def test_with_retention_off_no_prompt_text_is_anywhere_in_the_database(stack, pg_url):
     marker = f"zanzibar{uuid.uuid4().hex[:12]}"
-    ids = [chat(stack, stack.api_key, f"Please summarise {marker} for me"),
-           chat(stack, stack.api_key, f"And {marker} again, streamed", stream=True)]
+    ids = [
+        chat(stack, stack.api_key, f"Please summarise {marker} for me"),
+        chat(stack, stack.api_key, f"And {marker} again, streamed", stream=True),
+    ]
     db = Database(pg_url, pool_size=2)
     try:
         pool = await db.pool()
         await settled(pool, ids)
         columns = await pool.fetch(TEXT_COLUMNS_SQL)
         assert {("audit_events", "details"), ("request_content", "prompt"), ("feedback", "comment")} <= {
-            (c["table_name"], c["column_name"]) for c in columns}
+            (c["table_name"], c["column_name"]) for c in columns
+        }
         hits = []
         for column in columns:
             table, name = column["table_name"], column["column_name"]
@@ -230,8 +241,9 @@ async def test_opted_in_tenant_keeps_content_until_its_retention_ends(stack, pg_
     try:
         pool = await db.pool()
         await settled(pool, ids, table="request_content")
-        rows = await pool.fetch("SELECT request_id, prompt::text AS prompt, output FROM request_content"
-                                " WHERE request_id = ANY($1)", ids)
+        rows = await pool.fetch(
+            "SELECT request_id, prompt::text AS prompt, output FROM request_content WHERE request_id = ANY($1)", ids
+        )
         assert all(marker in r["prompt"] and r["output"] for r in rows)
 
         assert (await Retention(db, clock=later(29)).run()).content.get(name) is None

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from agencyllm.serving.config import ConfigError, load_config, single_model_config
-from agencyllm.serving.engines import llm_config
-from agencyllm.serving.placeholder import HIDDEN, HEADS, is_placeholder, write_placeholder_model
-from agencyllm.serving.streaming import StreamUsage, split_events
+from agencyllm.serving.gateway.streaming import StreamUsage, split_events
+from agencyllm.serving.ops.placeholder import HEADS, HIDDEN, is_placeholder, write_placeholder_model
+from agencyllm.serving.rayserve.engines import llm_config
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,9 @@ def test_placeholder_is_deterministic_and_loadable(placeholder, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(placeholder), local_files_only=True)
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "héllo ✓"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "héllo ✓"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True).count("héllo ✓") == 1

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from agencyllm.serving.stack import PLACEHOLDER_ID
+from agencyllm.serving.ops.stack import PLACEHOLDER_ID
 
 pytestmark = pytest.mark.stack
 
@@ -35,7 +35,9 @@ def test_unknown_model_is_404(stack):
 
 
 def test_malformed_json_is_400(stack):
-    error = assert_openai_error(post(stack, "/v1/chat/completions", content=b'{"model": "placeholder", "messages": ['), 400)
+    error = assert_openai_error(
+        post(stack, "/v1/chat/completions", content=b'{"model": "placeholder", "messages": ['), 400
+    )
     assert error["code"] == "invalid_json"
 
 
@@ -45,13 +47,17 @@ def test_missing_messages_is_400(stack):
 
 
 def test_wrong_type_is_400(stack):
-    assert_openai_error(post(stack, "/v1/chat/completions", json={"model": PLACEHOLDER_ID, "messages": "hi", "max_tokens": "x"}), 400)
+    assert_openai_error(
+        post(stack, "/v1/chat/completions", json={"model": PLACEHOLDER_ID, "messages": "hi", "max_tokens": "x"}), 400
+    )
 
 
 def test_prompt_longer_than_context_is_400(stack):
     long_prompt = "records " * 3000
     with pytest.raises(openai.BadRequestError) as err:
-        stack.openai().chat.completions.create(model=PLACEHOLDER_ID, messages=[{"role": "user", "content": long_prompt}])
+        stack.openai().chat.completions.create(
+            model=PLACEHOLDER_ID, messages=[{"role": "user", "content": long_prompt}]
+        )
     assert err.value.body["code"] == "context_length_exceeded"
 
 
@@ -65,7 +71,10 @@ def test_non_positive_max_tokens_is_400(stack, max_tokens):
 
 
 def test_body_over_limit_is_413(stack):
-    big = {"model": PLACEHOLDER_ID, "messages": [{"role": "user", "content": "x" * (stack.settings.max_request_bytes + 10)}]}
+    big = {
+        "model": PLACEHOLDER_ID,
+        "messages": [{"role": "user", "content": "x" * (stack.settings.max_request_bytes + 10)}],
+    }
     assert_openai_error(post(stack, "/v1/chat/completions", json=big), 413)
 
 
@@ -96,7 +105,12 @@ def test_health_routes_need_no_credentials(stack):
 
 
 def test_every_other_route_needs_credentials(stack):
-    for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", "/admin/v1/me")]:
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/admin/v1/me"),
+    ]:
         response = httpx.request(method, f"{stack.url}{path}", json={})
         assert_openai_error(response, 401)
 
@@ -117,7 +131,11 @@ def test_client_disconnect_aborts_engine_request(stack):
     }
     started = time.monotonic()
     with httpx.stream(
-        "POST", f"{stack.v1}/chat/completions", json=body, headers={"authorization": f"Bearer {stack.api_key}"}, timeout=60
+        "POST",
+        f"{stack.v1}/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {stack.api_key}"},
+        timeout=60,
     ) as response:
         assert response.status_code == 200
         for i, _ in enumerate(response.iter_lines()):

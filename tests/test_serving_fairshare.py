@@ -9,8 +9,8 @@ import openai
 import pytest
 from test_serving_quotas import PROMPT, ledger_rows, new_tenant
 
-from agencyllm.serving.ingress import TRAFFIC_CLASS_HEADER
-from agencyllm.serving.stack import PLACEHOLDER_ID
+from agencyllm.serving.http.openai import TRAFFIC_CLASS_HEADER
+from agencyllm.serving.ops.stack import PLACEHOLDER_ID
 
 pytestmark = pytest.mark.stack
 
@@ -27,7 +27,9 @@ def test_batch_key_and_flex_tier_stream_and_complete(stack):
     client = stack.openai(batch_key(stack, tenant))
     chunks = list(client.chat.completions.create(model=PLACEHOLDER_ID, messages=PROMPT, max_tokens=4, stream=True))
     assert chunks and chunks[-1].choices[0].finish_reason is not None
-    flex = stack.openai(key).chat.completions.create(model=PLACEHOLDER_ID, messages=PROMPT, max_tokens=3, service_tier="flex")
+    flex = stack.openai(key).chat.completions.create(
+        model=PLACEHOLDER_ID, messages=PROMPT, max_tokens=3, service_tier="flex"
+    )
     assert flex.usage.completion_tokens == 3
     completion = stack.openai(key).completions.create(
         model=PLACEHOLDER_ID, prompt="memo", max_tokens=2, extra_headers={TRAFFIC_CLASS_HEADER: "batch"}

@@ -11,7 +11,7 @@ import jwt
 import pytest
 from conftest import STACK_GROUP
 
-from agencyllm.serving.stack import PLACEHOLDER_ID
+from agencyllm.serving.ops.stack import PLACEHOLDER_ID
 
 pytestmark = pytest.mark.stack
 
@@ -40,8 +40,8 @@ def _alg_none(issuer) -> str:
 
 
 def _hs256_with_public_key(issuer) -> str:
-    import hmac
     import hashlib
+    import hmac
 
     header = {"alg": "HS256", "typ": "JWT", "kid": issuer.active_kid}
     segments = [
@@ -117,7 +117,9 @@ def test_key_of_one_tenant_cannot_reach_another_tenants_admin_routes(stack):
     with stack.admin() as admin:
         for name in ("tenant-a", "tenant-b"):
             admin.post("/admin/v1/tenants", json={"name": name, "display_name": name, "keycloak_group": f"grp-{name}"})
-    token_a = stack.issuer.mint(groups=["grp-tenant-a"], realm_roles=["llm-user", "llm-tenant-admin"], username="admin-a")
+    token_a = stack.issuer.mint(
+        groups=["grp-tenant-a"], realm_roles=["llm-user", "llm-tenant-admin"], username="admin-a"
+    )
     with httpx.Client(base_url=stack.url, headers={"authorization": f"Bearer {token_a}"}, timeout=30) as tenant_admin:
         assert tenant_admin.get("/admin/v1/tenants/tenant-a/keys").status_code == 200
         assert tenant_admin.get("/admin/v1/tenants/tenant-b/keys").status_code == 403

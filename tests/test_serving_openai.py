@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from agencyllm.serving.stack import EMBEDDING_ID, PLACEHOLDER_ID
+from agencyllm.serving.ops.stack import EMBEDDING_ID, PLACEHOLDER_ID
 
 pytestmark = pytest.mark.stack
 
@@ -36,7 +36,9 @@ def test_chat_non_stream_reports_usage(stack):
 
 
 def test_chat_stream_without_usage_has_no_usage_chunk(stack):
-    chunks = list(stack.openai().chat.completions.create(model=PLACEHOLDER_ID, messages=HELLO, max_tokens=6, stream=True))
+    chunks = list(
+        stack.openai().chat.completions.create(model=PLACEHOLDER_ID, messages=HELLO, max_tokens=6, stream=True)
+    )
     assert chunks, "no chunks streamed"
     assert all(c.usage is None for c in chunks)
     assert all(c.choices for c in chunks)
@@ -77,9 +79,15 @@ def test_n_choices_stop_and_max_tokens(stack):
     for choice in reply.choices:
         assert choice.finish_reason in {"length", "stop"}
     # A stop string the model emits often: the text never contains it.
-    text = client.completions.create(model=PLACEHOLDER_ID, prompt="Hello", max_tokens=40, seed=7, temperature=1).choices[0].text
+    text = (
+        client.completions.create(model=PLACEHOLDER_ID, prompt="Hello", max_tokens=40, seed=7, temperature=1)
+        .choices[0]
+        .text
+    )
     stop = text[len(text) // 2 : len(text) // 2 + 2] if len(text) > 4 else "e"
-    stopped = client.completions.create(model=PLACEHOLDER_ID, prompt="Hello", max_tokens=40, seed=7, temperature=1, stop=[stop])
+    stopped = client.completions.create(
+        model=PLACEHOLDER_ID, prompt="Hello", max_tokens=40, seed=7, temperature=1, stop=[stop]
+    )
     assert stop not in stopped.choices[0].text
     assert stopped.choices[0].finish_reason == "stop"
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from agencyllm.quotas.db import Database
-from agencyllm.serving.stack import EMBEDDING_ID, PLACEHOLDER_ID
+from agencyllm.serving.ops.stack import EMBEDDING_ID, PLACEHOLDER_ID
 
 pytestmark = pytest.mark.stack
 
@@ -36,7 +36,14 @@ def new_tenant(stack, **quota) -> tuple[str, str]:
 def chat(key: str, *, max_tokens: int = 4, stream: bool = False, model: str = PLACEHOLDER_ID, **extra) -> dict:
     return {
         "url": "/v1/chat/completions",
-        "json": {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream, **extra},
+        "json": {
+            "model": model,
+            "messages": PROMPT,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": stream,
+            **extra,
+        },
         "headers": {"authorization": f"Bearer {key}"},
     }
 
@@ -170,7 +177,9 @@ def test_disallowed_model_is_403(stack):
     tenant, key = new_tenant(stack, allowed_models=[EMBEDDING_ID])
     with httpx.Client(base_url=stack.url, timeout=60) as client:
         assert client.post(**chat(key)).status_code == 403
-        embedding = client.post("/v1/embeddings", json={"model": EMBEDDING_ID, "input": "hi"}, headers={"authorization": f"Bearer {key}"})
+        embedding = client.post(
+            "/v1/embeddings", json={"model": EMBEDDING_ID, "input": "hi"}, headers={"authorization": f"Bearer {key}"}
+        )
     assert embedding.status_code == 200
 
 
@@ -228,9 +237,17 @@ def test_logs_hold_no_prompts_or_keys(stack):
     _, key = new_tenant(stack)
     token = stack.issuer.mint(groups=["group-nobody-maps"])
     with httpx.Client(base_url=stack.url, timeout=60) as client:
-        ok = client.post("/v1/chat/completions", json={"model": PLACEHOLDER_ID, "messages": [{"role": "user", "content": marker}], "max_tokens": 2}, headers={"authorization": f"Bearer {key}"})
+        ok = client.post(
+            "/v1/chat/completions",
+            json={"model": PLACEHOLDER_ID, "messages": [{"role": "user", "content": marker}], "max_tokens": 2},
+            headers={"authorization": f"Bearer {key}"},
+        )
         assert ok.status_code == 200
-        client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": marker}]}, headers={"authorization": f"Bearer {key}"})
+        client.post(
+            "/v1/chat/completions",
+            json={"model": "nope", "messages": [{"role": "user", "content": marker}]},
+            headers={"authorization": f"Bearer {key}"},
+        )
         client.post("/v1/chat/completions", json={}, headers={"authorization": f"Bearer {key}x"})
         client.post("/v1/chat/completions", json={}, headers={"authorization": f"Bearer {token}"})
     time.sleep(2)  # log files are flushed asynchronously

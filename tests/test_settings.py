@@ -39,8 +39,8 @@ def test_good_settings_pass(monkeypatch):
 
 
 def test_the_application_builder_refuses_bad_settings_before_building(monkeypatch, tmp_path):
-    from agencyllm.serving.app import build_app
-    from agencyllm.serving.placeholder import write_placeholder_model
+    from agencyllm.serving.ops.placeholder import write_placeholder_model
+    from agencyllm.serving.rayserve.app import build_app
 
     model = write_placeholder_model(tmp_path / "model")
     monkeypatch.setenv("AGENCYLLM_DATABASE_URL", "postgresql://agencyllm@db.invalid/agencyllm")
@@ -50,7 +50,7 @@ def test_the_application_builder_refuses_bad_settings_before_building(monkeypatc
 
 
 def test_up_stops_at_once_on_a_bad_setting(monkeypatch, tmp_path, capsys):
-    from agencyllm.serving import cli
+    from agencyllm.serving.cli import main as cli
 
     monkeypatch.setenv("AGENCYLLM_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("AGENCYLLM_QUOTA_TIMEZONE", "Mars/Olympus")
@@ -74,5 +74,9 @@ ENV_READ = re.compile(r"""(os\.environ(\.get)?\s*[\[(]|os\.getenv\s*\()\s*["']AG
 
 @pytest.mark.parametrize("package", ["serving", "auth", "quotas", "migrations"])
 def test_no_module_reads_agencyllm_variables_past_the_settings(package):
-    offenders = [str(path.relative_to(ROOT)) for path in (ROOT / package).rglob("*.py") if ENV_READ.search(path.read_text(encoding="utf-8"))]
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / package).rglob("*.py")
+        if ENV_READ.search(path.read_text(encoding="utf-8"))
+    ]
     assert offenders == []

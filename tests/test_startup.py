@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from agencyllm.serving.config import ModelSpec, ServingConfig
-from agencyllm.serving.placeholder import write_placeholder_model
-from agencyllm.serving.placement import engines_cpus, ingress_cpus
+from agencyllm.serving.ops.placeholder import write_placeholder_model
+from agencyllm.serving.rayserve.placement import engines_cpus, ingress_cpus
 from agencyllm.serving.settings import Settings
 
 
@@ -52,7 +52,7 @@ def test_configured_ingress_cpus_win(two_models):
 
 
 def test_without_a_total_the_default_asks_the_ray_cluster(two_models, monkeypatch):
-    from agencyllm.serving import placement
+    from agencyllm.serving.rayserve import placement
 
     monkeypatch.setattr(placement, "cluster_cpus", lambda: None)  # not connected to Ray
     assert ingress_cpus(Settings(), two_models, cpu=True) == 0
@@ -83,7 +83,9 @@ def _rendered_env(values: dict) -> tuple[dict[str, str], dict]:
         rendered = chart.render(values, name="agencyllm", namespace="llm", is_install=True)
     finally:
         chart.close()
-    docs = [d for path, text in rendered.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    docs = [
+        d for path, text in rendered.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d
+    ]
     rayservice = next(d for d in docs if d["kind"] == "RayService")
     head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in head["env"] if e["name"].startswith("AGENCYLLM_")}
@@ -126,7 +128,9 @@ def _sse(payload: dict) -> str:
 def _error(code: int, message: str):
     from ray.serve.llm.openai_api_models import ErrorResponse
 
-    return ErrorResponse.model_validate({"error": {"message": message, "type": "BadRequestError", "param": None, "code": code}})
+    return ErrorResponse.model_validate(
+        {"error": {"message": message, "type": "BadRequestError", "param": None, "code": code}}
+    )
 
 
 class FakeServer:
@@ -148,7 +152,7 @@ class FakeServer:
 
 
 def test_generate_models_warm_up_with_one_streamed_chat():
-    from agencyllm.serving import engines
+    from agencyllm.serving.rayserve import engines
 
     chunk = _sse({"choices": [{"delta": {"content": "an error-free word"}}]})
     server = FakeServer(chat=[[chunk], ["data: [DONE]\n\n"]])
@@ -159,7 +163,7 @@ def test_generate_models_warm_up_with_one_streamed_chat():
 
 
 def test_a_model_without_chat_template_warms_up_with_a_completion():
-    from agencyllm.serving import engines
+    from agencyllm.serving.rayserve import engines
 
     server = FakeServer(chat=[_error(400, "no chat template")], completions=[[_sse({"choices": [{"text": "x"}]})]])
     asyncio.run(engines._warm_request(server, "base", embed=False))
@@ -167,7 +171,7 @@ def test_a_model_without_chat_template_warms_up_with_a_completion():
 
 
 def test_embedding_models_warm_up_with_one_embedding():
-    from agencyllm.serving import engines
+    from agencyllm.serving.rayserve import engines
 
     server = FakeServer(embeddings=[{"data": [{"embedding": [0.1]}]}])
     asyncio.run(engines._warm_request(server, "embed", embed=True))
@@ -185,14 +189,14 @@ def test_embedding_models_warm_up_with_one_embedding():
     ids=["error-response", "error-in-stream", "completion-refused-too"],
 )
 def test_a_failed_warm_up_fails_with_the_model_and_reason(answers):
-    from agencyllm.serving import engines
+    from agencyllm.serving.rayserve import engines
 
     with pytest.raises(engines.WarmUpFailed, match=r"model chat: the warm-up request failed \((500|400)\)"):
         asyncio.run(engines._warm_request(FakeServer(**answers), "chat", embed=False))
 
 
 def test_a_warm_up_that_hangs_fails_after_its_timeout(monkeypatch):
-    from agencyllm.serving import engines
+    from agencyllm.serving.rayserve import engines
 
     async def hang(*_args, **_kwargs):
         await asyncio.sleep(30)
@@ -214,7 +218,7 @@ def test_a_warm_up_that_hangs_fails_after_its_timeout(monkeypatch):
 
 
 def test_the_stack_process_reports_steps_and_messages_on_its_pipe(capsys):
-    from agencyllm.serving.supervisor import Progress, _Reporter
+    from agencyllm.serving.ops.supervisor import Progress, _Reporter
 
     read, write = os.pipe()
     reporter = _Reporter(write)
@@ -233,7 +237,7 @@ def test_the_stack_process_reports_steps_and_messages_on_its_pipe(capsys):
 
 
 def test_without_a_pipe_the_stack_process_prints_plainly(capsys):
-    from agencyllm.serving.supervisor import _Reporter
+    from agencyllm.serving.ops.supervisor import _Reporter
 
     _Reporter(None).step("Ready: http://127.0.0.1:1/v1")
     assert capsys.readouterr().out == "Ready: http://127.0.0.1:1/v1\n"
@@ -246,12 +250,14 @@ def test_supervisor_imports_neither_ray_nor_vllm():
     import sys
 
     code = (
-        "import sys, agencyllm.serving.cli as cli, agencyllm.serving.supervisor, agencyllm.serving.stack\n"
+        "import sys, agencyllm.serving.cli.main as cli, agencyllm.serving.ops.supervisor, agencyllm.serving.ops.stack\n"
         "cli.build_parser()\n"
         "heavy = sorted(m for m in ('ray', 'vllm', 'torch') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
 
@@ -268,7 +274,9 @@ def test_the_access_log_setting_turns_them_on(stack):
     deadline = time.monotonic() + 10  # Serve's log handlers flush asynchronously
     while True:
         ingress = "".join(p.read_text(errors="replace") for p in stack.serve_logs.glob("replica_*AgencyIngress*.log"))
-        engine = "".join(p.read_text(errors="replace") for p in stack.serve_logs.glob("replica_*LLMServer_placeholder*.log"))
+        engine = "".join(
+            p.read_text(errors="replace") for p in stack.serve_logs.glob("replica_*LLMServer_placeholder*.log")
+        )
         found = "POST /v1/chat/completions 200" in ingress and "CALL chat OK" in engine
         if found or time.monotonic() > deadline:
             break
@@ -281,10 +289,12 @@ def test_ingress_reserves_what_the_host_leaves(stack):
     the CPUs Ray hands out are exactly the engines' bundles."""
     import ray
 
-    from agencyllm.serving.placement import host_cores
+    from agencyllm.serving.rayserve.placement import host_cores
 
     serving = stack.stack.serving
-    expected = ingress_cpus(stack.settings.model_copy(update={"ingress_cpus": None}), serving, cpu=True, total_cpus=host_cores())
+    expected = ingress_cpus(
+        stack.settings.model_copy(update={"ingress_cpus": None}), serving, cpu=True, total_cpus=host_cores()
+    )
     assert stack.settings.ingress_cpus == expected
     used = ray.cluster_resources()["CPU"] - ray.available_resources().get("CPU", 0)
     assert used == pytest.approx(engines_cpus(serving, cpu=True) + stack.settings.ingress_replicas * expected)
@@ -304,7 +314,7 @@ def test_engines_answered_before_ready(stack):
 
 def test_progress_output_parses():
     """The format the `up` test in test_fault_up.py relies on."""
-    from agencyllm.serving.supervisor import Progress
+    from agencyllm.serving.ops.supervisor import Progress
 
     buffer = io.StringIO()
     import contextlib

@@ -1,4 +1,4 @@
-"""Output-stream coalescing (serving/stream_batch.py): first chunk at once, later chunks grouped
+"""Output-stream coalescing (serving/rayserve/stream_batch.py): first chunk at once, later chunks grouped
 per interval, order kept, end and errors passed on, the source closed however the consumer leaves.
 
 The source is a fake async generator fed by the test, so what arrives when is under the test's
@@ -13,9 +13,9 @@ import time
 import pytest
 
 from agencyllm.serving.config import DEFAULT_STREAM_COALESCE_MS, ModelSpec
-from agencyllm.serving.engines import llm_config
-from agencyllm.serving.placeholder import write_placeholder_model
-from agencyllm.serving.stream_batch import coalesce
+from agencyllm.serving.ops.placeholder import write_placeholder_model
+from agencyllm.serving.rayserve.engines import llm_config
+from agencyllm.serving.rayserve.stream_batch import coalesce
 
 _END = object()
 
@@ -195,7 +195,9 @@ def test_the_interval_is_a_per_model_setting(tmp_path):
     model = write_placeholder_model(tmp_path / "m")
     default = ModelSpec(id="m", path=model)
     assert default.stream_coalesce_ms == DEFAULT_STREAM_COALESCE_MS > 0
-    assert llm_config(default, cpu=True).experimental_configs["stream_batching_interval_ms"] == DEFAULT_STREAM_COALESCE_MS
+    assert (
+        llm_config(default, cpu=True).experimental_configs["stream_batching_interval_ms"] == DEFAULT_STREAM_COALESCE_MS
+    )
     off = ModelSpec(id="m", path=model, stream_coalesce_ms=0)
     assert llm_config(off, cpu=False).experimental_configs["stream_batching_interval_ms"] == 0
     with pytest.raises(ValueError, match="stream_coalesce_ms"):

@@ -60,8 +60,9 @@ def installed(wheel, tmp_path_factory) -> Path:
     # The base Python's site-packages may hold none of them (this run's are a project venv's).
     [site_dir] = (home / "lib").glob("python3*/site-packages")
     (site_dir / "zz-test-runner.pth").write_text("\n".join(RUNNER_SITE) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True, timeout=300
+    )
     return python
 
 
@@ -90,12 +91,16 @@ def test_wheel_holds_every_module_and_package_data(wheel):
                 missing.append(f"agencyllm/{top}/{relative}")
     assert missing == []
     # The files the migrations need at run time, named explicitly.
-    assert {"agencyllm/migrations/alembic.ini", "agencyllm/migrations/script.py.mako",
-            "agencyllm/migrations/versions/0001_initial.py", "agencyllm/serving/admin/__init__.py"} <= names
+    assert {
+        "agencyllm/migrations/alembic.ini",
+        "agencyllm/migrations/script.py.mako",
+        "agencyllm/migrations/versions/0001_initial.py",
+        "agencyllm/serving/admin/__init__.py",
+    } <= names
     assert not any(n.startswith(("tests/", "infra/", "bench/")) for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
-        assert "agencyllm = agencyllm.serving.cli:main" in archive.read(entry_points).decode()
+        assert "agencyllm = agencyllm.serving.cli.main:main" in archive.read(entry_points).decode()
 
 
 def test_installed_wheel_imports_every_module(installed, tmp_path):
@@ -109,27 +114,46 @@ def test_installed_wheel_imports_every_module(installed, tmp_path):
         "    names.append(top.__name__)\n"
         "    names += [m.name for m in pkgutil.walk_packages(top.__path__, top.__name__ + '.') if m.name not in skip]\n"
         "files = {n: importlib.import_module(n).__file__ for n in names}\n"
-        "from agencyllm.serving.app import build_app, application_config\n"
+        "from agencyllm.serving.rayserve.app import build_app, application_config\n"
         "print(json.dumps(files))\n"
     )
     # Run outside the checkout so nothing can be picked up from the working directory.
-    done = subprocess.run([str(installed), str(script)], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    done = subprocess.run(
+        [str(installed), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     files = json.loads(done.stdout.strip().splitlines()[-1])
     site = str(installed.parent.parent)
     elsewhere = {name: path for name, path in files.items() if not path.startswith(site)}
     assert elsewhere == {}, "imported from outside the wheel's virtualenv"
-    expected = {"agencyllm.serving.app", "agencyllm.serving.admin.tenants", "agencyllm.serving.cluster_init",
-                "agencyllm.quotas.ledger", "agencyllm.auth.oidc", "agencyllm.migrations.versions"}
+    expected = {
+        "agencyllm.serving.rayserve.app",
+        "agencyllm.serving.admin.tenants",
+        "agencyllm.serving.ops.cluster_init",
+        "agencyllm.quotas.ledger",
+        "agencyllm.auth.oidc",
+        "agencyllm.migrations.versions",
+    }
     assert expected <= set(files)
 
 
 def test_installed_wheel_runs_the_cli(installed, tmp_path):
     agencyllm = installed.parent / "agencyllm"
-    done = subprocess.run([str(agencyllm), "db", "wait", "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [str(agencyllm), "db", "wait", "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert done.returncode == 0 and "--timeout" in done.stdout
-    done = subprocess.run([str(agencyllm), "model", "placeholder", str(tmp_path / "m")], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [str(agencyllm), "model", "placeholder", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "m" / "config.json").is_file()

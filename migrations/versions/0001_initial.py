@@ -58,22 +58,20 @@ def upgrade() -> None:
         sa.CheckConstraint("tokens_per_day >= 0", name="ck_quota_policies_tokens_per_day"),
         sa.CheckConstraint("tokens_per_month >= 0", name="ck_quota_policies_tokens_per_month"),
         sa.CheckConstraint("requests_per_minute >= 0", name="ck_quota_policies_requests_per_minute"),
-        sa.CheckConstraint(
-            "max_concurrent_requests >= 0", name="ck_quota_policies_max_concurrent_requests"
-        ),
-        sa.CheckConstraint(
-            "max_tokens_per_request >= 0", name="ck_quota_policies_max_tokens_per_request"
-        ),
-        sa.CheckConstraint(
-            "max_tokens_mode IN ('cap', 'reject')", name="ck_quota_policies_max_tokens_mode"
-        ),
+        sa.CheckConstraint("max_concurrent_requests >= 0", name="ck_quota_policies_max_concurrent_requests"),
+        sa.CheckConstraint("max_tokens_per_request >= 0", name="ck_quota_policies_max_tokens_per_request"),
+        sa.CheckConstraint("max_tokens_mode IN ('cap', 'reject')", name="ck_quota_policies_max_tokens_mode"),
         sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name="fk_quota_policies_tenant_id_tenants",
+            ["tenant_id"],
+            ["tenants.id"],
+            name="fk_quota_policies_tenant_id_tenants",
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name="pk_quota_policies"),
         sa.UniqueConstraint(
-            "tenant_id", "subject", name="uq_quota_policies_tenant_id_subject",
+            "tenant_id",
+            "subject",
+            name="uq_quota_policies_tenant_id_subject",
             postgresql_nulls_not_distinct=True,
         ),
     )
@@ -119,9 +117,7 @@ def upgrade() -> None:
         sa.Column("latency_ms", sa.Float(), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
-        sa.CheckConstraint(
-            "endpoint IN ('chat', 'completions', 'embeddings')", name="ck_usage_ledger_endpoint"
-        ),
+        sa.CheckConstraint("endpoint IN ('chat', 'completions', 'embeddings')", name="ck_usage_ledger_endpoint"),
         sa.CheckConstraint(
             "status IN ('ok', 'client_error', 'engine_error', 'cancelled', 'expired')",
             name="ck_usage_ledger_status",
@@ -146,9 +142,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_audit_events"),
     )
     op.create_index("ix_audit_events_at", "audit_events", ["at"])
-    op.create_index(
-        "ix_audit_events_target_type_target_id", "audit_events", ["target_type", "target_id"]
-    )
+    op.create_index("ix_audit_events_target_type_target_id", "audit_events", ["target_type", "target_id"])
     op.create_table(
         "quota_counters",
         sa.Column("tenant_id", sa.Uuid(), nullable=False),
@@ -163,7 +157,9 @@ def upgrade() -> None:
         sa.Column("minute_requests", sa.Integer(), server_default="0", nullable=False),
         sa.Column("in_flight", sa.Integer(), server_default="0", nullable=False),
         sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name="fk_quota_counters_tenant_id_tenants",
+            ["tenant_id"],
+            ["tenants.id"],
+            name="fk_quota_counters_tenant_id_tenants",
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("tenant_id", "subject", name="pk_quota_counters"),
@@ -187,15 +183,15 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name="fk_quota_reservations_tenant_id_tenants",
+            ["tenant_id"],
+            ["tenants.id"],
+            name="fk_quota_reservations_tenant_id_tenants",
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name="pk_quota_reservations"),
         sa.UniqueConstraint("request_id", name="uq_quota_reservations_request_id"),
     )
-    op.create_index(
-        "ix_quota_reservations_lease_expires_at", "quota_reservations", ["lease_expires_at"]
-    )
+    op.create_index("ix_quota_reservations_lease_expires_at", "quota_reservations", ["lease_expires_at"])
     for statement in FUNCTIONS:
         op.execute(statement)
 
@@ -203,8 +199,15 @@ def upgrade() -> None:
 def downgrade() -> None:
     for name in FUNCTION_SIGNATURES:
         op.execute(f"DROP FUNCTION IF EXISTS {name}")
-    for table in ("quota_reservations", "quota_counters", "audit_events", "usage_ledger",
-                  "api_keys", "quota_policies", "tenants"):
+    for table in (
+        "quota_reservations",
+        "quota_counters",
+        "audit_events",
+        "usage_ledger",
+        "api_keys",
+        "quota_policies",
+        "tenants",
+    ):
         op.drop_table(table)
 
 

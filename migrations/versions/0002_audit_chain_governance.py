@@ -82,10 +82,11 @@ END $$
     op.create_unique_constraint("uq_audit_events_seq", "audit_events", ["seq"])
     op.create_index("ix_audit_events_tenant_at", "audit_events", ["tenant", "at"])
     op.create_check_constraint(
-        "ck_audit_events_category", "audit_events",
-        "category IN ('auth', 'request', 'admin', 'quota', 'retention')")
+        "ck_audit_events_category", "audit_events", "category IN ('auth', 'request', 'admin', 'quota', 'retention')"
+    )
     op.create_check_constraint(
-        "ck_audit_events_outcome", "audit_events", "outcome IN ('success', 'failure', 'refused')")
+        "ck_audit_events_outcome", "audit_events", "outcome IN ('success', 'failure', 'refused')"
+    )
     op.execute("""
 CREATE TRIGGER audit_events_chain BEFORE INSERT ON audit_events
 FOR EACH ROW EXECUTE FUNCTION audit_chain_insert()
@@ -99,22 +100,21 @@ EXECUTE FUNCTION audit_refuse_change()
 
     op.add_column("tenants", sa.Column("content_retention_days", sa.Integer(), nullable=True))
     op.create_check_constraint(
-        "ck_tenants_content_retention_days", "tenants",
-        "content_retention_days BETWEEN 1 AND 36500")
+        "ck_tenants_content_retention_days", "tenants", "content_retention_days BETWEEN 1 AND 36500"
+    )
     op.create_table(
         "request_content",
         sa.Column("request_id", sa.Text(), nullable=False),
         sa.Column("tenant_id", sa.Uuid(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"),
-                  nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("prompt", postgresql.JSONB(), nullable=False),
         sa.Column("output", sa.Text(), nullable=True),
-        sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"],
-                                name="fk_request_content_tenant_id_tenants", ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"], ["tenants.id"], name="fk_request_content_tenant_id_tenants", ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("request_id", name="pk_request_content"),
     )
-    op.create_index("ix_request_content_tenant_id_created_at", "request_content",
-                    ["tenant_id", "created_at"])
+    op.create_index("ix_request_content_tenant_id_created_at", "request_content", ["tenant_id", "created_at"])
     op.create_table(
         "feedback",
         sa.Column("id", sa.BigInteger(), autoincrement=True, nullable=False),
@@ -125,14 +125,15 @@ EXECUTE FUNCTION audit_refuse_change()
         sa.Column("rating", sa.SmallInteger(), nullable=True),
         sa.Column("category", sa.String(16), nullable=False),
         sa.Column("comment", sa.Text(), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"),
-                  nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.CheckConstraint("rating BETWEEN 1 AND 5", name="ck_feedback_rating"),
         sa.CheckConstraint(
             "category IN ('inaccurate', 'harmful', 'biased', 'unhelpful', 'helpful', 'other')",
-            name="ck_feedback_category"),
-        sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"],
-                                name="fk_feedback_tenant_id_tenants", ondelete="CASCADE"),
+            name="ck_feedback_category",
+        ),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"], ["tenants.id"], name="fk_feedback_tenant_id_tenants", ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_feedback"),
     )
     op.create_index("ix_feedback_tenant_id_created_at", "feedback", ["tenant_id", "created_at"])
@@ -166,8 +167,19 @@ def downgrade() -> None:
         op.drop_table(table)
     # Dropping a column drops the constraints and indexes on it.
     op.drop_column("tenants", "content_retention_days")
-    for column in ("hash", "prev_hash", "details", "request_id", "source", "actor_key_id",
-                   "actor_client_id", "tenant", "outcome", "category", "seq"):
+    for column in (
+        "hash",
+        "prev_hash",
+        "details",
+        "request_id",
+        "source",
+        "actor_key_id",
+        "actor_client_id",
+        "tenant",
+        "outcome",
+        "category",
+        "seq",
+    ):
         op.drop_column("audit_events", column)
 
 
@@ -380,7 +392,8 @@ END $$
 )
 
 # Roles are cluster-wide: created once (a DBA may create them beforehand), granted per database.
-GRANTS = (rf"""
+GRANTS = (
+    rf"""
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
@@ -393,7 +406,8 @@ EXCEPTION WHEN insufficient_privilege THEN
     RAISE WARNING 'cannot create roles {APP_ROLE} and {READER_ROLE}: ask a DBA to create them '
                   '(NOLOGIN) and rerun the grants in docs/compliance/audit.md';
 END $$
-""", rf"""
+""",
+    rf"""
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN RETURN; END IF;
@@ -411,4 +425,5 @@ BEGIN
              audit_chain_link(audit_events) FROM PUBLIC';
     EXECUTE 'GRANT EXECUTE ON FUNCTION audit_purge(timestamptz, integer) TO {APP_ROLE}';
 END $$
-""")
+""",
+)

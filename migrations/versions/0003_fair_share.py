@@ -27,9 +27,7 @@ def upgrade() -> None:
         "api_keys",
         sa.Column("traffic_class", sa.String(length=16), server_default="interactive", nullable=False),
     )
-    op.create_check_constraint(
-        "ck_api_keys_traffic_class", "api_keys", "traffic_class IN ('interactive', 'batch')"
-    )
+    op.create_check_constraint("ck_api_keys_traffic_class", "api_keys", "traffic_class IN ('interactive', 'batch')")
 
 
 def downgrade() -> None:

@@ -1,4 +1,4 @@
-"""Who may do what on the admin API (store errors are answered by serving/errors.py)."""
+"""Who may do what on the admin API (store errors are answered by serving/gateway/errors.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import Depends
 
 from agencyllm.auth.principal import Principal
-from agencyllm.quotas.admin import SYSTEM_TENANT
-from agencyllm.serving.deps import CurrentPrincipal
-from agencyllm.serving.errors import OpenAIError
+from agencyllm.quotas.store import SYSTEM_TENANT
+from agencyllm.serving.gateway.deps import CurrentPrincipal
+from agencyllm.serving.gateway.errors import OpenAIError
 
 
 def forbidden(message: str) -> OpenAIError:

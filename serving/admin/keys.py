@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, status
 
 from agencyllm.auth.principal import Principal
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.quotas.models import ApiKey
 from agencyllm.serving.admin.access import (
     TenantAdmin,
     may_admin,
 )
 from agencyllm.serving.admin.schemas import KeyCreate, KeyCreated, KeyOut
-from agencyllm.serving.deps import CurrentPrincipal, DbSession
-from agencyllm.serving.errors import OpenAIError
-from agencyllm.serving.inputs import as_utc
+from agencyllm.serving.gateway.deps import CurrentPrincipal, DbSession
+from agencyllm.serving.gateway.errors import OpenAIError
+from agencyllm.serving.gateway.inputs import as_utc
 
 router = APIRouter(tags=["keys"])
 
@@ -33,11 +33,11 @@ def expiry(body: KeyCreate) -> datetime | None:
     if body.expires_at is not None and body.expires_in_days is not None:
         raise OpenAIError(400, "Give 'expires_at' or 'expires_in_days', not both.", param="expires_at")
     if body.expires_in_days is not None:
-        return datetime.now(timezone.utc) + timedelta(days=body.expires_in_days)
+        return datetime.now(UTC) + timedelta(days=body.expires_in_days)
     if body.expires_at is None:
         return None
     expires_at = as_utc(body.expires_at, "expires_at")
-    if expires_at <= datetime.now(timezone.utc):
+    if expires_at <= datetime.now(UTC):
         raise OpenAIError(400, "'expires_at' must be in the future.", param="expires_at", code="invalid_value")
     return expires_at
 
@@ -47,11 +47,14 @@ def expiry(body: KeyCreate) -> datetime | None:
     status_code=status.HTTP_201_CREATED,
     summary="Mint a service key for a tenant; the key is in `key`, shown this once",
 )
-async def create_service_key(
-    name: str, body: KeyCreate, principal: TenantAdmin, session: DbSession
-) -> KeyCreated:
+async def create_service_key(name: str, body: KeyCreate, principal: TenantAdmin, session: DbSession) -> KeyCreated:
     created = await store.create_key(
-        session, principal, tenant_name=name, kind="service", name=body.name, expires_at=expiry(body),
+        session,
+        principal,
+        tenant_name=name,
+        kind="service",
+        name=body.name,
+        expires_at=expiry(body),
         traffic_class=body.traffic_class,
     )
     return created_out(created)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.serving.admin.access import require_own_tenant
 from agencyllm.serving.admin.keys import created_out, expiry, key_out
 from agencyllm.serving.admin.schemas import KeyCreate, KeyCreated, KeyOut, Me
-from agencyllm.serving.deps import CurrentPrincipal, DbSession, LedgerDep
-from agencyllm.serving.errors import OpenAIError
+from agencyllm.serving.gateway.deps import CurrentPrincipal, DbSession, LedgerDep
+from agencyllm.serving.gateway.errors import OpenAIError
 
 router = APIRouter(prefix="/me", tags=["me"])
 
@@ -37,8 +37,9 @@ async def me(principal: CurrentPrincipal, ledger: LedgerDep) -> Me:
 async def create_personal_key(body: KeyCreate, principal: CurrentPrincipal, session: DbSession) -> KeyCreated:
     if principal.auth_method != "oidc":
         # A key that mints keys would outlive its own revocation.
-        raise OpenAIError(403, "Personal keys are minted with a sign-in token, not with an API key.",
-                          type="permission_error")
+        raise OpenAIError(
+            403, "Personal keys are minted with a sign-in token, not with an API key.", type="permission_error"
+        )
     tenant = require_own_tenant(principal)
     created = await store.create_key(
         session,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.serving.admin.access import PlatformAdmin, TenantAdmin
 from agencyllm.serving.admin.schemas import Quota, QuotaOut
-from agencyllm.serving.deps import DbSession
+from agencyllm.serving.gateway.deps import DbSession
 
 router = APIRouter(prefix="/tenants/{name}", tags=["quotas"])
 
@@ -23,9 +23,7 @@ async def get_tenant_quota(name: str, principal: TenantAdmin, session: DbSession
 
 
 @router.put("/quota", summary="Replace the tenant-wide quota (platform admin)")
-async def put_tenant_quota(
-    name: str, body: Quota, principal: PlatformAdmin, session: DbSession
-) -> QuotaOut:
+async def put_tenant_quota(name: str, body: Quota, principal: PlatformAdmin, session: DbSession) -> QuotaOut:
     return quota_out(name, None, await store.set_quota(session, principal, name, body.model_dump()))
 
 
@@ -35,8 +33,6 @@ async def get_user_quota(name: str, sub: str, principal: TenantAdmin, session: D
 
 
 @router.put("/users/{sub}/quota", summary="Replace one user's quota override (platform admin)")
-async def put_user_quota(
-    name: str, sub: str, body: Quota, principal: PlatformAdmin, session: DbSession
-) -> QuotaOut:
+async def put_user_quota(name: str, sub: str, body: Quota, principal: PlatformAdmin, session: DbSession) -> QuotaOut:
     fields = await store.set_quota(session, principal, name, body.model_dump(), subject=sub)
     return quota_out(name, sub, fields)

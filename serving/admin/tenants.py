@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.quotas.models import Tenant
 from agencyllm.serving.admin.access import (
     PlatformAdmin,
@@ -12,7 +12,7 @@ from agencyllm.serving.admin.access import (
     forbidden,
 )
 from agencyllm.serving.admin.schemas import TenantCreate, TenantOut, TenantUpdate
-from agencyllm.serving.deps import CurrentPrincipal, DbSession
+from agencyllm.serving.gateway.deps import CurrentPrincipal, DbSession
 
 router = APIRouter(prefix="/tenants", tags=["tenants"])
 
@@ -42,9 +42,7 @@ async def get_tenant(name: str, principal: TenantAdmin, session: DbSession) -> T
 
 
 @router.patch("/{name}", summary="Change a tenant's display name or Keycloak group (platform admin)")
-async def update_tenant(
-    name: str, body: TenantUpdate, principal: PlatformAdmin, session: DbSession
-) -> TenantOut:
+async def update_tenant(name: str, body: TenantUpdate, principal: PlatformAdmin, session: DbSession) -> TenantOut:
     changes = body.model_dump(include=body.model_fields_set)
     return tenant_out(await store.update_tenant(session, principal, name, changes))
 

@@ -11,12 +11,12 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from agencyllm.auth.principal import Principal
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.serving.admin.access import forbidden, require_tenant_admin
 from agencyllm.serving.admin.schemas import UsageReport
-from agencyllm.serving.deps import CurrentPrincipal, DbSession, SettingsDep
-from agencyllm.serving.errors import OpenAIError
-from agencyllm.serving.inputs import as_utc, check_date_range
+from agencyllm.serving.gateway.deps import CurrentPrincipal, DbSession, SettingsDep
+from agencyllm.serving.gateway.errors import OpenAIError
+from agencyllm.serving.gateway.inputs import as_utc, check_date_range
 
 router = APIRouter(tags=["usage"])
 

@@ -64,7 +64,9 @@ def stacked_bars(days: list[date], series: list[Series], *, title: str, descript
         value = step * i
         y = TOP + plot_h - plot_h * i / 4
         parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="axis" x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{short_number(value)}</text>')
+        parts.append(
+            f'<text class="axis" x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{short_number(value)}</text>'
+        )
     for index, day in enumerate(days):
         x = LEFT + slot * index + (slot - bar_w) / 2
         base = TOP + plot_h

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from markupsafe import Markup
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from agencyllm.quotas import admin as store
+from agencyllm.quotas import store
 from agencyllm.serving.console.charts import Series, series_colours, stacked_bars
 
 DAYS = 30

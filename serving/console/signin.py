@@ -129,12 +129,14 @@ class SignInClient:
         return Tokens(body["access_token"], refresh if isinstance(refresh, str) else None, time.time() + lifetime)
 
     async def exchange(self, code: str, flow: Flow, redirect_uri: str) -> Tokens:
-        body = await self._token_request({
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-            "code_verifier": flow.verifier,
-        })
+        body = await self._token_request(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": flow.verifier,
+            }
+        )
         self._check_id_token(body.get("id_token"), flow.nonce)
         return self._tokens(body)
 

@@ -18,6 +18,7 @@ from agencyllm.serving.console.web import (
     ConsoleRoute,
     CsrfRefused,
     CurrentViewer,
+    SignInRequired,
     base_url,
     check_same_origin,
     checked_form,
@@ -30,9 +31,8 @@ from agencyllm.serving.console.web import (
     safe_next,
     save_session,
     set_cookie,
-    SignInRequired,
 )
-from agencyllm.serving.errors import OpenAIError
+from agencyllm.serving.gateway.errors import OpenAIError
 
 log = logging.getLogger("agencyllm.console")
 
@@ -64,16 +64,30 @@ def _redirect_uri(request: Request) -> str:
     return f"{base_url(request)}{PREFIX}/auth/callback"
 
 
-def _login_page(request: Request, *, next_path: str, status_code: int = 200, error: str | None = None,
-                notice: dict | None = None) -> Response:
+def _login_page(
+    request: Request, *, next_path: str, status_code: int = 200, error: str | None = None, notice: dict | None = None
+) -> Response:
     console = console_of(request)
     token = secrets.token_urlsafe(32)
     response = render(
-        request, "login.html", None, status_code=status_code, title="Sign in",
-        oidc=console.oidc, next_path=next_path, login_csrf=token, error=error, notice=notice,
+        request,
+        "login.html",
+        None,
+        status_code=status_code,
+        title="Sign in",
+        oidc=console.oidc,
+        next_path=next_path,
+        login_csrf=token,
+        error=error,
+        notice=notice,
     )
-    set_cookie(request, response, FLOW_COOKIE, console.box.seal(FLOW_COOKIE, {"csrf": token, "at": time.time()}),
-               max_age=FLOW_SECONDS)
+    set_cookie(
+        request,
+        response,
+        FLOW_COOKIE,
+        console.box.seal(FLOW_COOKIE, {"csrf": token, "at": time.time()}),
+        max_age=FLOW_SECONDS,
+    )
     return response
 
 
@@ -107,22 +121,33 @@ async def login_start(request: Request, next: str | None = None) -> Response:
         url = await console.signin.authorization_url(flow, _redirect_uri(request))
     except SignInFailed as exc:
         log.warning("console sign-in could not start: %s", exc.reason)
-        return _login_page(request, next_path=flow.next, status_code=503,
-                           error="The sign-in service cannot be reached right now. Try again in a minute.")
+        return _login_page(
+            request,
+            next_path=flow.next,
+            status_code=503,
+            error="The sign-in service cannot be reached right now. Try again in a minute.",
+        )
     response = redirect(url)
-    set_cookie(request, response, FLOW_COOKIE,
-               console.box.seal(FLOW_COOKIE, {**asdict(flow), "at": time.time()}), max_age=FLOW_SECONDS)
+    set_cookie(
+        request,
+        response,
+        FLOW_COOKIE,
+        console.box.seal(FLOW_COOKIE, {**asdict(flow), "at": time.time()}),
+        max_age=FLOW_SECONDS,
+    )
     return response
 
 
 @router.get("/auth/callback")
-async def callback(request: Request, code: str | None = None, state: str | None = None,
-                   error: str | None = None) -> Response:
+async def callback(
+    request: Request, code: str | None = None, state: str | None = None, error: str | None = None
+) -> Response:
     console = console_of(request)
     data = _flow_cookie(request)
     if console.signin is None or data is None or "state" not in data:
-        return _login_page(request, next_path=f"{PREFIX}/", status_code=400,
-                           error="That sign-in link has expired. Sign in again.")
+        return _login_page(
+            request, next_path=f"{PREFIX}/", status_code=400, error="That sign-in link has expired. Sign in again."
+        )
     flow = Flow(data["state"], data["nonce"], data["verifier"], safe_next(data.get("next")))
     if error or not code or not state or not secrets.compare_digest(state, flow.state):
         log.info("console sign-in refused: %s", error or "missing code or state mismatch")
@@ -137,10 +162,15 @@ async def callback(request: Request, code: str | None = None, state: str | None 
     except OpenAIError as exc:
         message = exc.message if exc.status == 403 else SIGN_IN_FAILED
         return _login_page(request, next_path=flow.next, status_code=exc.status, error=message)
-    save_session(request, Session(
-        kind="oidc", credential=tokens.access_token, refresh_token=tokens.refresh_token,
-        credential_expires=tokens.expires_at,
-    ))
+    save_session(
+        request,
+        Session(
+            kind="oidc",
+            credential=tokens.access_token,
+            refresh_token=tokens.refresh_token,
+            credential_expires=tokens.expires_at,
+        ),
+    )
     response = redirect(flow.next)
     clear_cookie(request, response, FLOW_COOKIE)
     return response

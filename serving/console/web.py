@@ -20,7 +20,7 @@ from starlette.datastructures import FormData
 from starlette.responses import RedirectResponse
 
 from agencyllm.auth.principal import Principal, Role
-from agencyllm.quotas.admin import StoreError
+from agencyllm.quotas.store import StoreError
 from agencyllm.serving.console.charts import meter
 from agencyllm.serving.console.session import (
     SESSION_COOKIE,
@@ -32,8 +32,8 @@ from agencyllm.serving.console.session import (
     session_key,
 )
 from agencyllm.serving.console.signin import SignInClient, SignInFailed
-from agencyllm.serving.errors import OpenAIError, as_openai_error
-from agencyllm.serving.identity import Authenticator
+from agencyllm.serving.gateway.errors import OpenAIError, as_openai_error
+from agencyllm.serving.gateway.identity import Authenticator
 from agencyllm.serving.settings import Settings
 
 log = logging.getLogger("agencyllm.console")
@@ -266,7 +266,9 @@ def nav_items(viewer: Viewer | None) -> list[tuple[str, str]]:
     return items
 
 
-def render(request: Request, template: str, viewer: Viewer | None, *, status_code: int = 200, **context: Any) -> Response:
+def render(
+    request: Request, template: str, viewer: Viewer | None, *, status_code: int = 200, **context: Any
+) -> Response:
     path = request.url.path
     current = None
     for _, href in nav_items(viewer):
@@ -337,15 +339,20 @@ class ConsoleRoute(APIRoute):
             except CsrfRefused:
                 log.info("console refused a form without a valid CSRF token on %s", request.url.path)
                 response = error_page(
-                    request, 403,
+                    request,
+                    403,
                     "This form was not sent from this console, or it has expired. Reload the page and try again.",
                 )
             except (OpenAIError, StoreError) as exc:
                 error = as_openai_error(exc) if isinstance(exc, StoreError) else exc
                 response = error_page(request, error.status, error.message)
-            except Exception as exc:  # noqa: BLE001 - never a stack trace to the browser
-                log.error("console error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
-                response = error_page(request, 500, "The console had an error. Try again; if it persists, tell your platform team.")
+            except Exception as exc:
+                log.error(
+                    "console error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc
+                )
+                response = error_page(
+                    request, 500, "The console had an error. Try again; if it persists, tell your platform team."
+                )
             if hasattr(request.state, "console_session"):
                 session = request.state.console_session
                 if session is None:
@@ -356,7 +363,11 @@ class ConsoleRoute(APIRoute):
                         value = dump_session(console_of(request).box, session)
                     except SessionTooLarge as exc:
                         log.error("console session does not fit in a cookie (%s): trim the token's claims", exc)
-                        response = error_page(request, 500, "Your sign-in token is too large for a browser cookie; ask your platform team.")
+                        response = error_page(
+                            request,
+                            500,
+                            "Your sign-in token is too large for a browser cookie; ask your platform team.",
+                        )
                         clear_cookie(request, response, SESSION_COOKIE)
                     else:
                         set_cookie(request, response, SESSION_COOKIE, value, max_age=settings.console_max_hours * 3600)

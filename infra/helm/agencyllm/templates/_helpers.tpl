@@ -294,7 +294,7 @@ imagePullSecrets:
   "applications" (list (dict
     "name" "agencyllm"
     "route_prefix" "/"
-    "import_path" "agencyllm.serving.app:build_app"
+    "import_path" "agencyllm.serving.rayserve.app:build_app"
     "args" (dict "models" $models)))
 -}}
 {{- toYaml $config -}}

@@ -1,0 +1,194 @@
+"""Who is calling: a bearer credential (API key or Keycloak token) turned into a `Principal`.
+
+API keys are checked against Postgres on every request, with no cache of their validity, so a
+revocation holds from the next request on every ingress replica. Keys carry roles by kind:
+personal and service keys may call models; service keys of the `system` tenant (only platform
+admins can mint them, and the bootstrap key is one) are platform-admin keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from agencyllm.auth.apikeys import looks_like_api_key
+from agencyllm.auth.oidc import AuthenticationError, OIDCVerifier
+from agencyllm.auth.principal import Principal, Role, RoleNames, identity_from_claims
+from agencyllm.quotas import store
+from agencyllm.quotas.audit import AuditLog
+from agencyllm.quotas.db import Database
+from agencyllm.serving.gateway.errors import OpenAIError
+from agencyllm.serving.settings import Settings
+
+log = logging.getLogger("agencyllm.identity")
+
+PUBLIC_AUTH_MESSAGE = "Invalid or missing credentials. Send 'Authorization: Bearer <API key or access token>'."
+ADMIN_KEY_FILE = "admin.key"
+BOOTSTRAP_KEY_NAME = "bootstrap-admin"
+
+
+def unauthorized(reason: str = "invalid_credentials") -> OpenAIError:
+    error = OpenAIError(
+        401,
+        PUBLIC_AUTH_MESSAGE,
+        type="authentication_error",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+    error.audit_reason = reason  # the audit trail's reason; the client sees one message for all
+    return error
+
+
+def forbidden(message: str, reason: str = "tenant_unavailable") -> OpenAIError:
+    error = OpenAIError(403, message, type="permission_error", code="tenant_unavailable")
+    error.audit_reason = reason
+    return error
+
+
+def key_roles(kind: str, tenant: str) -> frozenset[Role]:
+    if kind == "service" and tenant == store.SYSTEM_TENANT:
+        return frozenset({Role.PLATFORM_ADMIN})
+    return frozenset({Role.USER})
+
+
+def bearer_token(authorization_header: str | None) -> str | None:
+    if not authorization_header:
+        return None
+    scheme, _, token = authorization_header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, database: Database, verifier: OIDCVerifier | None) -> None:
+        self.settings = settings
+        self.database = database
+        self.verifier = verifier
+        self.role_names = RoleNames(
+            user=settings.role_user,
+            tenant_admin=settings.role_tenant_admin,
+            platform_admin=settings.role_platform_admin,
+        )
+        # A claim other than `groups` holds tenant names directly.
+        self.match_tenant_names = settings.oidc_tenant_claim != "groups"
+        # Refused credentials, folded per source, reason and minute (quotas/audit.py).
+        self.audit = AuditLog(database)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, database: Database) -> Authenticator:
+        """With an OIDC verifier when `AGENCYLLM_OIDC_ISSUER` is set, API keys only otherwise."""
+        verifier = None
+        if settings.oidc_issuer:
+            verifier = OIDCVerifier(settings.oidc_issuer, settings.oidc_audience, leeway=settings.oidc_leeway_seconds)
+        return cls(settings, database, verifier)
+
+    async def authenticate(self, authorization_header: str | None) -> Principal:
+        try:
+            return await self._authenticate(authorization_header)
+        except OpenAIError as exc:
+            if (reason := getattr(exc, "audit_reason", None)) is not None:
+                self.audit.auth_failure(reason)
+            raise
+
+    async def _authenticate(self, authorization_header: str | None) -> Principal:
+        token = bearer_token(authorization_header)
+        if token is None:
+            log.info("authentication refused: missing or malformed Authorization header")
+            raise unauthorized("missing_credentials")
+        if looks_like_api_key(token):
+            return await self._from_api_key(token)
+        return await self._from_access_token(token)
+
+    async def _from_api_key(self, token: str) -> Principal:
+        key = await store.find_active_key(await self.database.lookup_pool(), token)
+        if key is None:
+            log.info("authentication refused: unknown, revoked or expired API key")
+            raise unauthorized("invalid_api_key")
+        roles = key_roles(key.kind, key.tenant)
+        if key.tenant_status != "active" and Role.PLATFORM_ADMIN not in roles:
+            raise forbidden(f"Tenant '{key.tenant}' is suspended; ask your platform administrator.", "tenant_suspended")
+        return Principal(
+            subject=key.owner_subject,
+            username=key.owner_username,
+            client_id=None,
+            tenant=key.tenant,
+            roles=roles,
+            auth_method="api_key",
+            key_id=str(key.id),
+            traffic_class=key.traffic_class,
+        )
+
+    async def _from_access_token(self, token: str) -> Principal:
+        if self.verifier is None:
+            log.info("authentication refused: bearer token but no OIDC issuer is configured")
+            raise unauthorized("token_without_issuer")
+        try:
+            claims = await self.verifier.verify(token)
+            identity = identity_from_claims(
+                claims, tenant_claim=self.settings.oidc_tenant_claim, role_names=self.role_names
+            )
+        except AuthenticationError as exc:
+            log.info("authentication refused: %s", exc.reason)
+            raise unauthorized("invalid_token") from None
+        except ValueError as exc:
+            log.info("authentication refused: %s", exc)
+            raise unauthorized("invalid_token_claims") from None
+
+        async with self.database.sessions() as session:
+            tenant = await store.tenant_for_hints(session, identity.tenant_hints, match_names=self.match_tenant_names)
+        is_platform_admin = Role.PLATFORM_ADMIN in identity.roles
+        if tenant is None and not is_platform_admin:
+            raise forbidden(
+                "Your account is not a member of any tenant on this platform "
+                f"(no match for your '{self.settings.oidc_tenant_claim}' claim); "
+                "ask an administrator to add you to a tenant's group.",
+                "no_tenant",
+            )
+        if tenant is not None and tenant.status != "active" and not is_platform_admin:
+            raise forbidden(
+                f"Tenant '{tenant.name}' is suspended; ask your platform administrator.", "tenant_suspended"
+            )
+        return Principal.from_identity(identity, tenant.name if tenant is not None else None)
+
+    async def aclose(self) -> None:
+        await self.audit.aclose()
+        if self.verifier is not None:
+            await self.verifier.aclose()
+
+
+async def ensure_bootstrap_admin_key(database: Database, data_dir: Path) -> Path | None:
+    """First start without OIDC: mint a platform-admin key into DATA_DIR/admin.key (0600).
+
+    Returns the path when a key was written, None when the file already holds a live key.
+    """
+    path = Path(data_dir) / ADMIN_KEY_FILE
+    if path.exists():
+        existing = path.read_text(encoding="utf-8").strip()
+        if await store.find_active_key(await database.pool(), existing) is not None:
+            return None
+    async with database.sessions() as session:
+        actor = store.SystemActor()
+        await store.ensure_tenant(session, actor, store.SYSTEM_TENANT, "Platform")
+        created = await store.create_key(
+            session, actor, tenant_name=store.SYSTEM_TENANT, kind="service", name=BOOTSTRAP_KEY_NAME
+        )
+    _write_private(path, created.secret + "\n")
+    log.warning("created a platform-admin API key in %s", path)
+    return path
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(temporary, 0o600)  # in case the file pre-existed with wider bits
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
