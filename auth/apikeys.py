@@ -55,7 +55,9 @@ def hash_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def verify_key_hash(token: str, stored_hash: str) -> bool:
+def verify_key_hash(token: object, stored_hash: object) -> bool:
+    """Whether `token` hashes to `stored_hash`; False for anything that is not a string (a row
+    read from the database, a header value)."""
     if not isinstance(token, str) or not isinstance(stored_hash, str):
         return False
     return hmac.compare_digest(hash_key(token).encode(), stored_hash.lower().encode())

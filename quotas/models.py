@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -47,7 +48,19 @@ ENDPOINTS = ("chat", "completions", "embeddings")
 USAGE_STATUSES = ("ok", "client_error", "engine_error", "cancelled", "expired")
 AUDIT_CATEGORIES = ("auth", "request", "admin", "quota", "retention")
 AUDIT_OUTCOMES = ("success", "failure", "refused")
-FEEDBACK_CATEGORIES = ("inaccurate", "harmful", "biased", "unhelpful", "helpful", "other")
+
+
+class FeedbackCategory(StrEnum):
+    """What staff say was wrong (or right) with a response: the feedback table's check, the API's
+    schema and the CLI's choices all read this."""
+
+    INACCURATE = "inaccurate"
+    HARMFUL = "harmful"
+    BIASED = "biased"
+    UNHELPFUL = "unhelpful"
+    HELPFUL = "helpful"
+    OTHER = "other"
+
 
 # The row of quota_counters that holds a tenant's aggregate (user rows hold the user's `sub`).
 TENANT_SCOPE = ""
@@ -248,7 +261,7 @@ class Feedback(Base):
     __table_args__ = (
         Index(None, "tenant_id", "created_at"),
         CheckConstraint("rating BETWEEN 1 AND 5", name="rating"),
-        CheckConstraint(_one_of("category", FEEDBACK_CATEGORIES), name="category"),
+        CheckConstraint(_one_of("category", tuple(c.value for c in FeedbackCategory)), name="category"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

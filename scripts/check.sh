@@ -20,3 +20,5 @@ echo "== format (ruff format --check)"
 "$bin/ruff" format --check .
 echo "== types (mypy --strict: auth, quotas, serving.gateway)"
 PYTHONPATH="" MYPYPATH="$root" "$bin/mypy" -p agencyllm.auth -p agencyllm.quotas -p agencyllm.serving.gateway
+echo "== dependencies as imported (deptry)"
+"$bin/deptry" .

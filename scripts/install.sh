@@ -65,7 +65,7 @@ if [[ ! -x /usr/bin/chromium && -z "${AGENCYLLM_CHROMIUM:-}" ]]; then
 fi
 
 "$python" -c 'import agencyllm.serving.cli.main, vllm, ray' >/dev/null 2>&1 || { echo "install check failed: cannot import agencyllm, vllm and ray" >&2; exit 1; }
-echo "agencyllm installed in $venv. Run the platform: .venv/bin/agencyllm up   Run the tests: .venv/bin/python -m pytest"
+echo "agencyllm installed in $venv. Run the platform: .venv/bin/agencyllm up   Run the tests: bash scripts/test.sh"
 
 if [[ "$run_up" == 1 ]]; then
   exec "$venv/bin/agencyllm" up

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,8 +29,9 @@ class Replicas(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min: int = Field(default=1, ge=0)
     max: int = Field(default=1, ge=1)
-    # Ongoing requests per replica the autoscaler aims for.
-    target_ongoing_requests: int = Field(default=32, ge=1)
+    target_ongoing_requests: int = Field(
+        default=32, ge=1, description="ongoing requests per replica the autoscaler aims for"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Replicas:
@@ -41,12 +42,15 @@ class Replicas(BaseModel):
 
 class Accelerator(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # Ray accelerator type label (e.g. L4, A100, H100); None: any GPU, or CPU when gpus is 0.
-    type: str | None = None
-    gpus: int = Field(default=0, ge=0)
+    type: str | None = Field(
+        default=None,
+        description="Ray accelerator type label (e.g. L4, A100, H100); null: any GPU, or CPU when gpus is 0",
+    )
+    gpus: int = Field(default=0, ge=0, description="GPUs per engine replica; 0 runs on CPU")
     cpus: int = Field(default=1, ge=1)
-    # Ray placement strategy for multi-GPU engines.
-    strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="PACK", description="Ray placement strategy for multi-GPU engines"
+    )
 
 
 # Engine deployments are named LLMServer:<model id> (as Ray Serve LLM names them).
@@ -59,18 +63,37 @@ class FairShare(BaseModel):
     """Fair admission in front of each engine replica (docs/quotas.md, "Fair sharing")."""
 
     model_config = ConfigDict(extra="forbid")
-    # Running slots the queue hands out; the engine gets the same `max_num_seqs`. Unset:
-    # `engine_args.max_num_seqs`, else DEFAULT_ENGINE_SLOTS.
-    slots: int | None = Field(default=None, ge=1, le=65536)
-    # Slots only interactive requests may take. Unset: one in eight (at least 1 when slots > 1).
-    interactive_reserve: int | None = Field(default=None, ge=0)
-    # Extra engine sequences (vLLM runs `slots + burst`) in which a tenant below its share starts
-    # at once when every slot is busy. Unset: one in sixteen slots, at least 1; 0 turns it off.
-    burst: int | None = Field(default=None, ge=0, le=4096)
-    # A request that waits longer for a slot gets 429 with Retry-After; nothing is charged.
-    max_wait_seconds: float = Field(default=60.0, gt=0, le=3600)
-    # Requests one tenant may have waiting on one replica; more get 429 at once.
-    max_queued_per_tenant: int = Field(default=256, ge=1, le=100_000)
+    slots: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="running slots the queue hands out; the engine gets the same `max_num_seqs`. "
+        f"Unset: `engine_args.max_num_seqs`, else {DEFAULT_ENGINE_SLOTS}",
+    )
+    interactive_reserve: int | None = Field(
+        default=None,
+        ge=0,
+        description="slots only interactive requests may take. Unset: one in eight (at least 1 when slots > 1)",
+    )
+    burst: int | None = Field(
+        default=None,
+        ge=0,
+        le=4096,
+        description="extra engine sequences (vLLM runs `slots + burst`) in which a tenant below its share starts "
+        "at once when every slot is busy. Unset: one in sixteen slots, at least 1; 0 turns it off",
+    )
+    max_wait_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="a request that waits longer for a slot gets 429 with Retry-After; nothing is charged",
+    )
+    max_queued_per_tenant: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="requests one tenant may have waiting on one replica; more get 429 at once",
+    )
 
 
 # Default for `ModelSpec.stream_coalesce_ms` (docs/benchmarks.md, "Serving").
@@ -78,21 +101,32 @@ DEFAULT_STREAM_COALESCE_MS = 5.0
 
 
 class ModelSpec(BaseModel):
+    """One model an install serves: one vLLM engine deployment."""
+
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-    path: Path
+    id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="what staff pass as `model`",
+    )
+    path: Path = Field(description="weights directory on local disk or a volume (no hub downloads)")
     task: Literal["generate", "embed"] = "generate"
-    engine_args: dict[str, Any] = {}
-    replicas: Replicas = Replicas()
+    engine_args: dict[str, Any] = Field(default={}, description="any vLLM engine argument")
+    replicas: Replicas = Field(default=Replicas(), description="engine replicas: a number, or min/max to autoscale")
     accelerator: Accelerator = Accelerator()
     max_ongoing_requests: int = Field(default=64, ge=1)
     fair_share: FairShare = FairShare()
-    # Streamed output: the first chunk leaves at once; chunks the engine makes within this many
-    # milliseconds of the last one sent travel together (less CPU per token, each chunk delayed
-    # by at most this much). 0 sends every chunk on its own.
-    stream_coalesce_ms: float = Field(default=DEFAULT_STREAM_COALESCE_MS, ge=0, le=1000)
+    stream_coalesce_ms: float = Field(
+        default=DEFAULT_STREAM_COALESCE_MS,
+        ge=0,
+        le=1000,
+        description="streamed output: the first chunk leaves at once; chunks the engine makes within this many "
+        "milliseconds of the last one sent travel together (less CPU per token, each chunk delayed by at most "
+        "this much). 0 sends every chunk on its own",
+    )
 
-    @field_validator("replicas", mode="before")
+    @field_validator("replicas", mode="before", json_schema_input_type=Annotated[int, Field(ge=0)] | Replicas)
     @classmethod
     def _fixed_count(cls, value: Any) -> Any:
         return {"min": value, "max": value} if isinstance(value, int) else value
@@ -179,23 +213,11 @@ def load_config(file: Path) -> ServingConfig:
     return parse_config(raw, str(file))
 
 
-def single_model_config(path: Path, *, task: str = "generate", engine_args: dict | None = None) -> ServingConfig:
+def single_model_config(
+    path: Path, *, task: str = "generate", engine_args: dict[str, Any] | None = None
+) -> ServingConfig:
     path = Path(path).resolve()
     try:
         return ServingConfig(models=[ModelSpec(id=path.name, path=path, task=task, engine_args=engine_args or {})])
     except ValidationError as exc:
         raise ConfigError(_describe(exc, str(path))) from None
-
-
-def cpu_only(force_cpu: bool | None = None) -> bool:
-    """True where vLLM's CPU build is installed (no GPU engine on this host), or where the
-    settings say so (`AGENCYLLM_FORCE_CPU`; read from the environment when not given)."""
-    if force_cpu is None:
-        from agencyllm.serving.settings import Settings
-
-        force_cpu = Settings().force_cpu
-    try:
-        from vllm.platforms import current_platform
-    except ImportError:  # pragma: no cover - vLLM always present in an install
-        return True
-    return current_platform.is_cpu() or force_cpu

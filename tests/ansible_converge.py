@@ -53,7 +53,8 @@ def overlay(scratch: Path, runner_site: list[str]) -> None:
         # Ahead of the base site-packages, not after it: an older copy there (typing_extensions)
         # would otherwise shadow the runner's.
         (Path(base_site) / "zz-test-runner.pth").write_text(
-            f"import sys; i = sys.path.index({base_site!r}) if {base_site!r} in sys.path else len(sys.path); sys.path[i:i] = [p for p in {runner_site!r} if p not in sys.path]\n"
+            f"import sys; i = sys.path.index({base_site!r}) if {base_site!r} in sys.path else len(sys.path); "
+            f"sys.path[i:i] = [p for p in {runner_site!r} if p not in sys.path]\n"
         )
 
 
@@ -83,7 +84,6 @@ def playbook(config: dict, *extra: str) -> dict:
         timeout=1500,
     )
     recap = re.findall(r"^\S+\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", done.stdout, re.M)
-    changed_tasks = re.findall(r"^changed: \[[^\]]+\].*$|^TASK \[(.+?)\]", done.stdout, re.M)
     return {
         "rc": done.returncode,
         "seconds": round(time.monotonic() - started, 1),

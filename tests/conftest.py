@@ -71,7 +71,8 @@ class RunningStack:
         """This session's Ray Serve logs (not /tmp/ray/session_latest: another Ray may be running)."""
         import ray
 
-        return Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+        context = ray.get_runtime_context()  # the session's logs: <temp dir>/<session name>/logs
+        return Path(context.get_temp_dir()) / context.get_session_name() / "logs" / "serve"
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {self.admin_key}"}, timeout=30)

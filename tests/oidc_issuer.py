@@ -1,4 +1,5 @@
-"""A local OIDC issuer shaped like Keycloak 26, over real HTTP on 127.0.0.1.
+"""A local OIDC issuer shaped like Keycloak 26, over real HTTP on 127.0.0.1. One file over 400
+lines: it is one fake server (keys, tokens, endpoints, login pages) that tests import whole.
 
 No Keycloak server runs in CI, so tests (unit and end-to-end) use this instead:
 
@@ -163,6 +164,11 @@ class LocalOIDCIssuer:
         """Remove a key from the JWKS (tokens it signed must stop validating)."""
         with self._lock:
             self.keys = [k for k in self.keys if k.kid != kid]
+
+    def count(self, counter: str) -> None:
+        """Add one to a request counter (`logouts`, `discovery_fetches`, `jwks_fetches`)."""
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + 1)
 
     def key(self, kid: str | None = None) -> SigningKey:
         kid = kid or self.active_kid
@@ -493,20 +499,17 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send_html(200, owner.login_form(query))
         elif path == f"{prefix}/protocol/openid-connect/logout":
-            with owner._lock:
-                owner.logouts += 1
+            owner.count("logouts")
             target = query.get("post_logout_redirect_uri")
             if target:
                 self._send_html(302, "", location=target)
             else:
                 self._send_html(200, "<p>You are logged out.</p>")
         elif path == f"{prefix}/.well-known/openid-configuration":
-            with owner._lock:
-                owner.discovery_fetches += 1
+            owner.count("discovery_fetches")
             self._send(200, owner.discovery_document())
         elif path == f"{prefix}/protocol/openid-connect/certs":
-            with owner._lock:
-                owner.jwks_fetches += 1
+            owner.count("jwks_fetches")
             self._send(200, owner.jwks())
         else:
             self._send(404, {"error": "not_found"})

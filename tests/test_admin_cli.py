@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import io
@@ -19,7 +18,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from agencyllm.serving.admin import router
-from agencyllm.serving.cli import admin as cli_admin
+from agencyllm.serving.cli.main import main
 from agencyllm.serving.gateway.errors import install_error_handlers
 from agencyllm.serving.gateway.identity import ensure_bootstrap_admin_key
 from agencyllm.serving.gateway.pipeline import Services
@@ -68,10 +67,7 @@ def cli(server, monkeypatch, capsys):
     monkeypatch.setattr("agencyllm.auth.login.cached_access_token", lambda *a, **k: None)
 
     def run(*argv: str) -> tuple[int, str, str]:
-        parser = argparse.ArgumentParser(prog="agencyllm")
-        cli_admin.register(parser.add_subparsers())
-        args = parser.parse_args(argv)
-        code = args.func(args)
+        code = main(list(argv))
         out, err = capsys.readouterr()
         return code, out, err
 

@@ -105,7 +105,7 @@ async def test_failure_after_first_write_rolls_everything_back(pg_db, monkeypatc
     def broken_audit(*args, **kwargs):
         raise RuntimeError("audit store down")
 
-    monkeypatch.setattr(store, "_audit", broken_audit)
+    monkeypatch.setattr(store.tenants, "record_change", broken_audit)
     async with pg_db.sessions() as session:
         with pytest.raises(RuntimeError):
             await store.create_tenant(session, ACTOR, name=name)

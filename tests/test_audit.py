@@ -21,6 +21,7 @@ from agencyllm.quotas.compliance.retention import Retention
 from agencyllm.quotas.db import Database, asyncpg_connect_args
 from agencyllm.quotas.ledger import AdmissionRefused, Ledger, ReservationRequest
 from agencyllm.serving.cli import main as cli
+from agencyllm.serving.gateway.errors import OpenAIError
 from agencyllm.serving.gateway.identity import Authenticator
 from agencyllm.serving.http.app import create_app
 from agencyllm.serving.settings import Settings
@@ -96,8 +97,9 @@ async def test_every_event_type_lands_with_its_au3_fields(pg_url, pg_db, make_te
     settings = Settings(database_url=pg_url)
     authenticator = Authenticator(settings, pg_db, None)
     for header in (None, "Bearer sk-agency-nope_nope", "Bearer eyJ.not-a-token"):
-        with pytest.raises(Exception):
+        with pytest.raises(OpenAIError) as refused:
             await authenticator.authenticate(header)
+        assert refused.value.status == 401
     await authenticator.audit.flush(everything=True)
 
     pool = await pg_db.pool()

@@ -49,15 +49,12 @@ def test_cache_permissions_and_atomic_write(cache):
     assert cache.load() is None and cached_access_token(cache) is None
 
 
-@pytest.mark.parametrize("backend", ["keycloak", "http"])
-async def test_device_login_and_refresh(oidc_issuer, cache, backend):
+async def test_device_login_and_refresh(oidc_issuer, cache):
     prompts: list[str] = []
     sleeps: list[float] = []
     oidc_issuer.device_pending_polls = 1
     try:
-        record = device_login(
-            oidc_issuer.issuer, print_fn=prompts.append, cache=cache, backend=backend, sleep=sleeps.append
-        )
+        record = device_login(oidc_issuer.issuer, print_fn=prompts.append, cache=cache, sleep=sleeps.append)
     finally:
         oidc_issuer.device_pending_polls = 0
     assert "ABCD-EFGH" in prompts[0] and oidc_issuer.issuer + "/device" in prompts[0]
@@ -73,7 +70,7 @@ async def test_device_login_and_refresh(oidc_issuer, cache, backend):
 
         # Expired access token: cached_access_token refreshes with the refresh token.
         cache.save({**record, "expires_at": time.time() - 1})
-        fresh = cached_access_token(cache, backend=backend)
+        fresh = cached_access_token(cache)
         assert fresh and fresh != record["access_token"]
         assert (await verifier.verify(fresh))["sub"] == claims["sub"]
         stored = cache.load()
@@ -101,7 +98,11 @@ def test_issuer_unreachable(cache):
     issuer = LocalOIDCIssuer().start()
     url = issuer.issuer
     issuer.stop()
-    for backend in ("keycloak", "http"):
-        with pytest.raises(LoginError):
-            device_login(url, print_fn=lambda _: None, cache=cache, backend=backend, timeout=2)
+    with pytest.raises(LoginError, match="cannot reach the issuer"):
+        device_login(url, print_fn=lambda _: None, cache=cache, timeout=2)
     assert not cache.path.exists()
+
+
+def test_only_keycloak_realms(cache):
+    with pytest.raises(LoginError, match="not a Keycloak realm URL"):
+        device_login("https://login.agency.example/oauth2", print_fn=lambda _: None, cache=cache)

@@ -1,4 +1,5 @@
 """The air-gap bundle: build, verify (standard library only), tamper, sign, split, install offline.
+One file over 400 lines: the steps share fixtures (a built bundle, a stand-in project).
 
 The fast tests build small bundles (models, a chart, a tiny wheelhouse from a stand-in project).
 The full proof, the real CPU wheelhouse (~1.2 GB) installed in a fresh virtualenv inside a network
@@ -81,7 +82,8 @@ def source(tmp_path_factory) -> Path:
     (chart / "Chart.yaml").write_text("apiVersion: v2\nname: demo\nversion: 1.2.3\nappVersion: '0.1.0'\n")
     (chart / "values.yaml").write_text(f"image: registry.agency.gov/agencyllm/ray@{DIGEST}\n")
     (chart / "templates" / "pod.yaml").write_text(
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: demo}\nspec:\n  containers:\n    - name: ray\n      image: {{ .Values.image | quote }}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: demo}\nspec:\n"
+        "  containers:\n    - name: ray\n      image: {{ .Values.image | quote }}\n"
     )
     (chart / "crds" / "thing.yaml").write_text("apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n")
     return root

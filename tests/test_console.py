@@ -12,10 +12,12 @@ import io
 import re
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -50,8 +52,14 @@ async def console_app(settings: Settings, database_url: str) -> AsyncIterator[Fa
         await services.aclose()
 
 
+# The application behind each test client (httpx keeps it in a private attribute).
+APPS: weakref.WeakKeyDictionary[httpx.AsyncClient, Any] = weakref.WeakKeyDictionary()
+
+
 def client_for(app, base_url: str = BASE) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=base_url, follow_redirects=False)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=base_url, follow_redirects=False)
+    APPS[client] = app
+    return client
 
 
 def csrf_of(page: str) -> str:
@@ -165,7 +173,7 @@ class store_session:
     """`async with store_session(client) as session`: the console app's own database."""
 
     def __init__(self, client: httpx.AsyncClient) -> None:
-        self.database: Database = client._transport.app.state.database  # type: ignore[attr-defined]
+        self.database: Database = APPS[client].state.database
 
     async def __aenter__(self):
         self._cm = self.database.sessions()
@@ -177,7 +185,7 @@ class store_session:
 
 async def test_signed_out_forged_idle_and_overage_sessions_go_to_sign_in(keyed):
     client, admin_key, settings = keyed
-    anonymous = client_for(client._transport.app)  # type: ignore[attr-defined]
+    anonymous = client_for(APPS[client])
     for path in ("/console/tenants", "/console/usage", "/console/me"):
         response = await anonymous.get(path)
         assert response.status_code == 303 and response.headers["location"].startswith("/console/login?next=")

@@ -35,7 +35,7 @@ async def test_a_batch_key_authenticates_as_batch(api: Api):  # noqa: F811
     assert created["traffic_class"] == "batch"
     interactive = await api.service_key(name)
     assert interactive["traffic_class"] == "interactive"
-    authenticator = api.client._transport.app.state.authenticator  # type: ignore[attr-defined]
+    authenticator = api.app.state.authenticator
     assert (await authenticator.authenticate(f"Bearer {created['key']}")).traffic_class == "batch"
     assert (await authenticator.authenticate(f"Bearer {interactive['key']}")).traffic_class == "interactive"
     bad = await api.call("POST", f"/tenants/{name}/keys", json={"name": "x", "traffic_class": "bulk"})

@@ -1,5 +1,6 @@
-"""The engine deployment's side of fair sharing, without an engine: `FairLLMServer._in_turn` in
-front of a stand-in for LLMServer's own method (the real engine runs in the stack tests)."""
+"""The engine deployment's side of fair sharing, without an engine: `FairAdmission.run` (what
+FairLLMServer's OpenAI methods go through) in front of a stand-in for LLMServer's own method
+(the real engine runs in the stack tests)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,13 @@ import asyncio
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
 
 from agencyllm.serving.gateway.fairshare import FairQueue, Ticket
-from agencyllm.serving.rayserve.engines import FairLLMServer, _FairQueueMetrics
+from agencyllm.serving.rayserve.engines import FairAdmission
 
 
-def server(queue: FairQueue) -> FairLLMServer:
-    instance = object.__new__(FairLLMServer)
-    instance._model = "m"
-    instance._fair_metrics = _FairQueueMetrics()
-    instance._queue = queue
-    return instance
+def server(queue: FairQueue) -> FairAdmission:
+    admission = FairAdmission("m", {"slots": 1})
+    admission.queue = queue
+    return admission
 
 
 def request() -> ChatCompletionRequest:
@@ -42,7 +41,7 @@ class Engine:
 async def test_a_slot_is_held_for_the_whole_stream_and_freed_after():
     queue, engine = FairQueue(1), Engine()
     replica = server(queue)
-    stream = await replica._in_turn(engine.chat, request(), None, Ticket("t", traffic_class="batch"))
+    stream = await replica.run(engine.chat, request(), None, Ticket("t", traffic_class="batch"))
     assert await stream.__anext__() == "data: one\n\n"
     assert queue.running == 1 and engine.seen == [10]  # batch runs at vLLM priority 10
     engine.release.set()
@@ -52,7 +51,7 @@ async def test_a_slot_is_held_for_the_whole_stream_and_freed_after():
 
 async def test_a_cancelled_stream_frees_its_slot():
     queue, engine = FairQueue(1), Engine()
-    stream = await server(queue)._in_turn(engine.chat, request(), None, Ticket("t"))
+    stream = await server(queue).run(engine.chat, request(), None, Ticket("t"))
     await stream.__anext__()
     await stream.aclose()
     assert queue.running == 0 and engine.seen == [0]
@@ -61,9 +60,9 @@ async def test_a_cancelled_stream_frees_its_slot():
 async def test_a_request_past_its_wait_gets_a_429_error_item():
     queue, engine = FairQueue(1, max_wait_seconds=0.05), Engine()
     replica = server(queue)
-    holder = await replica._in_turn(engine.chat, request(), None, Ticket("a"))
+    holder = await replica.run(engine.chat, request(), None, Ticket("a"))
     await holder.__anext__()
-    refused = await replica._in_turn(engine.chat, request(), None, Ticket("b"))
+    refused = await replica.run(engine.chat, request(), None, Ticket("b"))
     item = await refused.__anext__()
     assert isinstance(item, ErrorResponse) and item.error.code == 429
     assert queue.waiting == 0 and engine.seen == [0]  # the refused request never reached the engine
@@ -72,6 +71,6 @@ async def test_a_request_past_its_wait_gets_a_429_error_item():
 
 async def test_calls_without_a_ticket_go_straight_to_the_engine():
     queue, engine = FairQueue(1), Engine()
-    stream = await server(queue)._in_turn(engine.chat, request(), None, None)
+    stream = await server(queue).run(engine.chat, request(), None, None)
     assert await stream.__anext__() == "data: one\n\n"
     assert queue.running == 0

@@ -156,7 +156,8 @@ def ledger(up: Up, tenant: str) -> list[dict]:
         connection = await asyncpg.connect(host=lines[4], port=int(lines[3]), user="postgres", database="agencyllm")
         try:
             rows = await connection.fetch(
-                "SELECT u.request_id, u.status, u.completion_tokens FROM usage_ledger u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1",
+                "SELECT u.request_id, u.status, u.completion_tokens FROM usage_ledger u"
+                " JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1",
                 tenant,
             )
             open_count = await connection.fetchval(

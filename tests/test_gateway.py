@@ -28,11 +28,13 @@ from ray.serve.llm.openai_api_models import (
     ErrorResponse,
 )
 from starlette.requests import Request
+from vllm.exceptions import VLLMClientError
 
 from agencyllm.quotas import store
 from agencyllm.serving.config import ModelSpec, ServingConfig
+from agencyllm.serving.gateway.engines import RequestModels
 from agencyllm.serving.gateway.errors import EngineUnavailable, OpenAIError
-from agencyllm.serving.gateway.pipeline import REQUEST_ID_HEADER, Gateway, RequestModels
+from agencyllm.serving.gateway.pipeline import REQUEST_ID_HEADER, Gateway
 from agencyllm.serving.gateway.tokens import PromptCounter
 from agencyllm.serving.http.openai import http_app
 from agencyllm.serving.ops.placeholder import write_placeholder_model
@@ -47,12 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 class FakeEngines:
     """The gateway's `Engines`: records what it was sent and answers with the next scripted call."""
 
-    requests = RequestModels.of(ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+    requests = RequestModels.of(
+        ChatCompletionRequest, CompletionRequest, EmbeddingRequest, client_errors=(VLLMClientError,)
+    )
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, Any, Any]] = []
         self.next: FakeCall | None = None
         self.healthy = True
+        self.gone: tuple[type[BaseException], ...] = ()  # what means "the engine went away"
 
     def answer(self, call: FakeCall) -> FakeCall:
         self.next = call
@@ -70,6 +75,9 @@ class FakeEngines:
 
     async def has_running_replica(self, model: str) -> bool:
         return True
+
+    def is_gone(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.gone)
 
 
 @pytest.fixture(scope="module")
@@ -417,6 +425,53 @@ async def test_engine_call_that_fails_before_the_first_item_charges_nothing(gate
     assert await nothing_held(pg_db, tenant)
 
 
+async def test_an_engine_that_went_away_takes_its_model_down_until_it_answers(fresh_gateway, caller, pg_db):
+    tenant, key = await caller()
+    engines = fresh_gateway.engines
+    engines.gone = (ConnectionError,)
+    engines.healthy = False
+    engines.answer(FakeCall(fail=ConnectionError("replica died")))
+    with pytest.raises(EngineUnavailable):
+        await fresh_gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO}, key))
+    assert fresh_gateway.health.is_down(MODEL)
+    async with client_of(fresh_gateway) as client:
+        refused = await client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": HELLO}, headers={"authorization": f"Bearer {key}"}
+        )
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "service_unavailable"
+    assert len(engines.calls) == 1, "a request for a model that is down reached the engine"
+    engines.healthy = True
+    deadline = time.monotonic() + 10
+    while fresh_gateway.health.is_down(MODEL) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not fresh_gateway.health.is_down(MODEL)
+    rows = await ledger_rows(pg_db, tenant)
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["status"]) for r in rows] == [(0, 0, "engine_error")]
+
+
+async def test_a_failure_the_engine_port_does_not_call_gone_leaves_the_model_up(gateway, caller):
+    _, key = await caller()
+    gateway.engines.answer(FakeCall(fail=RuntimeError("not serialisable")))
+    with pytest.raises(EngineUnavailable):
+        await gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO}, key))
+    assert not gateway.health.is_down(MODEL)
+
+
+async def test_a_body_the_engines_request_model_refuses_is_a_400_naming_the_parameter(gateway, caller, pg_db):
+    tenant, key = await caller()
+    body = {"model": MODEL, "messages": HELLO, "logprobs": False, "top_logprobs": 3}
+    calls = len(gateway.engines.calls)
+    async with client_of(gateway) as client:
+        response = await client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "top_logprobs", "invalid_value")
+    assert "`logprobs` must be set to true" in error["message"]
+    assert len(gateway.engines.calls) == calls
+    assert await ledger_rows(pg_db, tenant, timeout=0.5) == []
+
+
 @pytest.mark.parametrize(
     ("code", "status", "row_status"),
     [(400, 400, "client_error"), (429, 429, "client_error"), (500, 503, "engine_error")],
@@ -558,8 +613,8 @@ async def test_model_cards_have_the_openai_shape(gateway, caller):
 
 async def test_the_first_request_finds_tokenizers_and_key_lookups_ready(fresh_gateway):
     for model in (MODEL, EMBED):
-        assert "_tokenizer" in vars(fresh_gateway._counters[model]), f"{model}'s tokenizer loads in the first request"
-    assert fresh_gateway.services.database._lookup_pool is not None
+        assert "_tokenizer" in vars(fresh_gateway._counters[model]), f"{model}'s tokenizer loads in the first request"  # noqa: SLF001 (the project's own object, white-box)
+    assert fresh_gateway.services.database._lookup_pool is not None  # noqa: SLF001 (the project's own object, white-box)
 
 
 async def test_readiness_names_what_is_down(gateway):

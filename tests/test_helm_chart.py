@@ -2,7 +2,8 @@
 a cluster would: Kubernetes' own schemas (kubernetes-validate --strict, oldest and newest supported
 release), KubeRay's RayService CRD schema (pinned fixture, unknown fields refused), Ray's Serve
 config schema and then our builder's own check, plus the platform's rules (Pod Security
-"restricted", default deny, registry, no secrets in values). No cluster runs here.
+"restricted", default deny, registry, no secrets in values). No cluster runs here. One module, long:
+its checks share the chart rendered once per case.
 """
 
 from __future__ import annotations
@@ -251,6 +252,11 @@ def test_packaged_chart_installs_offline(tmp_path):
         ({"modles": []}, "additional properties 'modles'"),
         ({"ray": {"head": {"gpus": 1}}}, "additional properties 'gpus'"),
         ({"models": [{"id": "m", "path": "m", "engineArgs": {}}]}, "additional properties 'engineArgs'"),
+        ({"models": [{"id": "m", "path": "m", "stream_coalesce_ms": "5"}]}, "/models/0/stream_coalesce_ms"),
+        ({"models": [{"id": "m", "path": "m", "stream_coalesce_ms": 5000}]}, "/models/0/stream_coalesce_ms"),
+        ({"models": [{"id": "m", "path": ""}]}, "/models/0/path"),
+        ({"models": [{"id": "m", "path": "m", "fair_share": {"slot": 4}}]}, "additional properties 'slot'"),
+        ({"models": [{"id": "m", "path": "m", "replicas": {"min": -1}}]}, "/models/0/replicas"),
         ({"image": {"tag": "latest"}}, "/image/tag"),
         ({"image": {"digest": "sha256:short"}}, "/image/digest"),
         ({"upgrade": {"strategy": "None"}}, "/upgrade/strategy"),
@@ -297,7 +303,8 @@ def test_core_manifests_and_ray_pods_validate_strictly(rendered, case, kube_vers
             kubernetes_validate.validate(doc, kube_version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             raise AssertionError(
-                f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {kube_version}): {exc.message} at {list(exc.path)}"
+                f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {kube_version}): "
+                f"{exc.message} at {list(exc.path)}"
             ) from None
 
 
@@ -384,6 +391,49 @@ def test_serve_config_passes_ray_and_our_builder(rendered, case, tmp_path):
     assert "postgresql://" not in rayservice["spec"]["serveConfigV2"]
 
 
+# Every setting of the models configuration, none at its default.
+EVERY_MODEL_SETTING = {
+    "id": "every-setting",
+    "path": "every-setting",
+    "task": "embed",
+    "engine_args": {"max_model_len": 4096, "max_num_seqs": 64},
+    "replicas": {"min": 0, "max": 3, "target_ongoing_requests": 8},
+    "accelerator": {"type": "L4", "gpus": 2, "cpus": 4, "strategy": "STRICT_PACK"},
+    "max_ongoing_requests": 32,
+    "fair_share": {
+        "slots": 48,
+        "interactive_reserve": 4,
+        "burst": 2,
+        "max_wait_seconds": 30.0,
+        "max_queued_per_tenant": 16,
+    },
+    "stream_coalesce_ms": 12.5,
+}
+
+
+def test_values_schema_models_generated_from_the_models_config():
+    """`models` in values.schema.json is the models configuration's own schema (one source; that
+    the committed file is current is tests/test_generated_schemas.py's check)."""
+    from agencyllm.serving.config import ModelSpec
+
+    item = json.loads((CHART / "values.schema.json").read_text())["properties"]["models"]["items"]
+    assert set(item["properties"]) == set(ModelSpec.model_fields) == set(EVERY_MODEL_SETTING)
+
+
+def test_every_model_setting_reaches_the_serve_config(chart, tmp_path):
+    from agencyllm.serving.config import ModelSpec
+    from agencyllm.serving.rayserve.app import application_config
+
+    rayservice = one(documents(render(chart, {"models": [EVERY_MODEL_SETTING]})), "RayService")
+    (served,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]["models"]
+    assert served == {**EVERY_MODEL_SETTING, "path": "/models/every-setting"}
+    (spec,) = application_config({"models": _with_local_weights([served], "/models", tmp_path)}).models
+    defaults = ModelSpec.model_construct()
+    for name in EVERY_MODEL_SETTING:
+        if name != "path":
+            assert getattr(spec, name) != getattr(defaults, name, None), f"{name} left at its default"
+
+
 def test_builder_names_the_bad_field(tmp_path):
     from agencyllm.serving.config import ConfigError
     from agencyllm.serving.rayserve.app import application_config
@@ -449,7 +499,7 @@ def test_ray_pods_share_weights_and_run_offline(rendered, case):
         assert int(limits["nvidia.com/gpu"]) >= 1, group["groupName"]
     units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-    for group, (name, pod) in zip(groups, ray_pods(rayservice)):
+    for group, (name, pod) in zip(groups, ray_pods(rayservice), strict=True):
         spec = pod["spec"]
         claims = {v["name"]: v for v in spec["volumes"]}
         assert claims["weights"]["persistentVolumeClaim"]["readOnly"] is True

@@ -97,3 +97,28 @@ async def test_embedded_postgres_start_stop_idempotent():
     await db.dispose()
     again.stop()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# sha256 of each released migration's plpgsql functions as a database receives them. A released
+# migration must do the same to every database: these never change (a new migration replaces a
+# function instead). The functions share fragments (`agencyllm.migrations.plpgsql`).
+RELEASED_FUNCTIONS = {
+    "0001_initial": "d5dfa33902f3c5ca1a02b8bbca5973c379d29e77e60fe3f07f18a11fb935072c",
+    "0002_audit_chain_governance": "3df3b7c1aa28049855b1c9bb489e119dd95c1bb5161c5f274843074b973221df",
+}
+
+
+@pytest.mark.parametrize("revision", RELEASED_FUNCTIONS)
+def test_released_migrations_render_the_same_functions(revision):
+    import hashlib
+    from importlib import import_module
+
+    functions = import_module(f"agencyllm.migrations.versions.{revision}").FUNCTIONS
+    assert hashlib.sha256("\n".join(functions).encode()).hexdigest() == RELEASED_FUNCTIONS[revision]
+
+
+def test_counter_updates_written_once():
+    """Each migration's quota functions take the counter updates from the shared fragments."""
+    for revision in RELEASED_FUNCTIONS:
+        source = (Path(__file__).parents[1] / "migrations" / "versions" / f"{revision}.py").read_text()
+        assert "UPDATE quota_counters SET" not in source, revision

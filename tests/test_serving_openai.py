@@ -116,7 +116,7 @@ def test_embeddings_single_batch_float_and_base64(stack):
         timeout=60,
     ).json()
     decoded = struct.unpack(f"<{len(vector)}f", base64.b64decode(raw["data"][0]["embedding"]))
-    assert max(abs(a - b) for a, b in zip(decoded, vector)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(decoded, vector, strict=True)) < 1e-5
 
 
 def test_real_embeddings_are_semantic(stack):
@@ -125,7 +125,7 @@ def test_real_embeddings_are_semantic(stack):
     vectors = [d.embedding for d in client.embeddings.create(model=EMBEDDING_ID, input=texts).data]
 
     def cosine(a, b):
-        return sum(x * y for x, y in zip(a, b))
+        return sum(x * y for x, y in zip(a, b, strict=True))
 
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.1
 

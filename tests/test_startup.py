@@ -9,7 +9,6 @@ import json
 import os
 import threading
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -156,7 +155,7 @@ def test_generate_models_warm_up_with_one_streamed_chat():
 
     chunk = _sse({"choices": [{"delta": {"content": "an error-free word"}}]})
     server = FakeServer(chat=[[chunk], ["data: [DONE]\n\n"]])
-    asyncio.run(engines._warm_request(server, "chat", embed=False))
+    asyncio.run(engines.warm_request(server, "chat", embed=False))
     assert [name for name, _ in server.calls] == ["chat"]
     request = server.calls[0][1]
     assert request.stream is True and request.max_tokens == 2 and request.model == "chat"
@@ -166,7 +165,7 @@ def test_a_model_without_chat_template_warms_up_with_a_completion():
     from agencyllm.serving.rayserve import engines
 
     server = FakeServer(chat=[_error(400, "no chat template")], completions=[[_sse({"choices": [{"text": "x"}]})]])
-    asyncio.run(engines._warm_request(server, "base", embed=False))
+    asyncio.run(engines.warm_request(server, "base", embed=False))
     assert [name for name, _ in server.calls] == ["chat", "completions"]
 
 
@@ -174,7 +173,7 @@ def test_embedding_models_warm_up_with_one_embedding():
     from agencyllm.serving.rayserve import engines
 
     server = FakeServer(embeddings=[{"data": [{"embedding": [0.1]}]}])
-    asyncio.run(engines._warm_request(server, "embed", embed=True))
+    asyncio.run(engines.warm_request(server, "embed", embed=True))
     assert [name for name, _ in server.calls] == ["embeddings"]
     assert server.calls[0][1].input == engines.WARM_UP_PROMPT
 
@@ -192,7 +191,7 @@ def test_a_failed_warm_up_fails_with_the_model_and_reason(answers):
     from agencyllm.serving.rayserve import engines
 
     with pytest.raises(engines.WarmUpFailed, match=r"model chat: the warm-up request failed \((500|400)\)"):
-        asyncio.run(engines._warm_request(FakeServer(**answers), "chat", embed=False))
+        asyncio.run(engines.warm_request(FakeServer(**answers), "chat", embed=False))
 
 
 def test_a_warm_up_that_hangs_fails_after_its_timeout(monkeypatch):
@@ -201,16 +200,12 @@ def test_a_warm_up_that_hangs_fails_after_its_timeout(monkeypatch):
     async def hang(*_args, **_kwargs):
         await asyncio.sleep(30)
 
-    monkeypatch.setattr(engines, "_warm_request", hang)
+    monkeypatch.setattr(engines, "warm_request", hang)
     monkeypatch.setattr(engines, "WARM_UP_TIMEOUT_SECONDS", 0.05)
-    replica = types.SimpleNamespace(_model="chat")  # what _warm_up reads of its replica
-
-    class Config:
-        engine_kwargs: dict = {}
 
     started = time.monotonic()
     with pytest.raises(engines.WarmUpFailed, match="model chat: the warm-up request took over"):
-        asyncio.run(engines.FairLLMServer._warm_up(replica, Config()))
+        asyncio.run(engines.warm_up(FakeServer(), "chat", embed=False))
     assert time.monotonic() - started < 5
 
 
@@ -218,14 +213,14 @@ def test_a_warm_up_that_hangs_fails_after_its_timeout(monkeypatch):
 
 
 def test_the_stack_process_reports_steps_and_messages_on_its_pipe(capsys):
-    from agencyllm.serving.ops.supervisor import Progress, _Reporter
+    from agencyllm.serving.ops.progress import Progress, Reporter
 
     read, write = os.pipe()
-    reporter = _Reporter(write)
+    reporter = Reporter(write)
     reporter.step("Ray started")
     reporter.say("could not start: no model at /x\n(config.json not found)")
     reporter.step("Ready: http://127.0.0.1:1/v1")
-    reporter._pipe.close()
+    reporter.close()
 
     progress = Progress(time.monotonic() - 12.34)
     relay = threading.Thread(target=progress.relay, args=(os.fdopen(read, encoding="utf-8"),))
@@ -237,9 +232,9 @@ def test_the_stack_process_reports_steps_and_messages_on_its_pipe(capsys):
 
 
 def test_without_a_pipe_the_stack_process_prints_plainly(capsys):
-    from agencyllm.serving.ops.supervisor import _Reporter
+    from agencyllm.serving.ops.progress import Reporter
 
-    _Reporter(None).step("Ready: http://127.0.0.1:1/v1")
+    Reporter(None).step("Ready: http://127.0.0.1:1/v1")
     assert capsys.readouterr().out == "Ready: http://127.0.0.1:1/v1\n"
 
 
@@ -314,7 +309,7 @@ def test_engines_answered_before_ready(stack):
 
 def test_progress_output_parses():
     """The format the `up` test in test_fault_up.py relies on."""
-    from agencyllm.serving.ops.supervisor import Progress
+    from agencyllm.serving.ops.progress import Progress
 
     buffer = io.StringIO()
     import contextlib

@@ -1,5 +1,6 @@
 """Initial schema: tenants, quota policies, API keys, usage ledger, audit events, and the ledger's
 counters and reservations with the plpgsql functions that admit and settle in one round trip.
+Long because a released migration stays whole: its tables and function bodies are frozen here.
 
 Revision ID: 0001
 Revises:
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
+
+from agencyllm.migrations.plpgsql import settle_counters, store_counters
 
 revision: str = "0001"
 down_revision: str | Sequence[str] | None = None
@@ -260,7 +263,7 @@ BEGIN
     RETURN NULL;  -- comparisons with an unset (NULL) limit are NULL: not a refusal
 END $$
 """,
-    r"""
+    rf"""
 CREATE FUNCTION quota_reserve(
     p_request_id text, p_tenant text, p_subject text, p_username text, p_key_id uuid,
     p_model text, p_endpoint text, p_prompt_tokens integer, p_max_tokens integer,
@@ -365,18 +368,7 @@ BEGIN
     cu.month_reserved := cu.month_reserved + v_need;
     cu.minute_requests := cu.minute_requests + 1;
     cu.in_flight := cu.in_flight + 1;
-    UPDATE quota_counters SET
-        day_key = ct.day_key, day_charged = ct.day_charged, day_reserved = ct.day_reserved,
-        month_key = ct.month_key, month_charged = ct.month_charged,
-        month_reserved = ct.month_reserved, minute_key = ct.minute_key,
-        minute_requests = ct.minute_requests, in_flight = ct.in_flight
-     WHERE tenant_id = tenant AND subject = '';
-    UPDATE quota_counters SET
-        day_key = cu.day_key, day_charged = cu.day_charged, day_reserved = cu.day_reserved,
-        month_key = cu.month_key, month_charged = cu.month_charged,
-        month_reserved = cu.month_reserved, minute_key = cu.minute_key,
-        minute_requests = cu.minute_requests, in_flight = cu.in_flight
-     WHERE tenant_id = tenant AND subject = p_subject;
+{store_counters(tenant_row="ct", user_row="cu", tenant="tenant", subject="p_subject")}
 
     INSERT INTO quota_reservations (request_id, tenant_id, subject, username, key_id, model,
         endpoint, prompt_tokens, max_tokens, reserved_tokens, day_key, month_key, started_at,
@@ -419,11 +411,11 @@ BEGIN
         req_remaining := up.requests_per_minute - cu.minute_requests;
     END IF;
 END $$
-""",
+""",  # noqa: E501 - released SQL, kept byte for byte
     # Charges min(actual, reserved) to the windows the reservation was made in (if they are
     # still current: an earlier window is over and no longer enforced), frees the concurrency
     # slot, and writes the one ledger row. A second call finds no reservation: no-op, NULL.
-    r"""
+    rf"""
 CREATE FUNCTION quota_settle(p_reservation_id bigint, p_prompt_tokens integer,
     p_completion_tokens integer, p_status text, p_ttft_ms double precision,
     p_latency_ms double precision, p_finished_at timestamptz, OUT charged bigint)
@@ -434,20 +426,7 @@ BEGIN
     DELETE FROM quota_reservations WHERE id = p_reservation_id RETURNING * INTO r;
     IF NOT FOUND THEN RETURN; END IF;
     charged := least(p_prompt_tokens::bigint + p_completion_tokens, r.reserved_tokens);
-    UPDATE quota_counters SET
-        day_reserved = CASE WHEN day_key = r.day_key THEN day_reserved - r.reserved_tokens ELSE day_reserved END,
-        day_charged = CASE WHEN day_key = r.day_key THEN day_charged + charged ELSE day_charged END,
-        month_reserved = CASE WHEN month_key = r.month_key THEN month_reserved - r.reserved_tokens ELSE month_reserved END,
-        month_charged = CASE WHEN month_key = r.month_key THEN month_charged + charged ELSE month_charged END,
-        in_flight = greatest(in_flight - 1, 0)
-     WHERE tenant_id = r.tenant_id AND subject = '';
-    UPDATE quota_counters SET
-        day_reserved = CASE WHEN day_key = r.day_key THEN day_reserved - r.reserved_tokens ELSE day_reserved END,
-        day_charged = CASE WHEN day_key = r.day_key THEN day_charged + charged ELSE day_charged END,
-        month_reserved = CASE WHEN month_key = r.month_key THEN month_reserved - r.reserved_tokens ELSE month_reserved END,
-        month_charged = CASE WHEN month_key = r.month_key THEN month_charged + charged ELSE month_charged END,
-        in_flight = greatest(in_flight - 1, 0)
-     WHERE tenant_id = r.tenant_id AND subject = r.subject;
+{settle_counters(charged="charged")}
     INSERT INTO usage_ledger (request_id, tenant_id, subject, username, key_id, model, endpoint,
         prompt_tokens, completion_tokens, total_tokens, status, ttft_ms, latency_ms, started_at,
         finished_at)

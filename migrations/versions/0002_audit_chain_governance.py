@@ -1,4 +1,4 @@
-"""Tamper-evident audit trail, data governance and feedback.
+"""Tamper-evident audit trail, data governance and feedback (long: a released migration stays whole).
 
 - `audit_events` becomes a hash chain: a BEFORE INSERT trigger gives every row the next `seq`,
   the previous row's hash and its own hash, serialised on the one-row `audit_chain_head` (its row
@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
+
+from agencyllm.migrations.plpgsql import settle_counters
 
 revision: str = "0002"
 down_revision: str | Sequence[str] | None = "0001"
@@ -247,7 +249,7 @@ END $$
     # order) and then writes one model-request audit record per settled reservation, all in
     # one statement: the audit record costs no extra round trip. Returns (n, charged) per input;
     # charged is NULL for a reservation settled before (idempotent no-op, no second record).
-    r"""
+    rf"""
 CREATE FUNCTION quota_settle_many(p_ids bigint[], p_prompt integer[], p_completion integer[],
     p_status text[], p_ttft double precision[], p_latency double precision[],
     p_finished_at timestamptz, p_client_ids text[], p_sources text[])
@@ -256,9 +258,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r quota_reservations;
     v_charged bigint;
-    done_rows quota_reservations[] := '{}';
-    done_n integer[] := '{}';
-    done_charged bigint[] := '{}';
+    done_rows quota_reservations[] := '{{}}';
+    done_n integer[] := '{{}}';
+    done_charged bigint[] := '{{}}';
     j integer := 0;
 BEGIN
     FOR i IN 1 .. coalesce(array_length(p_ids, 1), 0) LOOP
@@ -268,20 +270,7 @@ BEGIN
         END IF;
         v_charged := least(p_prompt[i]::bigint + p_completion[i], r.reserved_tokens);
         -- Tenant row before the user row: the lock order of quota_reserve.
-        UPDATE quota_counters SET
-            day_reserved = CASE WHEN day_key = r.day_key THEN day_reserved - r.reserved_tokens ELSE day_reserved END,
-            day_charged = CASE WHEN day_key = r.day_key THEN day_charged + v_charged ELSE day_charged END,
-            month_reserved = CASE WHEN month_key = r.month_key THEN month_reserved - r.reserved_tokens ELSE month_reserved END,
-            month_charged = CASE WHEN month_key = r.month_key THEN month_charged + v_charged ELSE month_charged END,
-            in_flight = greatest(in_flight - 1, 0)
-         WHERE tenant_id = r.tenant_id AND subject = '';
-        UPDATE quota_counters SET
-            day_reserved = CASE WHEN day_key = r.day_key THEN day_reserved - r.reserved_tokens ELSE day_reserved END,
-            day_charged = CASE WHEN day_key = r.day_key THEN day_charged + v_charged ELSE day_charged END,
-            month_reserved = CASE WHEN month_key = r.month_key THEN month_reserved - r.reserved_tokens ELSE month_reserved END,
-            month_charged = CASE WHEN month_key = r.month_key THEN month_charged + v_charged ELSE month_charged END,
-            in_flight = greatest(in_flight - 1, 0)
-         WHERE tenant_id = r.tenant_id AND subject = r.subject;
+{settle_counters(charged="v_charged", indent="        ")}
         INSERT INTO usage_ledger (request_id, tenant_id, subject, username, key_id, model,
             endpoint, prompt_tokens, completion_tokens, total_tokens, status, ttft_ms,
             latency_ms, started_at, finished_at)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agencyllm.quotas import store
-from agencyllm.quotas.models import FEEDBACK_CATEGORIES, Feedback, Tenant, UsageRecord
+from agencyllm.quotas.models import Feedback, FeedbackCategory, Tenant, UsageRecord
 
 MAX_COMMENT_CHARS = 4000
 
@@ -41,8 +41,9 @@ async def submit_feedback(
     category: str,
     comment: str | None,
 ) -> dict[str, Any]:
-    if category not in FEEDBACK_CATEGORIES:
-        raise store.Invalid(f"'category' must be one of {', '.join(FEEDBACK_CATEGORIES)}.", param="category")
+    if category not in tuple(FeedbackCategory):
+        raise store.Invalid(f"'category' must be one of {', '.join(FeedbackCategory)}.", param="category")
+    category = FeedbackCategory(category).value  # stored and answered as the plain string
     if rating is not None and (isinstance(rating, bool) or not 1 <= rating <= 5):
         raise store.Invalid("'rating' must be an integer from 1 to 5.", param="rating")
     if comment is not None:
@@ -53,7 +54,7 @@ async def submit_feedback(
             raise store.Invalid("'comment' must not contain NUL characters.", param="comment")
     if rating is None and comment is None and category == "other":
         raise store.Invalid("Give a rating, a category other than 'other', or a comment.")
-    async with store._transaction(session):
+    async with store.transaction(session):
         tenant = await store.get_tenant(session, tenant_name)
         if request_id is not None:
             # Only a request of the caller's own tenant: nobody learns other tenants' ids.

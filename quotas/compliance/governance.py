@@ -42,14 +42,14 @@ async def set_content_retention(
             f"'content_retention_days' must be an integer from 1 to {MAX_RETENTION_DAYS}, or null to keep nothing.",
             param="content_retention_days",
         )
-    async with store._transaction(session):
+    async with store.transaction(session):
         tenant = await store.get_tenant(session, tenant_name)
         before = tenant.content_retention_days
         if before != days:
             tenant.content_retention_days = days
             tenant.updated_at = store.utcnow()
             await session.flush()
-            store._audit(
+            store.record_change(
                 session,
                 actor,
                 "tenant.retention",
@@ -76,7 +76,7 @@ class ContentPolicy:
         if hit is not None and now - hit[0] < self._ttl:
             return hit[1]
         pool = await self._pool_source.pool()
-        days = await pool.fetchval("SELECT content_retention_days FROM tenants WHERE name = $1", tenant)
+        days: int | None = await pool.fetchval("SELECT content_retention_days FROM tenants WHERE name = $1", tenant)
         self._cache[tenant] = (now, days)
         return days
 
@@ -87,7 +87,7 @@ class ContentPolicy:
 
 
 async def cache_salt_secret(pool: asyncpg.Pool) -> bytes:
-    value = await pool.fetchval("SELECT value FROM platform_secrets WHERE name = 'cache_salt'")
+    value: str | None = await pool.fetchval("SELECT value FROM platform_secrets WHERE name = 'cache_salt'")
     if not value:
         raise RuntimeError("platform secret 'cache_salt' is missing: run `agencyllm db upgrade`")
     return value.encode()

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from agencyllm.quotas.audit import AuditRecord, insert_records, utc_now
 from agencyllm.quotas.db import Database
@@ -118,7 +119,7 @@ class Retention:
         return RetentionReport(content, ledger, int(purged["purged"] or 0))
 
 
-def _purge_record(now: datetime, action: str, target: str, tenant: str | None, details: dict) -> AuditRecord:
+def _purge_record(now: datetime, action: str, target: str, tenant: str | None, details: dict[str, Any]) -> AuditRecord:
     return AuditRecord(
         action=action,
         category="retention",

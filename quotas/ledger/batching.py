@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -26,7 +26,7 @@ Result = TypeVar("Result")
 class _Lane:
     """One partition's waiting calls and batches out."""
 
-    queue: list = field(default_factory=list)
+    queue: list[Any] = field(default_factory=list)
     in_flight: int = 0
     flush_scheduled: bool = False
 

@@ -1,14 +1,15 @@
-"""Quota metrics behind one small interface. Inside a Ray worker (ray imported and initialised)
-they go through `ray.util.metrics`, which Ray exports to Prometheus; elsewhere through
-prometheus_client's default registry. Names are Prometheus names either way."""
+"""Quota metrics behind one small interface, `QuotaMetrics`: its names and buckets, and the
+default backend, prometheus_client's registry. The ledger takes another backend where it runs:
+inside Ray the serving side passes Ray's metrics (`serving/rayserve/metrics.py`), which Ray exports
+to Prometheus. Names are Prometheus names either way."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import sys
 import threading
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, ParamSpec, Protocol
 
 TOKENS_CHARGED = "agencyllm_tokens_charged_total"
 REQUESTS_ADMITTED = "agencyllm_requests_admitted_total"
@@ -20,14 +21,15 @@ E2E_SECONDS = "agencyllm_request_duration_seconds"
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 
-def _never_raises(method):
+def never_raises(method: Callable[P, None]) -> Callable[P, None]:
     """A metric is never worth a request: its failure is logged (once per metric) and dropped."""
     failed = False
 
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
         nonlocal failed
         try:
             method(*args, **kwargs)
@@ -78,20 +80,20 @@ class _PrometheusMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    @_never_raises
+    @never_raises
     def tokens_charged(self, tenant: str, model: str, tokens: int) -> None:
         if tokens > 0:
             self._child(self._charged, tenant, model).inc(tokens)
 
-    @_never_raises
+    @never_raises
     def admitted(self, tenant: str, model: str) -> None:
         self._child(self._admitted, tenant, model).inc()
 
-    @_never_raises
+    @never_raises
     def refused(self, tenant: str, model: str, reason: str) -> None:
         self._child(self._refused, tenant, model, reason).inc()
 
-    @_never_raises
+    @never_raises
     def reservation_seconds(self, seconds: float) -> None:
         self._latency.observe(seconds)
 
@@ -101,60 +103,16 @@ class _PrometheusMetrics:
         self._child(self._e2e, tenant, model).observe(latency_ms / 1000)
 
 
-class _RayMetrics:
-    def __init__(self) -> None:
-        from ray.util.metrics import Counter, Histogram
-
-        self._charged = Counter(TOKENS_CHARGED, "Tokens charged to quotas", ("tenant", "model"))
-        self._admitted = Counter(REQUESTS_ADMITTED, "Requests admitted by the quota ledger", ("tenant", "model"))
-        self._refused = Counter(REQUESTS_REFUSED, "Requests refused by the quota ledger", ("tenant", "model", "reason"))
-        self._latency = Histogram(RESERVATION_SECONDS, "Time to admit (reserve) a request", RESERVATION_BUCKETS)
-        self._ttft = Histogram(
-            TTFT_SECONDS, "Time from admission to the first token", LATENCY_BUCKETS, ("tenant", "model")
-        )
-        self._e2e = Histogram(
-            E2E_SECONDS, "Time from admission to the end of the response", LATENCY_BUCKETS, ("tenant", "model")
-        )
-
-    @_never_raises
-    def tokens_charged(self, tenant: str, model: str, tokens: int) -> None:
-        if tokens > 0:  # Ray's Counter.inc refuses 0 (a request refused by its engine charges 0)
-            self._charged.inc(tokens, {"tenant": tenant, "model": model})
-
-    @_never_raises
-    def admitted(self, tenant: str, model: str) -> None:
-        self._admitted.inc(1, {"tenant": tenant, "model": model})
-
-    @_never_raises
-    def refused(self, tenant: str, model: str, reason: str) -> None:
-        self._refused.inc(1, {"tenant": tenant, "model": model, "reason": reason})
-
-    @_never_raises
-    def reservation_seconds(self, seconds: float) -> None:
-        self._latency.observe(seconds)
-
-    def request_finished(self, tenant: str, model: str, ttft_ms: float | None, latency_ms: float) -> None:
-        tags = {"tenant": tenant, "model": model}
-        if ttft_ms is not None:
-            self._ttft.observe(ttft_ms / 1000, tags)
-        self._e2e.observe(latency_ms / 1000, tags)
-
-
 _metrics: QuotaMetrics | None = None
 _lock = threading.Lock()
 
 
-def _ray_is_running() -> bool:
-    # Only look if something already imported ray: importing it here would cost a second.
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
-
-
 def quota_metrics() -> QuotaMetrics:
-    """The process-wide metrics (created on first use; both backends forbid duplicate names)."""
+    """The process-wide Prometheus metrics, the ledger's default (created on first use: the
+    registry forbids duplicate names)."""
     global _metrics
     if _metrics is None:
         with _lock:
             if _metrics is None:
-                _metrics = _RayMetrics() if _ray_is_running() else _PrometheusMetrics()
+                _metrics = _PrometheusMetrics()
     return _metrics

@@ -20,15 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from agencyllm.quotas import store
 from agencyllm.quotas.compliance import feedback as feedback_store
 from agencyllm.quotas.compliance.governance import MAX_RETENTION_DAYS, set_content_retention
-from agencyllm.quotas.models import FEEDBACK_CATEGORIES
+from agencyllm.quotas.models import FeedbackCategory
 from agencyllm.serving.admin.access import PlatformAdmin, TenantAdmin
 from agencyllm.serving.admin.schemas import documented_errors
 from agencyllm.serving.admin.usage import parse_bound, scoped_tenant
 from agencyllm.serving.gateway.deps import CurrentPrincipal, DbSession, SettingsDep
 from agencyllm.serving.gateway.errors import OpenAIError
 
-Category = Literal["inaccurate", "harmful", "biased", "unhelpful", "helpful", "other"]
-assert set(Category.__args__) == set(FEEDBACK_CATEGORIES)  # one list, two spellings
 COLUMNS = ("id", "created_at", "tenant", "request_id", "subject", "username", "rating", "category", "comment")
 
 
@@ -37,7 +35,7 @@ class FeedbackIn(BaseModel):
 
     request_id: str | None = Field(default=None, max_length=200, description="The response's `x-agencyllm-request-id`.")
     rating: StrictInt | None = Field(default=None, ge=1, le=5, description="1 (bad) to 5 (good).")
-    category: Category = "other"
+    category: FeedbackCategory = FeedbackCategory.OTHER
     comment: str | None = Field(default=None, max_length=feedback_store.MAX_COMMENT_CHARS)
 
 
@@ -105,7 +103,7 @@ async def list_feedback(
     session: DbSession,
     settings: SettingsDep,
     tenant: str | None = None,
-    category: Category | None = None,
+    category: FeedbackCategory | None = None,
     from_: Annotated[str | None, Query(alias="from", description="Date or date-time, inclusive")] = None,
     to: Annotated[str | None, Query(description="Date (inclusive) or date-time (exclusive)")] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,

@@ -5,23 +5,12 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
-from agencyllm.quotas.models import MAX_SHARE, TENANT_NAME_PATTERN
+from agencyllm.quotas.models import TENANT_NAME_PATTERN
+from agencyllm.quotas.store import Quota
 
 TenantName = Annotated[str, StringConstraints(pattern=TENANT_NAME_PATTERN)]
-Budget = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
-SmallLimit = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
-ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-
-
-def _a_number(value: object) -> object:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("must be a number")
-    return value
-
-
-Share = Annotated[float, BeforeValidator(_a_number), Field(gt=0, le=MAX_SHARE)]
 
 
 class Strict(BaseModel):
@@ -81,24 +70,6 @@ class TenantOut(BaseModel):
     status: Literal["active", "suspended"]
     created_at: datetime
     updated_at: datetime
-
-
-class Quota(Strict):
-    """A full policy: a field left out or null means no limit on that dimension."""
-
-    tokens_per_day: Budget | None = None
-    tokens_per_month: Budget | None = None
-    requests_per_minute: SmallLimit | None = None
-    max_concurrent_requests: SmallLimit | None = None
-    max_tokens_per_request: SmallLimit | None = None
-    max_tokens_mode: Literal["cap", "reject"] = Field(
-        default="cap", description="Over max_tokens_per_request: lower the request's max_tokens, or refuse it."
-    )
-    allowed_models: list[ModelName] | None = Field(default=None, description="null: every model.")
-    share: Share | None = Field(
-        default=None,
-        description="Weight of the tenant's claim on engine slots when tenants compete (tenant-wide only); null: 1.",
-    )
 
 
 class QuotaOut(Quota):

@@ -1,5 +1,6 @@
-"""The `agencyllm` command line: `main` (up, model, db), `admin` (tenants, quota, keys, usage,
-login over the admin REST API), `audit` (audit, retention, feedback, model card), `bundle`.
+"""The `agencyllm` command line, on Typer: `main` assembles the app from one module per command
+group (`up`, `model`, `db`, `tenants`, `quota`, `keys`, `usage`, `login`, `audit`, `retention`,
+`feedback`, `bundle`); `admin` is the admin REST API client, `output` the tables and JSON.
 
 The top layer: may import anything in `agencyllm.serving`; nothing imports it.
 """

@@ -1,4 +1,4 @@
-"""Admin pages: tenants, a tenant's quota and keys, usage charts and CSV.
+"""Admin pages: the tenant list, a tenant's page, settings, suspension and quota.
 
 Every page calls the admin API's own access checks and route functions in-process, so the console
 allows exactly what `/admin/v1` allows: a tenant admin never reaches another tenant's pages or forms.
@@ -7,18 +7,13 @@ allows exactly what `/admin/v1` allows: a tenant admin never reaches another ten
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 
-from agencyllm.quotas import store
-from agencyllm.quotas.models import MAX_SHARE, TRAFFIC_CLASSES
-from agencyllm.serving.admin import access, keys, quotas, tenants, usage
-from agencyllm.serving.admin.schemas import KeyCreate, Quota, TenantCreate, TenantUpdate
-from agencyllm.serving.console import reports
+from agencyllm.serving.admin import access, quotas, tenants
+from agencyllm.serving.admin.schemas import Quota, TenantCreate, TenantUpdate
+from agencyllm.serving.console.forms import ADMIN_ERRORS, FormProblem, share_number, tenant_path, text, whole_number
 from agencyllm.serving.console.web import (
-    PREFIX,
     ConsoleRoute,
     CurrentViewer,
     Viewer,
@@ -30,8 +25,7 @@ from agencyllm.serving.console.web import (
     safe_next,
     take_flash,
 )
-from agencyllm.serving.gateway.deps import DbSession, LedgerDep, SettingsDep
-from agencyllm.serving.gateway.errors import OpenAIError
+from agencyllm.serving.gateway.deps import DbSession, LedgerDep
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
 
@@ -42,49 +36,6 @@ QUOTA_LABELS = {
     "max_concurrent_requests": "Concurrent requests",
     "max_tokens_per_request": "Most tokens per request",
 }
-ADMIN_ERRORS = (OpenAIError, store.StoreError, ValidationError)
-
-
-def tenant_path(name: str, *rest: str) -> str:
-    return "/".join([f"{PREFIX}/tenants/{quote(name, safe='')}", *rest])
-
-
-def text(form, name: str) -> str | None:
-    value = str(form.get(name) or "").strip()
-    return value or None
-
-
-class FormProblem(Exception):
-    def __init__(self, field: str, message: str) -> None:
-        self.field, self.message = field, message
-
-
-def whole_number(form, name: str) -> int | None:
-    raw = (text(form, name) or "").replace(",", "").replace("_", "").replace(" ", "")
-    if not raw:
-        return None
-    if not raw.isdigit():
-        raise FormProblem(name, "Enter a whole number such as 2000000, or leave it empty for no limit.")
-    value = int(raw)
-    if value > store.QUOTA_MAXIMUMS.get(name, 3650):
-        raise FormProblem(name, f"Enter a number no larger than {store.QUOTA_MAXIMUMS.get(name, 3650):,}.")
-    return value
-
-
-def share_number(form, name: str = "share") -> float | None:
-    raw = (text(form, name) or "").replace(" ", "")
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= MAX_SHARE:
-        raise FormProblem(name, f"Enter a number above 0 and at most {MAX_SHARE}, such as 2, or leave it empty for 1.")
-    return value
-
-
-# --- tenants ----------------------------------------------------------------------------------
 
 
 async def _tenants_page(
@@ -321,132 +272,3 @@ async def set_quota(
         )
     flash(request, viewer, "Quota saved. It applies from the next request.")
     return redirect(tenant_path(name))
-
-
-# --- keys -------------------------------------------------------------------------------------
-
-
-async def _keys_page(
-    request: Request,
-    viewer: Viewer,
-    name: str,
-    session,
-    *,
-    show_revoked: bool = False,
-    status_code: int = 200,
-    errors: dict[str, str] | None = None,
-    problem: str | None = None,
-    values: dict[str, Any] | None = None,
-) -> Response:
-    await access.tenant_admin(name, viewer.principal)
-    tenant = await tenants.get_tenant(name, viewer.principal, session)
-    listed = await keys.list_tenant_keys(name, viewer.principal, session, include_revoked=show_revoked)
-    return render(
-        request,
-        "keys.html",
-        viewer,
-        status_code=status_code,
-        title=f"Keys of {tenant.display_name}",
-        tenant=tenant,
-        keys=listed,
-        show_revoked=show_revoked,
-        errors=errors or {},
-        problem=problem,
-        values=values or {},
-        notice=take_flash(request, viewer),
-        back=tenant_path(name, "keys") + ("?show_revoked=true" if show_revoked else ""),
-    )
-
-
-@router.get("/tenants/{name}/keys")
-async def keys_page(
-    request: Request, name: str, viewer: CurrentViewer, session: DbSession, show_revoked: bool = False
-) -> Response:
-    return await _keys_page(request, viewer, name, session, show_revoked=show_revoked)
-
-
-def key_body(form) -> KeyCreate:
-    days = text(form, "expires_in_days")
-    if days is not None and not days.isdigit():
-        raise FormProblem("expires_in_days", "Enter a whole number of days, or leave it empty for no expiry.")
-    traffic_class = text(form, "traffic_class") or "interactive"
-    if traffic_class not in TRAFFIC_CLASSES:
-        raise FormProblem("traffic_class", "Choose interactive or batch.")
-    return KeyCreate(
-        name=text(form, "name") or "", expires_in_days=int(days) if days else None, traffic_class=traffic_class
-    )
-
-
-@router.post("/tenants/{name}/keys")
-async def mint_service_key(request: Request, name: str, viewer: CurrentViewer, session: DbSession) -> Response:
-    form = await posted(request, viewer)
-    await access.tenant_admin(name, viewer.principal)
-    values = {
-        "name": text(form, "name"),
-        "expires_in_days": text(form, "expires_in_days"),
-        "traffic_class": text(form, "traffic_class"),
-    }
-    try:
-        created = await keys.create_service_key(name, key_body(form), viewer.principal, session)
-    except FormProblem as problem:
-        return await _keys_page(
-            request, viewer, name, session, status_code=400, errors={problem.field: problem.message}, values=values
-        )
-    except ADMIN_ERRORS as exc:
-        errors, problem = field_errors(exc)
-        if not values["name"]:
-            errors = {"name": "Give the key a name, such as the job or notebook that will use it."}
-        return await _keys_page(
-            request, viewer, name, session, status_code=400, errors=errors, problem=problem, values=values
-        )
-    flash(request, viewer, f"Key {created.name} minted.", key=created.key, key_name=created.name)
-    return redirect(tenant_path(name, "keys"))
-
-
-@router.post("/keys/{key_id}/revoke")
-async def revoke(request: Request, key_id: str, viewer: CurrentViewer, session: DbSession) -> Response:
-    form = await posted(request, viewer)
-    revoked = await keys.revoke_key(key_id, viewer.principal, session)
-    flash(request, viewer, f"Key {revoked.name} ({revoked.prefix}) revoked: it is refused from the next request on.")
-    return redirect(safe_next(form.get("back"), f"{PREFIX}/me"))
-
-
-# --- usage ------------------------------------------------------------------------------------
-
-
-@router.get("/usage")
-async def usage_page(
-    request: Request,
-    viewer: CurrentViewer,
-    session: DbSession,
-    settings: SettingsDep,
-    tenant: str | None = None,
-    split: str = "model",
-) -> Response:
-    tenant = tenant or None
-    if not viewer.is_platform_admin and tenant is None:
-        tenant = viewer.principal.tenant
-    scoped = usage.scoped_tenant(viewer.principal, tenant)
-    split = split if split in ("model", "user") else "model"
-    report = await reports.usage_chart(session, settings.quota_timezone, tenant=scoped, split=split)
-    choices = (
-        [t.name for t in await tenants.list_tenants(viewer.principal, session)] if viewer.is_platform_admin else []
-    )
-    return render(
-        request, "usage.html", viewer, title="Usage", report=report, tenant=scoped, split=split, tenant_choices=choices
-    )
-
-
-@router.get("/usage.csv")
-async def usage_csv(
-    viewer: CurrentViewer, session: DbSession, settings: SettingsDep, tenant: str | None = None, group_by: str = "day"
-) -> Response:
-    tenant = tenant or None
-    if not viewer.is_platform_admin and tenant is None:
-        tenant = viewer.principal.tenant
-    if group_by not in ("day", "user", "model", "tenant"):
-        raise OpenAIError(400, "Choose a report by day, user, model or tenant.")
-    first, _ = reports.window(settings.quota_timezone)
-    return await usage.usage(
-        viewer.principal, session, settings, tenant=tenant, from_=first.isoformat(), group_by=group_by, format="csv"
-    )

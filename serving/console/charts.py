@@ -100,6 +100,8 @@ def meter(used: int, limit: int | None, *, label: str) -> Markup:
     width = 160
     return Markup(
         f'<svg class="meter meter-{level}" viewBox="0 0 {width} 10" width="{width}" height="10" aria-hidden="true" '
-        f'focusable="false" xmlns="http://www.w3.org/2000/svg"><rect class="meter-track" width="{width}" height="10" rx="3"/>'
-        f'<rect class="meter-fill" width="{width * share:.1f}" height="10" rx="3"><title>{escape(label)}</title></rect></svg>'
+        f'focusable="false" xmlns="http://www.w3.org/2000/svg">'
+        f'<rect class="meter-track" width="{width}" height="10" rx="3"/>'
+        f'<rect class="meter-fill" width="{width * share:.1f}" height="10" rx="3">'
+        f"<title>{escape(label)}</title></rect></svg>"
     )

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request, Response
 
 from agencyllm.serving.admin import me
 from agencyllm.serving.console import reports
-from agencyllm.serving.console.admin_pages import ADMIN_ERRORS, FormProblem, key_body, text
+from agencyllm.serving.console.forms import ADMIN_ERRORS, FormProblem, text
+from agencyllm.serving.console.key_pages import key_body
 from agencyllm.serving.console.web import (
     PREFIX,
     ConsoleRoute,

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.datastructures import State
 
 from agencyllm.auth.principal import Principal
 from agencyllm.quotas.db import Database
@@ -15,20 +16,24 @@ from agencyllm.serving.gateway.identity import Authenticator
 from agencyllm.serving.settings import Settings
 
 
-def _state(request: Request):
-    return request.app.state
+def _state(request: Request) -> State:
+    state: State = request.app.state
+    return state
 
 
 def get_settings(request: Request) -> Settings:
-    return _state(request).settings
+    settings: Settings = _state(request).settings
+    return settings
 
 
 def get_database(request: Request) -> Database:
-    return _state(request).database
+    database: Database = _state(request).database
+    return database
 
 
 def get_ledger(request: Request) -> Ledger:
-    return _state(request).ledger
+    ledger: Ledger = _state(request).ledger
+    return ledger
 
 
 async def get_db_session(database: Annotated[Database, Depends(get_database)]) -> AsyncIterator[AsyncSession]:

@@ -1,7 +1,8 @@
 """Which models have a live engine, as this ingress replica sees it.
 
 A model is marked down when a call to its engine fails because the engine itself went away (its
-replica died or is restarting). While it is down, new requests for it are refused at once with
+replica died or is restarting: `EngineGone`, or what the engine port's `is_gone` says of its own
+exceptions). While it is down, new requests for it are refused at once with
 503 and `Retry-After` instead of queueing behind a replica that is not there, and a probe asks the
 engine for its health every `interval` seconds; the first answer marks the model up again.
 """
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 log = logging.getLogger("agencyllm.engines")
 
@@ -22,26 +24,7 @@ PROBE_TIMEOUT_SECONDS = 5.0
 # replica at all: Ray queues calls for a deployment without one until a replica is back.
 STALL_CHECK_SECONDS = 2.0
 
-
-def engine_gone(exc: BaseException) -> bool:
-    """The engine behind a call died or is unreachable (not: the request was refused)."""
-    try:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-    except ImportError:  # pragma: no cover - the ingress always runs inside Ray
-        return False
-    if isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError | EngineGone):
-        return True
-    # vLLM's engine core process died under a live replica.
-    return any(type(e).__name__ == "EngineDeadError" for e in _chain(exc))
-
-
-def _chain(exc: BaseException):
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+T = TypeVar("T")
 
 
 class EngineGone(RuntimeError):
@@ -54,23 +37,34 @@ class EngineHealth:
         probe: Callable[[str], Awaitable[object]],
         *,
         has_replica: Callable[[str], Awaitable[bool]] | None = None,
+        is_gone: Callable[[BaseException], bool] | None = None,
         interval: float = PROBE_INTERVAL_SECONDS,
         timeout: float = PROBE_TIMEOUT_SECONDS,
         stall_check: float = STALL_CHECK_SECONDS,
     ) -> None:
         self._probe = probe
         self._has_replica = has_replica
+        self._is_gone = is_gone
         self._interval = interval
         self._timeout = timeout
         self._stall_check = stall_check
         self._down_since: dict[str, float] = {}
-        self._checks: dict[str, tuple[float, asyncio.Future]] = {}
-        self._probes: dict[str, asyncio.Task] = {}
+        self._checks: dict[str, tuple[float, asyncio.Future[bool]]] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     def is_down(self, model: str) -> bool:
         return model in self._down_since
 
-    async def first_item(self, model: str, next_item: Awaitable):
+    def is_gone(self, exc: BaseException) -> bool:
+        """Whether a call's failure means its engine went away (not: the request was refused)."""
+        return isinstance(exc, EngineGone) or (self._is_gone is not None and self._is_gone(exc))
+
+    def call_failed(self, model: str, exc: BaseException) -> None:
+        """A call to `model`'s engine raised `exc`: mark the model down if its engine is gone."""
+        if self.is_gone(exc):
+            self.failed(model, exc)
+
+    async def first_item(self, model: str, next_item: Awaitable[T]) -> T:
         """Await `next_item`; while it takes long, check that the model still has a running
         replica, and raise EngineGone (and mark the model down) when it has none."""
         task = asyncio.ensure_future(next_item)
@@ -97,6 +91,8 @@ class EngineHealth:
         return await asyncio.shield(answer)
 
     async def _ask_controller(self, model: str) -> bool:
+        if self._has_replica is None:
+            return True
         try:
             return await asyncio.wait_for(self._has_replica(model), self._timeout)
         except Exception:  # the controller is busy or restarting: assume the replica is there

@@ -8,11 +8,10 @@ so a client mistake is never a 500 and no stack trace or internal detail reaches
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,6 +52,7 @@ class OpenAIError(Exception):
         param: str | None = None,
         code: str | int | None = None,
         headers: dict[str, str] | None = None,
+        audit_reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -61,8 +61,10 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        # Why a credential was refused, for the audit trail; the client sees one message for all.
+        self.audit_reason = audit_reason
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, dict[str, Any]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
@@ -123,14 +125,9 @@ def as_openai_error(exc: BaseException) -> OpenAIError | None:
         status = next((code for kind, code in _STORE_STATUS.items() if isinstance(exc, kind)), 400)
         return OpenAIError(status, exc.message, param=exc.param)
     if isinstance(exc, InvalidInput):
-        return OpenAIError(400, exc.message, param=exc.param, code=exc.code)
+        return invalid_input(exc)
     if isinstance(exc, EngineUnavailable):
         return unavailable(ENGINE_UNAVAILABLE_MESSAGE)
-    engine_errors = sys.modules.get("vllm.exceptions")  # imported where engines' models are used
-    if engine_errors is not None and isinstance(exc, engine_errors.VLLMClientError):
-        # The engine's request models validate some fields themselves; never echo the value.
-        message = str(exc.args[0]) if exc.args else "Invalid request."
-        return OpenAIError(400, message, param=getattr(exc, "parameter", None), code="invalid_value")
     if quotas_db.database_unavailable(exc):
         quotas_db.availability.failed(exc)
         return unavailable(DATABASE_UNAVAILABLE_MESSAGE)
@@ -142,7 +139,11 @@ def as_openai_error(exc: BaseException) -> OpenAIError | None:
 _LOCATIONS = ("body", "query", "path", "header", "cookie")
 
 
-def validation_error(errors: list[dict[str, Any]], *, from_request: bool = False) -> OpenAIError:
+def invalid_input(exc: InvalidInput) -> OpenAIError:
+    return OpenAIError(400, exc.message, param=exc.param, code=exc.code)
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]], *, from_request: bool = False) -> OpenAIError:
     """The first of pydantic's validation errors as a 400 naming the parameter, whether FastAPI
     validated the request (`from_request`) or a route parsed its body itself."""
     first = errors[0] if errors else {}
@@ -186,10 +187,6 @@ def install_error_handlers(app: FastAPI) -> None:
     # request in the log while the database is down); anything else reaches `_unexpected`.
     for kind in (AdmissionRefused, StoreError, InvalidInput, EngineUnavailable, *quotas_db.UNAVAILABLE_ERRORS):
         app.add_exception_handler(kind, _domain)
-    with contextlib.suppress(ImportError):
-        from vllm.exceptions import VLLMClientError
-
-        app.add_exception_handler(VLLMClientError, _domain)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

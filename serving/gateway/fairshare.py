@@ -28,13 +28,29 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from agencyllm.quotas.models import TRAFFIC_CLASSES
+from agencyllm.serving.gateway.inputs import InvalidInput
 
 TrafficClass = Literal["interactive", "batch"]
+# A caller may run a request as batch work (docs/quotas.md, "Fair sharing"); so does OpenAI's
+# `service_tier: "flex"`. Nothing lets a batch key's request run as interactive.
+TRAFFIC_CLASS_HEADER = "x-agencyllm-traffic-class"
 # vLLM's scheduler runs lower values first and preempts higher values first under memory pressure.
 ENGINE_PRIORITY: dict[TrafficClass, int] = {"interactive": 0, "batch": 10}
+
+
+def requested_class(asked: str | None, body: Any, caller: TrafficClass) -> TrafficClass:
+    """The class a request runs as: batch if the caller's key, the header `asked` or the body's
+    `service_tier: "flex"` says so (the body's service tier is not passed on to the engine)."""
+    if asked is not None and asked not in TRAFFIC_CLASSES:
+        raise InvalidInput(f"'{TRAFFIC_CLASS_HEADER}' must be 'interactive' or 'batch'.", param=TRAFFIC_CLASS_HEADER)
+    if getattr(body, "service_tier", None) == "flex":
+        asked = "batch"
+    if hasattr(body, "service_tier"):
+        body.service_tier = None
+    return "batch" if "batch" in (asked, caller) else "interactive"
 
 
 @dataclass(frozen=True)
@@ -69,14 +85,14 @@ class TenantLoad:
 class _Waiter:
     ticket: Ticket
     arrived: float
-    granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 @dataclass
 class _Tenant:
     share: float = 1.0
     running: int = 0
-    waiting: dict[TrafficClass, deque[_Waiter]] = field(default_factory=lambda: {c: deque() for c in TRAFFIC_CLASSES})
+    waiting: dict[str, deque[_Waiter]] = field(default_factory=lambda: {c: deque() for c in TRAFFIC_CLASSES})
 
     def queued(self) -> int:
         return sum(len(q) for q in self.waiting.values())
@@ -85,8 +101,8 @@ class _Tenant:
 class Slot:
     """A running slot; `release()` (or leaving the `async with`) gives it back, once."""
 
-    def __init__(self, queue: FairQueue, ticket: Ticket, waited: float) -> None:
-        self._queue = queue
+    def __init__(self, give_back: Callable[[Ticket], None], ticket: Ticket, waited: float) -> None:
+        self._give_back = give_back
         self.ticket = ticket
         self.waited = waited
         self._released = False
@@ -94,12 +110,12 @@ class Slot:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._queue._release(self.ticket)
+            self._give_back(self.ticket)
 
     async def __aenter__(self) -> Slot:
         return self
 
-    async def __aexit__(self, *_exc) -> None:
+    async def __aexit__(self, *_exc: object) -> None:
         self.release()
 
 
@@ -151,7 +167,7 @@ class FairQueue:
         arrived = self._clock()
         if (self._eligible(ticket.traffic_class) and not self._anyone_ahead(ticket)) or self._may_burst(ticket, state):
             self._start(ticket, state)
-            return Slot(self, ticket, 0.0)
+            return Slot(self._release, ticket, 0.0)
         if state.queued() >= self.max_queued_per_tenant:
             self._forget_if_idle(ticket.tenant)
             raise QueueRefused(
@@ -167,7 +183,7 @@ class FairQueue:
         except (TimeoutError, asyncio.CancelledError) as exc:
             if waiter.granted.done() and not waiter.granted.cancelled():
                 # Granted in the same instant: the slot is ours to use (timeout) or give back (cancel).
-                slot = Slot(self, ticket, self._clock() - arrived)
+                slot = Slot(self._release, ticket, self._clock() - arrived)
                 if isinstance(exc, asyncio.CancelledError):
                     slot.release()
                     raise
@@ -183,7 +199,7 @@ class FairQueue:
                 f"The model is busy: your request waited {self.max_wait_seconds:g}s for a slot. Retry later.",
                 retry_after=self._retry_after(),
             ) from None
-        return Slot(self, ticket, self._clock() - arrived)
+        return Slot(self._release, ticket, self._clock() - arrived)
 
     def _release(self, ticket: Ticket) -> None:
         state = self._tenants[ticket.tenant]
@@ -284,7 +300,7 @@ class TenantShares:
         self._ttl = ttl
         self._shares: dict[str, float] = {}
         self._fetched_at = -math.inf
-        self._refreshing: asyncio.Task | None = None
+        self._refreshing: asyncio.Task[None] | None = None
 
     def share(self, tenant: str) -> float:
         if time.monotonic() - self._fetched_at > self._ttl and (self._refreshing is None or self._refreshing.done()):

@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agencyllm.quotas.audit import request_source
 from agencyllm.quotas.compliance.governance import ContentPolicy, cache_salt_secret, tenant_cache_salt
+from agencyllm.quotas.compliance.retention import Retention
 from agencyllm.quotas.db import Database
+from agencyllm.serving.settings import Settings
 
 log = logging.getLogger("agencyllm.governance")
 
@@ -54,7 +56,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _texts(choices: list[dict]) -> list[str]:
+def _texts(choices: list[dict[str, Any]]) -> list[str]:
     out = []
     for choice in choices or []:
         part = (
@@ -72,7 +74,7 @@ class Governance:
         self._secret = secret
         self._salts: dict[str, str] = {}
         self.content = ContentPolicy(database)
-        self._writes: set[asyncio.Task] = set()
+        self._writes: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def load(cls, database: Database) -> Governance:
@@ -125,12 +127,12 @@ class Governance:
         if await self._retains(tenant):
             await self.content.keep(request_id, tenant, prompt_of(body), output)
 
-    def _later(self, work) -> None:
+    def _later(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._writes.add(task)
         task.add_done_callback(self._written)
 
-    def _written(self, task: asyncio.Task) -> None:
+    def _written(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("keeping request content failed: %s", type(task.exception()).__name__)
@@ -140,8 +142,6 @@ class Governance:
             await asyncio.gather(*self._writes, return_exceptions=True)
 
 
-def retention_job(settings: Any, database: Database):
+def retention_job(settings: Settings, database: Database) -> Retention:
     """The retention job the ledger's maintenance loop runs, from the settings."""
-    from agencyllm.quotas.compliance.retention import Retention
-
     return Retention(database, audit_days=settings.audit_retention_days, ledger_days=settings.ledger_retention_days)

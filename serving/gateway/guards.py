@@ -11,7 +11,7 @@ from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agencyllm.serving.gateway.errors import OpenAIError, as_openai_error, validation_error
+from agencyllm.serving.gateway.errors import OpenAIError, invalid_input, validation_error
 from agencyllm.serving.gateway.inputs import InvalidInput, check_query, check_text, load_json
 
 T = TypeVar("T")
@@ -84,7 +84,8 @@ class InputGuard:
             if scope.get("method") in _BODY_METHODS and _json_or_untyped(scope):
                 receive = await self._checked_body(scope, receive)
         except InvalidInput as exc:
-            return await as_openai_error(exc).response()(scope, _no_receive, send)
+            await invalid_input(exc).response()(scope, _no_receive, send)
+            return
         await self.app(scope, receive, send)
 
     async def _checked_body(self, scope: Scope, receive: Receive) -> Receive:
@@ -121,7 +122,7 @@ def _json_or_untyped(scope: Scope) -> bool:
 
 
 async def parse_body(
-    request: Request, model: type[T] | TypeAdapter, *, check: Callable[[dict], None] | None = None
+    request: Request, model: type[T] | TypeAdapter[T], *, check: Callable[[dict[str, Any]], None] | None = None
 ) -> T:
     """The JSON body as `model`; `check` sees the raw object first (strict types, bounds)."""
     data = request.scope.get("state", {}).get(PARSED_BODY, _UNPARSED)
@@ -129,12 +130,12 @@ async def parse_body(
         try:
             data = load_json(await request.body())
         except InvalidInput as exc:
-            raise as_openai_error(exc) from None
+            raise invalid_input(exc) from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
     if check is not None:
         check(data)
-    adapter = model if isinstance(model, TypeAdapter) else TypeAdapter(model)
+    adapter: TypeAdapter[T] = model if isinstance(model, TypeAdapter) else TypeAdapter(model)
     try:
         return adapter.validate_python(data)
     except ValidationError as exc:

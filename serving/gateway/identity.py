@@ -29,21 +29,18 @@ BOOTSTRAP_KEY_NAME = "bootstrap-admin"
 
 
 def unauthorized(reason: str = "invalid_credentials") -> OpenAIError:
-    error = OpenAIError(
+    return OpenAIError(
         401,
         PUBLIC_AUTH_MESSAGE,
         type="authentication_error",
         code="invalid_api_key",
         headers={"WWW-Authenticate": "Bearer"},
+        audit_reason=reason,
     )
-    error.audit_reason = reason  # the audit trail's reason; the client sees one message for all
-    return error
 
 
 def forbidden(message: str, reason: str = "tenant_unavailable") -> OpenAIError:
-    error = OpenAIError(403, message, type="permission_error", code="tenant_unavailable")
-    error.audit_reason = reason
-    return error
+    return OpenAIError(403, message, type="permission_error", code="tenant_unavailable", audit_reason=reason)
 
 
 def key_roles(kind: str, tenant: str) -> frozenset[Role]:
@@ -89,8 +86,8 @@ class Authenticator:
         try:
             return await self._authenticate(authorization_header)
         except OpenAIError as exc:
-            if (reason := getattr(exc, "audit_reason", None)) is not None:
-                self.audit.auth_failure(reason)
+            if exc.audit_reason is not None:
+                self.audit.auth_failure(exc.audit_reason)
             raise
 
     async def _authenticate(self, authorization_header: str | None) -> Principal:
@@ -118,7 +115,7 @@ class Authenticator:
             roles=roles,
             auth_method="api_key",
             key_id=str(key.id),
-            traffic_class=key.traffic_class,
+            traffic_class="batch" if key.traffic_class == "batch" else "interactive",
         )
 
     async def _from_access_token(self, token: str) -> Principal:

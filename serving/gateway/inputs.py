@@ -42,7 +42,8 @@ def check_text(value: str, param: str | None) -> None:
         raise InvalidInput(f"Invalid value for '{param or 'body'}': NUL bytes (\\u0000) are not allowed.", param=param)
     if not value.isascii() and _SURROGATE.search(value):
         raise InvalidInput(
-            f"Invalid value for '{param or 'body'}': the text holds a lone UTF-16 surrogate, which is not valid Unicode.",
+            f"Invalid value for '{param or 'body'}': "
+            "the text holds a lone UTF-16 surrogate, which is not valid Unicode.",
             param=param,
         )
 

@@ -55,9 +55,9 @@ class Admitted:
 class Metering:
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        self._settlements: set[asyncio.Task] = set()
+        self._settlements: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, Admitted] = {}
-        self._maintenance: asyncio.Task | None = None
+        self._maintenance: asyncio.Task[None] | None = None
 
     async def admit(
         self,
@@ -93,7 +93,7 @@ class Metering:
 
     def settle_later(
         self, admitted: Admitted, *, status: str, prompt_tokens: int | None = None, completion_tokens: int | None = None
-    ) -> asyncio.Task | None:
+    ) -> asyncio.Task[None] | None:
         """Start settling, once (later calls do nothing); the caller need not wait. Token counts
         default to what is known: the prompt counted at admission, the completion tokens seen."""
         if admitted.settled:
@@ -127,13 +127,29 @@ class Metering:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), SETTLE_WAIT_SECONDS)
 
-    async def _settle(self, reservation: Reservation, **usage) -> None:
+    async def _settle(
+        self,
+        reservation: Reservation,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        status: str,
+        ttft_ms: float | None,
+        latency_ms: float,
+    ) -> None:
         """`Ledger.settle`, retried while the database is unreachable (settling is idempotent)."""
         deadline = time.monotonic() + self._ledger.lease.total_seconds() * SETTLE_RETRY_SHARE
         pause = 0.5
         while True:
             try:
-                await self._ledger.settle(reservation, **usage)
+                await self._ledger.settle(
+                    reservation,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    status=status,
+                    ttft_ms=ttft_ms,
+                    latency_ms=latency_ms,
+                )
                 return
             except Exception as exc:
                 if not database_unavailable(exc) or time.monotonic() + pause > deadline:
@@ -142,7 +158,7 @@ class Metering:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
 
-    def _settled(self, task: asyncio.Task) -> None:
+    def _settled(self, task: asyncio.Task[None]) -> None:
         self._settlements.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # The reservation stays open: its lease lapses and the reaper writes its ledger row.

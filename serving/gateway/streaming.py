@@ -10,8 +10,10 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.responses import StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
 
 
 @dataclass
@@ -51,7 +53,7 @@ class StreamUsage:
         return self.completion_tokens if self.reported else self.content_chunks
 
 
-def split_events(item: str | list) -> list[str]:
+def split_events(item: str | list[Any]) -> list[str]:
     """Engine output arrives as lists of SSE strings (one per step when batching is off)."""
     items = item if isinstance(item, list) else [item]
     events: list[str] = []
@@ -63,7 +65,7 @@ def split_events(item: str | list) -> list[str]:
 
 
 async def relay(
-    engine_stream: AsyncIterator,
+    engine_stream: AsyncIterator[Any],
     usage: StreamUsage,
     *,
     client_wants_usage: bool,
@@ -124,7 +126,7 @@ class EventStreamResponse(StreamingResponse):
         self._body = body
         self._streams = streams
         self._on_close = on_close
-        self._sender: asyncio.Task | None = None
+        self._sender: asyncio.Task[Any] | None = None
         self._ending = False
         self.ended = asyncio.Event()
 
@@ -133,7 +135,7 @@ class EventStreamResponse(StreamingResponse):
         if self._sender is not None and not self._sender.done():
             self._sender.cancel()
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._streams.open.add(self)
         try:
             await super().__call__(scope, receive, send)
@@ -145,11 +147,11 @@ class EventStreamResponse(StreamingResponse):
                 self._on_close()
                 self.ended.set()
 
-    async def stream_response(self, send) -> None:
-        self._sender = asyncio.current_task()
+    async def stream_response(self, send: Send) -> None:
+        self._sender = sender = asyncio.current_task()
         started = False
 
-        async def sending(message: dict) -> None:
+        async def sending(message: Message) -> None:
             nonlocal started
             await send(message)
             started = True
@@ -161,8 +163,8 @@ class EventStreamResponse(StreamingResponse):
         except asyncio.CancelledError:
             if not self._ending:
                 raise
-            if self._sender.cancelling():
-                self._sender.uncancel()
+            if sender is not None and sender.cancelling():
+                sender.uncancel()
         await self._body.aclose()
         self._on_close()  # the engine call is aborted and its row on its way before the farewell
         if not started:

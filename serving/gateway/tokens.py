@@ -25,7 +25,7 @@ class PromptCounter:
         self.context_length = context_length
 
     @cached_property
-    def _tokenizer(self):
+    def _tokenizer(self) -> Any:  # transformers is untyped: a PreTrainedTokenizerBase
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)

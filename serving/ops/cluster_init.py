@@ -12,14 +12,11 @@ only the key's hash is stored.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
 import uuid
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TextIO
 
 from sqlalchemy import select
 
@@ -75,7 +72,8 @@ async def register_admin_key(database: Database, key: str) -> bool:
         session.add(row)
         await session.flush()
         # The same audit record an admin-minted key leaves (AC-2(4): account changes audited).
-        store._audit(session, actor, "key.create", "api_key", str(key_id), None, store.key_snapshot(row, tenant.name))
+        snapshot = store.key_snapshot(row, tenant.name)
+        store.record_change(session, actor, "key.create", "api_key", str(key_id), None, snapshot)
         await session.commit()
     return True
 
@@ -91,7 +89,9 @@ def _reason(exc: BaseException) -> str:
     return f"database not reachable: {type(cause).__name__}"
 
 
-async def wait_for_current_schema(url: str, timeout: float, interval: float = 2.0, *, out=None) -> bool:
+async def wait_for_current_schema(
+    url: str, timeout: float, interval: float = 2.0, *, out: TextIO | None = None
+) -> bool:
     """Check until the schema is current (True) or `timeout` seconds pass (False), printing each
     new reason for waiting."""
     out = out or sys.stdout
@@ -117,64 +117,10 @@ async def wait_for_current_schema(url: str, timeout: float, interval: float = 2.
         await asyncio.sleep(min(interval, remaining))
 
 
-# --- commands: `agencyllm db wait`, `agencyllm db bootstrap-admin` --------------------------------
-
-
-def cmd_wait(args: argparse.Namespace) -> int:
-    from agencyllm.serving.settings import Settings
-
-    settings = Settings()
-    if settings.database_url is None:
-        print(
-            "agencyllm: db wait needs AGENCYLLM_DATABASE_URL (there is nothing to wait for otherwise)", file=sys.stderr
-        )
-        return 2
-    ok = asyncio.run(wait_for_current_schema(settings.database_url.get_secret_value(), args.timeout, args.interval))
-    return 0 if ok else 1
-
-
-def cmd_bootstrap_admin(args: argparse.Namespace) -> int:
-    if args.new_key:
-        print(new_key())
-        return 0
-    from agencyllm.serving.cli.main import _settings
-    from agencyllm.serving.ops.local_db import database_url
-
+async def register_admin_key_at(url: str, key: str) -> bool:
+    """`register_admin_key` on the database at `url` (`agencyllm db bootstrap-admin --key-file`)."""
+    database = Database(url)
     try:
-        key = args.key_file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        print(f"agencyllm: cannot read {args.key_file}: {exc.strerror}", file=sys.stderr)
-        return 2
-    url, postgres = database_url(_settings(args))
-
-    async def run() -> bool:
-        database = Database(url)
-        try:
-            return await register_admin_key(database, key)
-        finally:
-            await database.dispose()
-
-    try:
-        added = asyncio.run(run())
-    except BootstrapKeyError as exc:
-        print(f"agencyllm: {exc}", file=sys.stderr)
-        return 1
+        return await register_admin_key(database, key)
     finally:
-        if postgres is not None:
-            postgres.stop()
-    print("Bootstrap platform-admin key registered." if added else "Bootstrap platform-admin key already registered.")
-    return 0
-
-
-def register(db: Any, data_dir_option: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add `wait` and `bootstrap-admin` beside `db upgrade`."""
-    wait = db.add_parser("wait", help="wait until the database schema is current (AGENCYLLM_DATABASE_URL)")
-    wait.add_argument("--timeout", type=float, default=600, help="seconds to wait before failing (default 600)")
-    wait.add_argument("--interval", type=float, default=2, help="seconds between checks (default 2)")
-    wait.set_defaults(func=cmd_wait)
-    admin = db.add_parser("bootstrap-admin", help="register the first platform-admin key (cluster installs)")
-    data_dir_option(admin)
-    source = admin.add_mutually_exclusive_group(required=True)
-    source.add_argument("--key-file", type=Path, help="file holding the key to register")
-    source.add_argument("--new-key", action="store_true", help="print a newly generated key (stores nothing)")
-    admin.set_defaults(func=cmd_bootstrap_admin)
+        await database.dispose()

@@ -89,6 +89,9 @@ class LocalStack:
     _ray_started: bool = field(default=False, init=False)
     # Whether one engine replica serves the gateway itself (serving/rayserve/app.py `gateway_engine`).
     _engine_http: bool = field(default=False, init=False)
+    # Where Ray Serve's proxy listens once Ray started: the user's port, or with direct ingress a
+    # free port of the same host (the proxy still answers the same routes there).
+    proxy_port: int | None = field(default=None, init=False)
 
     @property
     def base_url(self) -> str:
@@ -131,6 +134,7 @@ class LocalStack:
         http = serve_http(self.settings)  # direct ingress or Ray's proxy on the user's port
         os.environ.update(http.env)
         self._engine_http = http.direct and self.settings.engine_gateway
+        self.proxy_port = http.http_options["port"]
         num_cpus = self.settings.ray_num_cpus or max(8, os.cpu_count() or 1)
         ray.init(
             num_cpus=num_cpus,
@@ -152,9 +156,9 @@ class LocalStack:
         """Hand the application to Serve (returns at once; `wait_ready` waits for it)."""
         from ray import serve
 
-        from agencyllm.serving.config import cpu_only
         from agencyllm.serving.rayserve.app import APP_NAME, build_application
         from agencyllm.serving.rayserve.placement import host_cores, ingress_cpus
+        from agencyllm.serving.rayserve.platform import cpu_only
 
         if self.settings.ingress_cpus is None:
             # Ray is given more logical CPUs than the host has: decide from the real cores.

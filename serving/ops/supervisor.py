@@ -35,6 +35,7 @@ import traceback
 from pathlib import Path
 
 from agencyllm.serving.ops.local_db import bootstrap_admin_key
+from agencyllm.serving.ops.progress import Progress, Reporter, say
 from agencyllm.serving.settings import Settings
 
 log = logging.getLogger("agencyllm.up")
@@ -47,41 +48,11 @@ DATABASE_CHECK_SECONDS = 5.0
 SERVE_COMMAND = "_serve"
 LOG_FILE = Path("logs") / "agencyllm.log"  # under the data dir
 _PR_SET_PDEATHSIG = 1
-# Lines on the progress pipe: "<kind> <text>"; `step` lines are shown with the elapsed time,
-# `say` lines as messages.
-STEP, SAY = "step", "say"
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def say(message: str) -> None:
-    print(f"agencyllm: {message}", file=sys.stderr, flush=True)
-
-
-class Progress:
-    """One line per start-up step, with the seconds since `agencyllm up` started."""
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self._lock = threading.Lock()
-
-    def step(self, message: str) -> None:
-        with self._lock:
-            print(f"[{time.monotonic() - self.started:6.1f}s] {message}", flush=True)
-
-    def say(self, message: str) -> None:
-        with self._lock:
-            say(message)
-
-    def relay(self, pipe) -> None:
-        """Show the stack process's lines until it closes its end."""
-        with pipe:
-            for line in pipe:
-                kind, _, text = line.rstrip("\n").partition(" ")
-                (self.step if kind == STEP else self.say)(text)
 
 
 class Supervisor:
@@ -349,31 +320,6 @@ def _secret(value: str):
     return SecretStr(value)
 
 
-class _Reporter:
-    """The stack process's side of the progress pipe (or plain output when run on its own)."""
-
-    def __init__(self, fd: int | None) -> None:
-        self._pipe = None if fd is None else os.fdopen(fd, "w", buffering=1, encoding="utf-8")
-
-    def step(self, message: str) -> None:
-        self._write(STEP, message)
-
-    def say(self, message: str) -> None:
-        self._write(SAY, message)
-
-    def _write(self, kind: str, message: str) -> None:
-        line = " ".join(message.split())  # one line each
-        if self._pipe is None:
-            print(
-                line if kind == STEP else f"agencyllm: {line}",
-                file=sys.stdout if kind == STEP else sys.stderr,
-                flush=True,
-            )
-            return
-        with contextlib.suppress(OSError, ValueError):
-            self._pipe.write(f"{kind} {line}\n")
-
-
 def _preload_engine_libraries() -> None:
     """Import torch, transformers and vLLM (about half of the application's import time) while
     Ray starts. Nothing that imports Ray, FastAPI or pydantic.v1 belongs here: `ray.init` and
@@ -394,7 +340,7 @@ def serve(settings: Settings, model_dir: Path | None, progress_fd: int | None = 
     from agencyllm.serving.config import ConfigError
     from agencyllm.serving.ops.stack import LocalStack, resolve_models
 
-    reporter = _Reporter(progress_fd)
+    reporter = Reporter(progress_fd)
     try:
         serving, _ = resolve_models(settings, model_dir)
     except ConfigError as exc:

@@ -20,10 +20,11 @@ from __future__ import annotations
 from ray import serve
 from ray.serve import Application
 
-from agencyllm.serving.config import ENGINE_PREFIX, ConfigError, ModelSpec, ServingConfig, cpu_only, parse_config
+from agencyllm.serving.config import ENGINE_PREFIX, ConfigError, ModelSpec, ServingConfig, parse_config
 from agencyllm.serving.rayserve.engines import engine_deployment
 from agencyllm.serving.rayserve.ingress import AgencyIngress, EngineGateway
 from agencyllm.serving.rayserve.placement import ingress_cpus
+from agencyllm.serving.rayserve.platform import cpu_only
 from agencyllm.serving.settings import Settings
 
 APP_NAME = "agencyllm"
@@ -103,6 +104,7 @@ def build_app(args: dict) -> Application:
     settings = Settings()
     if settings.database_url is None:
         raise ConfigError(
-            "AGENCYLLM_DATABASE_URL must be set where the application is built (a Serve config has no embedded database)"
+            "AGENCYLLM_DATABASE_URL must be set where the application is built "
+            "(a Serve config has no embedded database)"
         )
     return build_application(settings, serving)

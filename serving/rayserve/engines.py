@@ -8,18 +8,17 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-from ray.serve.llm import LLMConfig, LLMServer, ModelLoadingConfig, build_llm_deployment
+from ray.serve.llm import LLMConfig, ModelLoadingConfig, build_llm_deployment
 from ray.serve.llm.openai_api_models import ErrorResponse
 from ray.util import metrics
 
 from agencyllm.serving.config import ENGINE_PREFIX, ModelSpec
 from agencyllm.serving.gateway.fairshare import ENGINE_PRIORITY, FairQueue, QueueRefused, TenantLoad, Ticket
 from agencyllm.serving.rayserve.heap import freeze_startup_heap
+from agencyllm.serving.rayserve.hooks import CoalescingLLMServer, skip_node_download
 from agencyllm.serving.rayserve.offline import OFFLINE_ENV  # engine processes must never reach out
-from agencyllm.serving.rayserve.stream_batch import coalesce
 
 # vLLM on CPU: fp32 kernels, no CUDA graphs, a bounded KV cache (GiB) instead of a share of GPU memory.
 _CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True}
@@ -58,7 +57,7 @@ def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
         deployment_config={"autoscaling_config": autoscaling, "max_ongoing_requests": spec.max_ongoing_requests},
         runtime_env={"env_vars": env},
         # FairLLMServer reads this as its coalescing interval (first chunk at once, see
-        # `_batch_output_stream`); Ray's own batcher would add the whole interval to TTFT.
+        # `hooks.CoalescingLLMServer`); Ray's own batcher would add the whole interval to TTFT.
         experimental_configs={"stream_batching_interval_ms": spec.stream_coalesce_ms},
         log_engine_metrics=True,
     )
@@ -95,7 +94,7 @@ def engine_deployment(
     )
 
 
-class FairLLMServer(LLMServer):
+class FairLLMServer(CoalescingLLMServer):
     """`LLMServer` whose OpenAI methods take a slot from the replica's fair queue first.
 
     The ingress passes a `Ticket` (tenant, share, class) as a third argument after admitting the
@@ -104,50 +103,47 @@ class FairLLMServer(LLMServer):
 
     async def __init__(self, llm_config: LLMConfig, *, fair_share: dict[str, Any], **kwargs: Any) -> None:
         self._model = llm_config.model_id
-        self._fair_metrics = _FairQueueMetrics()
-        self._queue = FairQueue(**fair_share, on_change=lambda load: self._fair_metrics.load(self._model, load))
-        _skip_node_download(llm_config)
+        self._admission = FairAdmission(self._model, fair_share)
+        skip_node_download(llm_config)
         await super().__init__(llm_config, **kwargs)
-        await self._warm_up(llm_config)
+        await warm_up(self, self._model, embed=llm_config.engine_kwargs.get("runner") == "pooling")
         freeze_startup_heap()
 
-    async def _warm_up(self, llm_config: LLMConfig) -> None:
-        """One real request through the engine before the replica counts as running, so the
-        first staff request after `Ready:` does not pay for cold kernels and templates."""
-        embed = llm_config.engine_kwargs.get("runner") == "pooling"
-        started = time.monotonic()
-        try:
-            await asyncio.wait_for(_warm_request(self, self._model, embed=embed), timeout=WARM_UP_TIMEOUT_SECONDS)
-        except TimeoutError:
-            raise WarmUpFailed(
-                f"model {self._model}: the warm-up request took over {WARM_UP_TIMEOUT_SECONDS:.0f} s"
-            ) from None
-        _log.info("model %s answered its warm-up request in %.2f s", self._model, time.monotonic() - started)
-
     async def chat(self, request, raw_request_info=None, ticket: Ticket | None = None):
-        return await self._in_turn(super().chat, request, raw_request_info, ticket)
+        return await self._admission.run(super().chat, request, raw_request_info, ticket)
 
     async def completions(self, request, raw_request_info=None, ticket: Ticket | None = None):
-        return await self._in_turn(super().completions, request, raw_request_info, ticket)
+        return await self._admission.run(super().completions, request, raw_request_info, ticket)
 
     async def embeddings(self, request, raw_request_info=None, ticket: Ticket | None = None):
-        return await self._in_turn(super().embeddings, request, raw_request_info, ticket)
+        return await self._admission.run(super().embeddings, request, raw_request_info, ticket)
 
-    async def _in_turn(
+
+class FairAdmission:
+    """One replica's fair queue in front of its engine methods, with its metrics."""
+
+    def __init__(self, model: str, fair_share: dict[str, Any], metrics: _FairQueueMetrics | None = None) -> None:
+        self.model = model
+        self.metrics = metrics or _FairQueueMetrics()
+        self.queue = FairQueue(**fair_share, on_change=lambda load: self.metrics.load(self.model, load))
+
+    async def run(
         self,
         method: Callable[..., Awaitable[AsyncIterator]],
         request: Any,
         raw_request_info: Any,
         ticket: Ticket | None,
     ) -> AsyncIterator:
+        """The engine's answer to `request`, once the ticket's turn came (at once without one);
+        the slot is held until the answer's stream ends or is closed."""
         if ticket is None:
             return await method(request, raw_request_info)
         try:
-            slot = await self._queue.acquire(ticket)
+            slot = await self.queue.acquire(ticket)
         except QueueRefused as refused:
-            self._fair_metrics.refused(self._model, ticket, refused.reason)
+            self.metrics.refused(self.model, ticket, refused.reason)
             return _one(_too_busy(refused))
-        self._fair_metrics.waited(self._model, ticket, slot.waited)
+        self.metrics.waited(self.model, ticket, slot.waited)
         if hasattr(request, "priority"):
             request.priority = ENGINE_PRIORITY[ticket.traffic_class]
         try:
@@ -157,13 +153,8 @@ class FairLLMServer(LLMServer):
             raise
         return _holding(stream, slot)
 
-    def _batch_output_stream(self, generator: AsyncIterator) -> AsyncIterator[list]:
-        """The first chunk leaves at once; later ones made within the model's `stream_coalesce_ms`
-        travel as one handle item (serving/rayserve/stream_batch.py)."""
-        return coalesce(generator, self._get_batch_interval_ms())
 
-
-# ---- warm-up (FairLLMServer._warm_up) ------------------------------------------------------
+# ---- warm-up (FairLLMServer's start) -------------------------------------------------------
 
 # A tiny model on CPU answers in seconds, a large one on a GPU well within this.
 WARM_UP_TIMEOUT_SECONDS = 120.0
@@ -175,16 +166,18 @@ class WarmUpFailed(RuntimeError):
     """The engine started but could not answer its warm-up request: the replica fails to start."""
 
 
-def _skip_node_download(llm_config: LLMConfig) -> None:
-    """Weights on a local path need no download: skip Ray Serve LLM's per-node download task,
-    which starts a worker process (importing torch and transformers) only to return the path."""
-    source = llm_config.model_loading_config.model_source
-    # A KV connector changes the engine arguments after this point: leave those configs alone.
-    if isinstance(source, str) and Path(source).is_dir() and "kv_transfer_config" not in llm_config.engine_kwargs:
-        llm_config.get_or_create_callback().ctx.run_init_node = False
+async def warm_up(server: Any, model: str, *, embed: bool) -> None:
+    """One real request through the engine before the replica counts as running, so the first
+    staff request after `Ready:` does not pay for cold kernels and templates."""
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(warm_request(server, model, embed=embed), timeout=WARM_UP_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise WarmUpFailed(f"model {model}: the warm-up request took over {WARM_UP_TIMEOUT_SECONDS:.0f} s") from None
+    _log.info("model %s answered its warm-up request in %.2f s", model, time.monotonic() - started)
 
 
-async def _warm_request(server: FairLLMServer, model: str, *, embed: bool) -> None:
+async def warm_request(server: Any, model: str, *, embed: bool) -> None:
     """Embedding models embed one input; generate models stream one two-token chat answer, or a
     completion when the model has no chat template (vLLM refuses its chat with a 400)."""
     from pydantic import TypeAdapter

@@ -3,7 +3,8 @@
 `AgencyIngress` is the Serve ingress deployment class (`serving/rayserve/app.py` deploys it): each replica
 builds a `Gateway` (serving/gateway/pipeline.py) in its constructor and hands Serve the FastAPI
 application that serves it (`serving/http/openai.py`). Engines are reached through their Serve
-deployment handles, wrapped as the gateway's `Engines`. Only public Ray APIs are used here:
+deployment handles, wrapped as the gateway's `Engines` (which say, through `engine_errors`, what
+Ray's and vLLM's exceptions mean); the ledger counts in Ray's metrics. Only public Ray APIs are used here:
 `ray.serve` and `ray.serve.llm.openai_api_models`.
 
 `EngineGateway` is the other way to put it there: one model's engine replica (`FairLLMServer`)
@@ -24,15 +25,20 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 from agencyllm.serving.config import ServingConfig
+from agencyllm.serving.gateway.engines import EngineCall, RequestModels
 from agencyllm.serving.gateway.fairshare import Ticket
-from agencyllm.serving.gateway.pipeline import EngineCall, Gateway, RequestModels
+from agencyllm.serving.gateway.pipeline import Gateway
 from agencyllm.serving.http.openai import http_app
+from agencyllm.serving.rayserve.engine_errors import CLIENT_ERRORS, engine_gone
 from agencyllm.serving.rayserve.engines import FairLLMServer
 from agencyllm.serving.rayserve.heap import freeze_startup_heap
+from agencyllm.serving.rayserve.metrics import ray_quota_metrics
 from agencyllm.serving.rayserve.ray_env import wait_for_direct_port
 from agencyllm.serving.settings import Settings
 
-OPENAI_REQUESTS = RequestModels.of(ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+OPENAI_REQUESTS = RequestModels.of(
+    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, client_errors=CLIENT_ERRORS
+)
 
 
 class ServeEngines:
@@ -63,6 +69,9 @@ class ServeEngines:
             str(getattr(state, "value", state)) == "RUNNING" and count > 0
             for state, count in deployment.replica_states.items()
         )
+
+    def is_gone(self, exc: BaseException) -> bool:
+        return engine_gone(exc)
 
 
 class ServesGateway:
@@ -96,7 +105,7 @@ class AgencyIngress(ServesGateway):
         self, engines: dict[str, DeploymentHandle], *, settings: Settings, serving: ServingConfig
     ) -> None:
         await wait_for_direct_port(settings.host)
-        self._gateway = await Gateway.start(settings, serving, ServeEngines(engines))
+        self._gateway = await Gateway.start(settings, serving, ServeEngines(engines), metrics=ray_quota_metrics())
 
     async def __del__(self) -> None:
         await self._close_gateway()
@@ -165,6 +174,9 @@ class ReplicaEngines:
     async def has_running_replica(self, model: str) -> bool:
         return model == self._model or await self._others.has_running_replica(model)
 
+    def is_gone(self, exc: BaseException) -> bool:
+        return engine_gone(exc)
+
 
 @serve.ingress()
 class EngineGateway(ServesGateway, FairLLMServer):
@@ -186,7 +198,7 @@ class EngineGateway(ServesGateway, FairLLMServer):
         await super().__init__(llm_config, fair_share=fair_share, **kwargs)
         await wait_for_direct_port(settings.host)
         local = ReplicaEngines(self, llm_config.model_id, ServeEngines(engines))
-        self._gateway = await Gateway.start(settings, serving, local)
+        self._gateway = await Gateway.start(settings, serving, local, metrics=ray_quota_metrics())
 
     async def __del__(self) -> None:
         await self._close_gateway()

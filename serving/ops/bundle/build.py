@@ -20,21 +20,27 @@ built with fixed timestamps and ordering, and the agencyllm wheel is built with 
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agencyllm.serving.ops.bundle import verify
+from agencyllm.serving.ops.bundle.charts import lock_images, package_charts
+from agencyllm.serving.ops.bundle.files import (
+    BuildError,
+    Progress,
+    copy_models,
+    copy_tree,
+    sign,
+    split_large_files,
+    write_manifest,
+)
 
 FORMAT = 1
 FLAVORS = ("cpu", "gpu")
@@ -44,13 +50,8 @@ FLAVORS = ("cpu", "gpu")
 CPU_EXCLUDED = ("torchvision", "torchaudio", "torchcodec")
 # 1980-01-01: the earliest time a zip archive (a wheel) can hold.
 DEFAULT_EPOCH = 315532800
-_COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.retry", ".pytest_cache", "credentials", ".ansible")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SIZE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:i?B)?$", re.IGNORECASE)
-
-
-class BuildError(Exception):
-    """One line for the user."""
 
 
 @dataclass
@@ -69,9 +70,6 @@ class BuildOptions:
     platforms: list[str] = field(default_factory=list)
     torch_index_url: str | None = None
     pip_args: list[str] = field(default_factory=list)
-
-
-Progress = Callable[[str], None]
 
 
 def parse_size(text: str) -> int:
@@ -101,9 +99,9 @@ def parse_model(text: str) -> tuple[str, Path]:
 
 def find_source() -> Path:
     """The checkout this agencyllm runs from (editable install), else the working directory."""
-    here = Path(__file__).resolve().parents[2]
+    here = Path(__file__).resolve().parents[3]  # serving/ops/bundle/build.py
     for candidate in (here, Path.cwd()):
-        if (candidate / "pyproject.toml").is_file() and (candidate / "serving" / "app.py").is_file():
+        if (candidate / "pyproject.toml").is_file() and (candidate / "serving" / "rayserve" / "app.py").is_file():
             return candidate
     raise BuildError("run `agencyllm bundle build` from a checkout of agencyllm, or pass --source DIR")
 
@@ -156,7 +154,7 @@ def build(options: BuildOptions, progress: Progress = print) -> dict:
     info["models"] = copy_models(options.models, out / "models", progress)
 
     step("ansible and keycloak")
-    info["ansible"] = _copy_tree(source / "infra" / "ansible", out / "ansible")
+    info["ansible"] = copy_tree(source / "infra" / "ansible", out / "ansible")
     realm = source / "infra" / "keycloak" / "agencyllm-realm.json"
     if realm.is_file():
         (out / "keycloak").mkdir()
@@ -282,7 +280,10 @@ def download_wheels(wheel: Path, flavor: str, dest: Path, options: BuildOptions,
     if result.returncode != 0:
         hint = ""
         if flavor == "cpu" and "torch" in result.stdout and not options.torch_index_url:
-            hint = "\n(the CPU torch build comes from PyTorch's CPU index: pass --torch-index-url https://download.pytorch.org/whl/cpu or your mirror)"
+            hint = (
+                "\n(the CPU torch build comes from PyTorch's CPU index: pass "
+                "--torch-index-url https://download.pytorch.org/whl/cpu or your mirror)"
+            )
         raise BuildError(f"pip download for {flavor} failed:\n{result.stdout.strip()[-3000:]}{hint}")
 
     excluded = []
@@ -329,242 +330,3 @@ def _lock(dest: Path, flavor: str, excluded: list[str], progress: Progress) -> d
         "excluded": sorted({wheel_name_version(n)[0] for n in excluded}),
         "lock_sha256": verify.sha256_file(dest / "requirements.lock"),
     }
-
-
-# --- chart and images ---------------------------------------------------------------------------
-
-
-def package_charts(helm_dir: Path, dest: Path, progress: Progress) -> list[dict]:
-    charts = sorted(p.parent for p in helm_dir.glob("*/Chart.yaml")) if helm_dir.is_dir() else []
-    if not charts:
-        progress(f"    no Helm chart under {helm_dir.name}/: skipped")
-        return []
-    import yaml
-
-    found = []
-    for chart_dir in charts:
-        meta = yaml.safe_load((chart_dir / "Chart.yaml").read_text(encoding="utf-8"))
-        name, version = meta["name"], str(meta["version"])
-        with tempfile.TemporaryDirectory(prefix="agencyllm-chart-") as scratch:
-            copy = Path(scratch) / name
-            shutil.copytree(chart_dir, copy, ignore=_COPY_IGNORE)
-            if meta.get("dependencies"):
-                _fetch_subcharts(copy)
-            dest.mkdir(parents=True, exist_ok=True)
-            archive = dest / f"{name}-{version}.tgz"
-            archive.write_bytes(deterministic_tgz(copy, name))
-            images = _chart_images(copy, progress)
-            if (copy / "crds").is_dir():
-                _copy_tree(copy / "crds", dest / "crds" / name)
-        progress(f"    {archive.name}" + (f", {len(images)} image(s)" if images else ""))
-        found.append(
-            {
-                "name": name,
-                "version": version,
-                "file": f"helm/{archive.name}",
-                "sha256": verify.sha256_file(archive),
-                "images": images,
-            }
-        )
-    return found
-
-
-def _fetch_subcharts(chart: Path) -> None:
-    try:
-        import helm_python
-    except ImportError as exc:
-        raise BuildError(f"{chart.name} has dependencies: install helm-python-sdk to fetch them") from exc
-    try:
-        helm_python.dependency_build(str(chart))
-    except Exception:
-        helm_python.dependency_update(str(chart), skip_refresh=True)
-
-
-def _chart_images(chart: Path, progress: Progress) -> list[str]:
-    """Every `image:` the chart renders with its default values (containers, RayService pods)."""
-    try:
-        import helm_python
-        import yaml
-    except ImportError:
-        progress("    helm-python-sdk not installed: the chart's images are not listed (pass --image)")
-        return []
-    try:
-        with helm_python.Chart.load(str(chart)) as loaded:
-            rendered = loaded.render({}, name="agencyllm", namespace="agencyllm")
-    except Exception as exc:
-        progress(
-            f"    could not render {chart.name} with its defaults ({str(exc).splitlines()[0][:200]}): pass --image"
-        )
-        return []
-    images: set[str] = set()
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "image" and isinstance(value, str) and value:
-                    images.add(value)
-                else:
-                    walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    for template, manifest in rendered.items():
-        if not template.endswith((".yaml", ".yml")):  # NOTES.txt and other text output
-            continue
-        for document in yaml.safe_load_all(manifest):
-            walk(document)
-    return sorted(images)
-
-
-def lock_images(images: Iterable[str], out: Path, progress: Progress, required: set[str] = frozenset()) -> list[dict]:
-    """images.lock: `<reference> <digest>`. With skopeo, OCI layouts under images/oci/ too.
-
-    An image named with --image must resolve; one found in the chart that cannot (a tag, no
-    skopeo) is listed as `<reference> unresolved` so the registry side knows to supply it."""
-    images = list(images)
-    if not images:
-        progress("    no images (no chart, no --image)")
-        return []
-    skopeo = shutil.which("skopeo")
-    locked, unresolved = [], []
-    for reference in images:
-        digest = reference.rpartition("@")[2] if "@sha256:" in reference else None
-        if digest is None and skopeo:
-            result = subprocess.run(
-                [skopeo, "inspect", "--format", "{{.Digest}}", f"docker://{reference}"], capture_output=True, text=True
-            )
-            digest = result.stdout.strip() if result.returncode == 0 else None
-        if digest is None:
-            unresolved.append(reference)
-            continue
-        entry = {"reference": reference, "digest": digest}
-        if skopeo:
-            layout = f"images/oci/{_layout_name(reference)}"
-            target = out / layout
-            target.parent.mkdir(parents=True, exist_ok=True)
-            repository = reference.split("@")[0]
-            if _has_tag(repository):
-                repository = repository.rpartition(":")[0]
-            pinned = f"{repository}@{digest}"
-            result = subprocess.run(
-                [skopeo, "copy", "--preserve-digests", f"docker://{pinned}", f"oci:{target}"],
-                capture_output=True,
-                text=True,
-            )
-            if result.returncode != 0:
-                raise BuildError(f"skopeo could not copy {reference}: {result.stderr.strip()[-500:]}")
-            entry["oci_layout"] = layout
-        locked.append(entry)
-    if missing := [r for r in unresolved if r in required]:
-        raise BuildError(
-            "no digest for " + ", ".join(missing) + ": pin them as NAME@sha256:… or install skopeo to resolve them"
-        )
-    for reference in unresolved:
-        progress(
-            f"    warning: {reference} (from the chart) has no digest: pin it in the chart's values or install skopeo"
-        )
-        locked.append({"reference": reference, "digest": "unresolved"})
-    lines = [f"{e['reference']} {e['digest']}" for e in sorted(locked, key=lambda e: e["reference"])]
-    (out / "images.lock").write_text("# reference digest\n" + "\n".join(lines) + "\n", encoding="utf-8")
-    progress(
-        f"    {len(locked)} image(s) locked"
-        + ("" if skopeo else " (skopeo not installed: digests only, no OCI layouts)")
-    )
-    return locked
-
-
-def _has_tag(reference: str) -> bool:
-    return ":" in reference.rpartition("/")[2]
-
-
-def _layout_name(reference: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", reference.split("@")[0])
-
-
-# --- models, trees, archives --------------------------------------------------------------------
-
-
-def copy_models(models: dict[str, Path], dest: Path, progress: Progress) -> list[dict]:
-    copied = []
-    for model_id, directory in sorted(models.items()):
-        target = dest / model_id
-        files = _copy_tree(directory, target)
-        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-        progress(f"    {model_id}: {files['files']} files, {size / 1e6:.1f} MB")
-        copied.append({"id": model_id, "path": f"models/{model_id}", "files": files["files"], "bytes": size})
-    return copied
-
-
-def _copy_tree(source: Path, dest: Path) -> dict:
-    if not source.is_dir():
-        return {"files": 0}
-    for path in source.rglob("*"):
-        if path.is_symlink() and not path.resolve().is_relative_to(source.resolve()):
-            raise BuildError(f"{path} is a symlink out of {source}: copy the real file in")
-    shutil.copytree(source, dest, ignore=_COPY_IGNORE, symlinks=False)
-    return {"files": sum(1 for p in dest.rglob("*") if p.is_file())}
-
-
-def deterministic_tgz(directory: Path, top: str) -> bytes:
-    """A `helm package`-shaped archive (`top/…`) whose bytes depend only on the files' content."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(directory.rglob("*")):
-            if path.is_dir() or path.is_symlink():
-                continue
-            info = tarfile.TarInfo(f"{top}/{path.relative_to(directory).as_posix()}")
-            info.size = path.stat().st_size
-            info.mode = 0o644
-            info.mtime = 0
-            info.uname = info.gname = ""
-            with open(path, "rb") as handle:
-                tar.addfile(info, handle)
-    compressed = io.BytesIO()
-    with gzip.GzipFile(fileobj=compressed, mode="wb", mtime=0, filename="") as gz:
-        gz.write(raw.getvalue())
-    return compressed.getvalue()
-
-
-# --- manifest, split, signature -----------------------------------------------------------------
-
-
-def split_large_files(out: Path, size: int, progress: Progress) -> None:
-    """Files larger than `size` become NAME.part-000, … ; SPLIT.sha256 holds the whole files' digests."""
-    table = []
-    for relative in sorted(verify.bundle_files(out)):
-        path = out / relative
-        if path.stat().st_size <= size:
-            continue
-        table.append(f"{verify.sha256_file(path)}  {relative}")
-        with open(path, "rb") as handle:
-            index = 0
-            while chunk := handle.read(size):
-                (out / f"{relative}.part-{index:03d}").write_bytes(chunk)
-                index += 1
-        path.unlink()
-        progress(f"    split {relative} into {index} parts")
-    if table:
-        (out / verify.SPLIT).write_text("\n".join(table) + "\n", encoding="utf-8")
-
-
-def write_manifest(out: Path) -> None:
-    lines = [
-        f"{verify.sha256_file(out / relative)}  {relative}"
-        for relative in sorted(verify.bundle_files(out) - verify.UNLISTED)
-    ]
-    (out / verify.MANIFEST).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def sign(out: Path, key: Path) -> None:
-    if shutil.which("ssh-keygen") is None:
-        raise BuildError("ssh-keygen not found: install OpenSSH to sign the bundle")
-    manifest = out / verify.MANIFEST
-    result = subprocess.run(
-        ["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", verify.NAMESPACE, str(manifest)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-    if result.returncode != 0:
-        raise BuildError(f"signing with {key} failed: {result.stderr.strip()}")
