@@ -1,6 +1,7 @@
 """The audit trail on real Postgres: every event type with its AU-3 fields, the hash chain and
 `agencyllm audit verify` against tampering in SQL, the database roles, concurrent writers,
-export (file and syslog), and a flood of failed sign-ins folded into a bounded number of rows."""
+export (file and syslog), and a flood of failed sign-ins folded into a bounded number of rows.
+One file over 400 lines: the checks share one audited database and its roles, set up once."""
 
 from __future__ import annotations
 

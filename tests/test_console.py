@@ -1,5 +1,6 @@
 """The web console in-process: the real app (create_app), Authenticator, Ledger and Postgres, and
-the local OIDC issuer over real HTTP for the authorization-code + PKCE sign-in.
+the local OIDC issuer over real HTTP for the authorization-code + PKCE sign-in. One file over 400
+lines: the pages share one signed-in app per module (key and Keycloak sign-in), built once.
 
 The browser tests (test_console_browser.py) drive the same pages in Chromium against the real stack.
 """

@@ -3,7 +3,8 @@ once with each way of serving its port (a separate ingress replica; the engine-h
 its embedded Postgres SIGKILLed under load (503 with Retry-After, a restart, recovery, every
 admitted request in the ledger), the replica serving its port SIGKILLed (the port served again),
 then SIGTERM with a request in flight (exit 0, no process of its tree left, Postgres stopped, the
-ledger complete), then a start and stop over the stale state."""
+ledger complete), then a start and stop over the stale state. One file over 400 lines: the faults
+run in order against the same running `up`, started once per topology."""
 
 from __future__ import annotations
 

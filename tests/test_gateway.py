@@ -1,4 +1,5 @@
 """The gateway's request pipeline against a fake engine: no Ray, no vLLM engine, real Postgres.
+One file over 400 lines: every test shares one gateway, its fake engine and its ledger fixtures.
 
 Every test admits through the real ledger and reads the usage-ledger row the request left, so
 "settled exactly once, charged what the engine did" is checked on the row itself."""
@@ -6,6 +7,7 @@ Every test admits through the real ledger and reads the usage-ledger row the req
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import subprocess
@@ -13,12 +15,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
 from fake_engine import FakeCall
-from pydantic import SecretStr
+from pydantic import BeforeValidator, SecretStr, TypeAdapter
 from ray.serve.llm.openai_api_models import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -469,6 +471,50 @@ async def test_a_body_the_engines_request_model_refuses_is_a_400_naming_the_para
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "top_logprobs", "invalid_value")
     assert "`logprobs` must be set to true" in error["message"]
     assert len(gateway.engines.calls) == calls
+    assert await ledger_rows(pg_db, tenant, timeout=0.5) == []
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "assistant", "content": "", "tool_calls": True}, "messages[0].tool_calls"),
+        ({"role": "assistant", "content": "", "tool_calls": 7}, "messages[0].tool_calls"),
+        ("hello", "messages[0]"),
+    ],
+)
+async def test_a_message_of_the_wrong_shape_is_a_400_naming_it(gateway, caller, pg_db, message, param):
+    """vLLM's own pre-processing of `tool_calls` raised a TypeError on these (a 500 before)."""
+    tenant, key = await caller()
+    async with client_of(gateway) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [message]},
+            headers={"authorization": f"Bearer {key}"},
+        )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert await ledger_rows(pg_db, tenant, timeout=0.5) == []
+
+
+async def test_a_shape_the_engines_request_model_trips_over_is_a_400(gateway, caller, pg_db):
+    """Past the edge's checks, an error a request model's own pre-processing raises is still the
+    client's body: a 400 in OpenAI's shape, never a 500."""
+    tenant, key = await caller()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi", "tool_calls": None}]}
+    original = gateway._requests  # noqa: SLF001 (the project's own object, white-box)
+
+    def trips(data: object) -> object:
+        raise TypeError("'bool' object is not iterable")  # as vLLM's `_normalize_messages_before` did
+
+    tripping = TypeAdapter(Annotated[dict[str, Any], BeforeValidator(trips)])
+    gateway._requests = dataclasses.replace(original, chat=tripping)  # noqa: SLF001 (own object, white-box)
+    try:
+        async with client_of(gateway) as client:
+            response = await client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+    finally:
+        gateway._requests = original  # noqa: SLF001 (the project's own object, white-box)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_request_body"
     assert await ledger_rows(pg_db, tenant, timeout=0.5) == []
 
 

@@ -1,4 +1,5 @@
-"""Quota ledger semantics on a real Postgres: windows, limits, settlement, reaper."""
+"""Quota ledger semantics on a real Postgres: windows, limits, settlement, reaper (one file, a little
+over 400 lines: each limit's tests beside the others, on one shared database)."""
 
 from __future__ import annotations
 

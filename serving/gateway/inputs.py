@@ -179,11 +179,22 @@ def check_openai_params(body: dict[str, Any], *, endpoint: str, max_choices: int
         raise InvalidInput(
             f"Missing required parameter: '{required}'.", param=required, code="missing_required_parameter"
         )
-    if endpoint == "chat" and not isinstance(body["messages"], list):
-        raise _wrong_type("messages", "an array", body["messages"])
+    if endpoint == "chat":
+        _check_messages(body["messages"])
     listed = {"completions": "prompt", "embeddings": "input"}.get(endpoint)
     if listed is not None:
         _check_prompt_list(listed, body.get(listed), max_prompts)
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise _wrong_type("messages", "an array", messages)
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _wrong_type(f"messages[{index}]", "an object", message)
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None and not isinstance(tool_calls, list):
+            raise _wrong_type(f"messages[{index}].tool_calls", "an array", tool_calls)
 
 
 def _check_integer(name: str, value: Any, low: int | None, high: int | None) -> None:

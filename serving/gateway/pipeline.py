@@ -237,6 +237,12 @@ class Gateway:
             return await parse_body(request, model, check=check)
         except self._requests.client_errors as exc:
             raise client_error(exc) from None
+        except (TypeError, KeyError, AttributeError, IndexError):
+            # The engine's request models pre-process the raw JSON before validating it, and some of
+            # that code trips over shapes it does not expect: still the client's body, never a 500.
+            raise OpenAIError(
+                400, "The request body does not have the shape this endpoint expects.", code="invalid_request_body"
+            ) from None
 
     async def _fetch_shares(self) -> dict[str, float]:
         return await store.tenant_shares(await self.services.database.pool())
