@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.fair_share_report import table, verdicts
-from bench.servers import start_stack, stop_process, wait_http
-from bench.serving_common import VLLM_ENV, environment, free_port, log, pct
+from bench.servers import start_plain_vllm, start_stack, stop_process, wait_http
+from bench.serving_common import environment, free_port, log, pct
 from bench.serving_load import sse_lines
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fair_share.json"
@@ -187,36 +187,9 @@ async def run_scenarios(target: Target, seconds: float) -> dict:
 
 
 def plain_vllm(model_dir: Path, work: Path, policy: str, seconds: float) -> dict:
-    import os
-    import subprocess
-
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        MODEL_ID,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "1024",
-        "--max-num-seqs",
-        str(SLOTS),
-        "--scheduling-policy",
-        policy,
-    ]
-    out = open(work / f"vllm-{policy}.log", "wb")
-    process = subprocess.Popen(
-        cmd, env={**os.environ, **VLLM_ENV}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    options = ("--max-num-seqs", str(SLOTS), "--scheduling-policy", policy)
+    process = start_plain_vllm(model_dir, port, work / f"vllm-{policy}.log", *options)
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", process, 600)
         batch = {"priority": 10} if policy == "priority" else {}
@@ -230,7 +203,6 @@ def plain_vllm(model_dir: Path, work: Path, policy: str, seconds: float) -> dict
         return asyncio.run(run_scenarios(Target(f"vllm-{policy}", f"http://127.0.0.1:{port}", callers), seconds))
     finally:
         stop_process(process)
-        out.close()
 
 
 async def tenants(database_url: str) -> dict[str, Caller]:

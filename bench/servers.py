@@ -14,7 +14,8 @@ from bench.serving_common import MODEL_ID, STOP_TIMEOUT_S, VLLM_ENV, log
 # ---- the three servers ----------------------------------------------------------------------
 
 
-def start_plain_vllm(model_dir: Path, port: int, log_file: Path) -> subprocess.Popen:
+def start_plain_vllm(model_dir: Path, port: int, log_file: Path, *extra_args: str) -> subprocess.Popen:
+    """Plain vLLM's OpenAI server; `extra_args` are more of its command-line options."""
     cmd = [
         sys.executable,
         "-m",
@@ -32,6 +33,7 @@ def start_plain_vllm(model_dir: Path, port: int, log_file: Path) -> subprocess.P
         "--enforce-eager",
         "--max-model-len",
         "1024",
+        *extra_args,
     ]
     env = {**os.environ, **VLLM_ENV}
     out = open(log_file, "wb")
