@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 import threading
 import time
 from importlib import resources
@@ -38,6 +39,7 @@ LOOKUP_CONNECTIONS = 2
 CONNECT_TIMEOUT_SECONDS = 5
 # What clients are told to wait before retrying while the database is down.
 RETRY_AFTER_SECONDS = 5
+DEFAULT_PORT = 5432
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -54,7 +56,8 @@ UNAVAILABLE_ERRORS = (
     asyncpg.InterfaceError,  # connection closed under a query
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown, starting up
     asyncpg.TooManyConnectionsError,
-    asyncpg.InternalClientError,  # a pooled connection that broke under a query fails its reset
+    asyncpg.InternalClientError,  # a broken pooled connection's reset; no host is a primary (yet)
+    asyncpg.ReadOnlySQLTransactionError,  # a write reached a standby: not the primary (any more)
     sqlalchemy.exc.TimeoutError,  # no pooled connection came free
     sqlalchemy.exc.DBAPIError,  # decided by database_unavailable: only when it wraps one of these
     DatabaseUnavailable,
@@ -83,6 +86,7 @@ class Availability:
     def __init__(self) -> None:
         self._down_since: float | None = None
         self._lock = threading.Lock()
+        self.outages = 0  # pools compare it to drop the connections they held before an outage
 
     @property
     def down(self) -> bool:
@@ -93,6 +97,7 @@ class Availability:
             if self._down_since is not None:
                 return
             self._down_since = time.monotonic()
+            self.outages += 1
         log.error("database unavailable (%s): requests get 503 until it is back", type(exc).__name__)
 
     def ok(self) -> None:
@@ -109,11 +114,64 @@ availability = Availability()
 
 
 def async_url(url: str | URL) -> URL:
-    """`postgresql://…` (any driver, TCP or `?host=/socket/dir`) as a `postgresql+asyncpg` URL."""
-    parsed = make_url(url) if isinstance(url, str) else url
+    """`postgresql://…` (any driver, TCP or `?host=/socket/dir`) as a `postgresql+asyncpg` URL.
+    Several hosts (libpq's `h1:p1,h2:p2`, `?host=h1:p1&host=h2:p2`, `?host=h1,h2&port=p1,p2`)
+    become the last form, which both SQLAlchemy's dialect and asyncpg read as a list to try in order."""
+    parsed = make_url(_libpq_hosts_to_query(url)) if isinstance(url, str) else url
     if parsed.get_backend_name() not in ("postgresql", "postgres"):
         raise ValueError(f"not a PostgreSQL URL: {parsed.render_as_string(hide_password=True)}")
-    return parsed.set(drivername="postgresql+asyncpg")
+    parsed = parsed.set(drivername="postgresql+asyncpg")
+    hosts = _hosts(parsed)
+    if hosts is None:
+        return parsed
+    return parsed.update_query_dict(
+        {"host": ",".join(host for host, _ in hosts), "port": ",".join(str(port) for _, port in hosts)}
+    )
+
+
+# libpq's multi-host authority (`user@h1:5432,h2:5433/db`), which SQLAlchemy's parser rejects.
+_MULTI_HOST_AUTHORITY = re.compile(
+    r"^(?P<scheme>[^:/]+://)(?P<user>[^@/]*@)?(?P<hosts>[^/?]*,[^/?]*)(?P<rest>[/?].*)?$"
+)
+
+
+def _libpq_hosts_to_query(url: str) -> str:
+    match = _MULTI_HOST_AUTHORITY.match(url)
+    if match is None:
+        return url
+    path, _, query = (match["rest"] or "").partition("?")
+    hosts = "&".join(f"host={item}" for item in match["hosts"].split(","))
+    return f"{match['scheme']}{match['user'] or ''}{path or '/'}?{hosts}{'&' + query if query else ''}"
+
+
+def _host_and_port(item: str, port: str | None) -> tuple[str, int]:
+    """`h`, `h:p`, `[v6]:p` or a socket directory, with `port` (else 5432) when it names none."""
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        return host, int(rest[1:] or port or DEFAULT_PORT)
+    if not item.startswith("/") and item.count(":") == 1:
+        host, _, given = item.partition(":")
+        return host, int(given or port or DEFAULT_PORT)
+    return item, int(port or DEFAULT_PORT)
+
+
+def _hosts(parsed: URL) -> list[tuple[str, int]] | None:
+    """The hosts to try, in order, when the URL names more than one; else None."""
+    raw_hosts = parsed.query.get("host")
+    if raw_hosts is None:
+        return None
+    hosts = [h for item in _as_tuple(raw_hosts) for h in item.split(",") if h]
+    if len(hosts) < 2:
+        return None
+    ports = [p for item in _as_tuple(parsed.query.get("port", ())) for p in item.split(",") if p]
+    if len(ports) > 1 and len(ports) != len(hosts):
+        raise ValueError(f"{len(hosts)} database hosts but {len(ports)} ports")
+    given: list[str | None] = list(ports) if len(ports) > 1 else [ports[0] if ports else None] * len(hosts)
+    return [_host_and_port(host, port) for host, port in zip(hosts, given, strict=True)]
+
+
+def _as_tuple(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else value
 
 
 def asyncpg_connect_args(url: str | URL) -> dict[str, Any]:
@@ -126,11 +184,19 @@ def asyncpg_connect_args(url: str | URL) -> dict[str, Any]:
         "database": parsed.database,
     }
     query = dict(parsed.query)
+    hosts = _hosts(parsed)
+    if hosts is not None:
+        query.pop("host"), query.pop("port")
+        args["host"], args["port"] = [h for h, _ in hosts], [p for _, p in hosts]
     if "host" in query:  # unix socket directory
         args["host"] = query.pop("host")
     if "port" in query:
         port = query.pop("port")
         args["port"] = int(port if isinstance(port, str) else port[-1])
+    # A connection parameter, not a server setting: each new connection (pooled ones too) must be
+    # to a server that takes writes, so a standby, or a demoted primary, is passed over.
+    if "target_session_attrs" in query:
+        args["target_session_attrs"] = query.pop("target_session_attrs")
     if query:
         args["server_settings"] = {k: v for k, v in query.items() if isinstance(v, str)}
     return {k: v for k, v in args.items() if v is not None}
@@ -155,9 +221,11 @@ class Database:
         self._pool: asyncpg.Pool | None = None
         self._lookup_pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self._outages_seen = availability.outages
 
     async def pool(self) -> asyncpg.Pool:
         """The ledger's pool. It batches its calls: a few connections carry any load."""
+        await self._after_outage()
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
@@ -166,11 +234,24 @@ class Database:
 
     async def lookup_pool(self) -> asyncpg.Pool:
         """Short reads on the request path (API-key lookups), apart from the ledger's writes."""
+        await self._after_outage()
         if self._lookup_pool is None:
             async with self._pool_lock:
                 if self._lookup_pool is None:
                     self._lookup_pool = await self._create_pool(LOOKUP_CONNECTIONS)
         return self._lookup_pool
+
+    async def _after_outage(self) -> None:
+        """Once per outage, replace every pooled connection as it is next taken. A connection that
+        still looks open may be to the old primary after a failover (cut off, fenced or demoted),
+        and only a new one is checked against `target_session_attrs`."""
+        if self._outages_seen == availability.outages:
+            return
+        self._outages_seen = availability.outages
+        for pool in (self._pool, self._lookup_pool):
+            if pool is not None:
+                await pool.expire_connections()
+        await self.engine.dispose()  # a fresh SQLAlchemy pool; pre-ping alone passes a standby
 
     async def _create_pool(self, size: int) -> asyncpg.Pool:
         return await asyncpg.create_pool(
