@@ -5,18 +5,17 @@
 {{- end -}}
 
 {{/* RELEASE-agencyllm, or the release name when it already contains the chart name. Kept to 40
-characters: KubeRay derives longer names (cluster, head service) from it. */}}
+characters: KubeRay derives longer names (cluster, head service) from it. Dots, which Helm allows
+in release names, become dashes (Service and KubeRay names are DNS-1035 labels); the rest is
+checked by agencyllm.validateNames. */}}
 {{- define "agencyllm.fullname" -}}
-{{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
-{{- else -}}
+{{- $full := .Values.fullnameOverride -}}
+{{- if not $full -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
-{{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
-{{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- $release := .Release.Name | replace "." "-" -}}
+{{- $full = ternary $release (printf "%s-%s" $release $name) (contains $name $release) -}}
 {{- end -}}
-{{- end -}}
+{{- regexReplaceAll "-+$" ($full | trunc 40) "" -}}
 {{- end -}}
 
 {{- define "agencyllm.chart" -}}

@@ -11,6 +11,20 @@ authOptions:
   secretName: {{ . }}
   {{- end }}
 {{- end }}
+{{- with .Values.ray.gcsFaultTolerance }}
+{{- if .enabled }}
+# GCS state in an external Redis: a head restart no longer restarts the workers and engines.
+gcsFaultToleranceOptions:
+  redisAddress: {{ .redisAddress | quote }}
+  {{- if .redisPasswordSecret }}
+  redisPassword:
+    valueFrom:
+      secretKeyRef:
+        name: {{ .redisPasswordSecret }}
+        key: {{ .redisPasswordKey }}
+  {{- end }}
+{{- end }}
+{{- end }}
 {{- if $autoscaling }}
 autoscalerOptions:
   image: {{ include "agencyllm.platformImage" . }}
@@ -26,6 +40,7 @@ autoscalerOptions:
   volumeMounts:
     - name: tmp
       mountPath: /tmp
+    {{- include "agencyllm.autoscalerTokenMount" . | nindent 4 }}
 {{- end }}
 headGroupSpec:
   rayStartParams:
@@ -47,28 +62,15 @@ headGroupSpec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
     spec:
-      {{- if $autoscaling }}
-      # The autoscaler sidecar calls the Kubernetes API with the service account KubeRay creates.
-      automountServiceAccountToken: true
-      {{- else }}
+      # The chart's service account, also with autoscaling (KubeRay then binds its autoscaler Role
+      # to it instead of creating its own). No container gets a token but the autoscaler sidecar,
+      # which mounts a short-lived one (agencyllm.autoscalerTokenVolume).
       serviceAccountName: {{ include "agencyllm.serviceAccountName" . }}
       automountServiceAccountToken: false
-      {{- end }}
       securityContext:
         {{- include "agencyllm.podSecurityContext" . | nindent 8 }}
       {{- include "agencyllm.imagePullSecrets" . | nindent 6 }}
-      {{- with .Values.ray.head.nodeSelector }}
-      nodeSelector:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with .Values.ray.head.tolerations }}
-      tolerations:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with .Values.ray.head.affinity }}
-      affinity:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+      {{- include "agencyllm.podScheduling" (dict "group" .Values.ray.head "labels" (include "agencyllm.rayGroupLabels" (dict "root" . "group" "") | fromYaml)) | nindent 6 }}
       initContainers:
         {{- include "agencyllm.dbWaitContainer" . | nindent 8 }}
       containers:
@@ -84,13 +86,19 @@ headGroupSpec:
             - {name: serve, containerPort: {{ .Values.serve.port }}}
             - {name: metrics, containerPort: 8080}
           resources:
-            {{- toYaml .Values.ray.head.resources | nindent 12 }}
+            requests:
+              {{- toYaml .Values.ray.head.resources.requests | nindent 14 }}
+              {{- include "agencyllm.rayEphemeralStorage" (dict "root" . "tmp" .Values.ray.head.tmpSizeLimit "part" "requests") | nindent 14 }}
+            limits:
+              {{- toYaml .Values.ray.head.resources.limits | nindent 14 }}
+              {{- include "agencyllm.rayEphemeralStorage" (dict "root" . "tmp" .Values.ray.head.tmpSizeLimit "part" "limits") | nindent 14 }}
           securityContext:
             {{- include "agencyllm.containerSecurityContext" . | nindent 12 }}
           volumeMounts:
             {{- include "agencyllm.rayVolumeMounts" . | nindent 12 }}
       volumes:
         {{- include "agencyllm.rayVolumes" (dict "root" . "tmp" .Values.ray.head.tmpSizeLimit "shm" .Values.ray.head.shmSizeLimit) | nindent 8 }}
+        {{- include "agencyllm.autoscalerTokenVolume" . | nindent 8 }}
 workerGroupSpecs:
 {{- range .Values.ray.workerGroups }}
   - groupName: {{ .name }}
@@ -119,18 +127,7 @@ workerGroupSpecs:
         securityContext:
           {{- include "agencyllm.podSecurityContext" $root | nindent 10 }}
         {{- include "agencyllm.imagePullSecrets" $root | nindent 8 }}
-        {{- with .nodeSelector }}
-        nodeSelector:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
-        {{- with .tolerations }}
-        tolerations:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
-        {{- with .affinity }}
-        affinity:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
+        {{- include "agencyllm.podScheduling" (dict "group" . "labels" (include "agencyllm.rayGroupLabels" (dict "root" $root "group" .name) | fromYaml)) | nindent 8 }}
         initContainers:
           {{- include "agencyllm.dbWaitContainer" $root | nindent 10 }}
         containers:
@@ -145,11 +142,13 @@ workerGroupSpecs:
             resources:
               requests:
                 {{- toYaml .resources.requests | nindent 16 }}
+                {{- include "agencyllm.rayEphemeralStorage" (dict "root" $root "tmp" .tmpSizeLimit "part" "requests") | nindent 16 }}
                 {{- if gt (int .gpus) 0 }}
                 nvidia.com/gpu: {{ .gpus | quote }}
                 {{- end }}
               limits:
                 {{- toYaml .resources.limits | nindent 16 }}
+                {{- include "agencyllm.rayEphemeralStorage" (dict "root" $root "tmp" .tmpSizeLimit "part" "limits") | nindent 16 }}
                 {{- if gt (int .gpus) 0 }}
                 nvidia.com/gpu: {{ .gpus | quote }}
                 {{- end }}
@@ -175,9 +174,11 @@ cluster shape replaces the RayService: Helm deletes the old one, KubeRay its clu
 {{- toJson $cluster | sha256sum | trunc 8 -}}
 {{- end -}}
 
+{{/* At most 47 characters, KubeRay's limit (it appends its own suffixes): FULLNAME (<= 40), or
+FULLNAME cut to 38 + "-" + HASH8 with Recreate. */}}
 {{- define "agencyllm.rayServiceName" -}}
 {{- if eq .Values.upgrade.strategy "Recreate" -}}
-{{- printf "%s-%s" (include "agencyllm.fullname" .) (include "agencyllm.clusterHash" .) -}}
+{{- printf "%s-%s" (regexReplaceAll "-+$" (include "agencyllm.fullname" . | trunc 38) "") (include "agencyllm.clusterHash" .) -}}
 {{- else -}}
 {{- include "agencyllm.fullname" . -}}
 {{- end -}}
