@@ -606,6 +606,22 @@ def test_no_secret_from_values(rendered, case):
                     assert "valueFrom" in env and "value" not in env, env["name"]
 
 
+def test_cloudnativepg_database_is_reached_through_its_rw_service(rendered):
+    """With the evaluation CloudNativePG cluster, every process reads the database URL from the
+    operator's `<cluster>-app` Secret (`uri`, which names the `<cluster>-rw` Service: the primary,
+    whichever instance that is after a failover), never from a value or a single pod."""
+    docs = rendered["evaluation-one-gpu"]
+    cluster = one(docs, "Cluster")["metadata"]["name"]
+    seen = 0
+    for _, pod in all_pods(docs):
+        for container in containers(pod["spec"]):
+            for env in container.get("env", []):
+                if env["name"] == "AGENCYLLM_DATABASE_URL":
+                    assert env["valueFrom"]["secretKeyRef"] == {"name": f"{cluster}-app", "key": "uri"}, env
+                    seen += 1
+    assert seen >= 3  # the head, the GPU workers and the migrations Job
+
+
 def test_only_the_api_is_exposed(rendered):
     service = next(d for d in rendered["defaults"] if d["kind"] == "Service")
     assert [p["port"] for p in service["spec"]["ports"]] == [8000]
