@@ -8,7 +8,9 @@ dependencies, and the routes below. Nothing here knows about Ray.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
@@ -31,28 +33,17 @@ def _body(endpoint: str) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": BODIES[endpoint]}}}}
 
 
+def _model_call(path: str, summary: str, endpoint: str) -> Callable[[Any], Any]:
+    """The route decorator of a model call: its path, its documented body and errors."""
+    return lambda app: app.post(
+        path, tags=["openai"], summary=summary, responses=_CALL_ERRORS, openapi_extra=_body(endpoint)
+    )
+
+
 ENDPOINTS = {
-    "chat": lambda app: app.post(
-        "/v1/chat/completions",
-        tags=["openai"],
-        summary="Chat completion (OpenAI)",
-        responses=_CALL_ERRORS,
-        openapi_extra=_body("chat"),
-    ),
-    "completions": lambda app: app.post(
-        "/v1/completions",
-        tags=["openai"],
-        summary="Text completion (OpenAI)",
-        responses=_CALL_ERRORS,
-        openapi_extra=_body("completions"),
-    ),
-    "embeddings": lambda app: app.post(
-        "/v1/embeddings",
-        tags=["openai"],
-        summary="Embeddings (OpenAI)",
-        responses=_CALL_ERRORS,
-        openapi_extra=_body("embeddings"),
-    ),
+    "chat": _model_call("/v1/chat/completions", "Chat completion (OpenAI)", "chat"),
+    "completions": _model_call("/v1/completions", "Text completion (OpenAI)", "completions"),
+    "embeddings": _model_call("/v1/embeddings", "Embeddings (OpenAI)", "embeddings"),
     "models": lambda app: app.get(
         "/v1/models", tags=["openai"], summary="List models", responses=_errors(401, 403, 503)
     ),
