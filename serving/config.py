@@ -40,6 +40,10 @@ class Replicas(BaseModel):
         return self
 
 
+RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+MAX_CUSTOM_RESOURCE = 1_000_000
+
+
 class Accelerator(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: str | None = Field(
@@ -51,6 +55,21 @@ class Accelerator(BaseModel):
     strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         default="PACK", description="Ray placement strategy for multi-GPU engines"
     )
+    resources: dict[str, float] = Field(
+        default={},
+        description="Ray custom resources each engine replica needs (e.g. {engine_node: 1}): only Ray nodes "
+        "started with them (ray start --resources) run it",
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in RAY_BUILTIN_RESOURCES or not name or name.startswith("node:"):
+                raise ValueError(f"{name!r} is not a custom resource name (cpus and gpus set CPU and GPU)")
+            if not 0 < amount <= MAX_CUSTOM_RESOURCE:
+                raise ValueError(f"resource {name!r}: {amount} is not between 0 (excluded) and {MAX_CUSTOM_RESOURCE}")
+        return value
 
 
 # Engine deployments are named LLMServer:<model id> (as Ray Serve LLM names them).

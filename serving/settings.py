@@ -106,6 +106,13 @@ class Settings(_Validated):
     metrics_token: SecretStr | None = None
     # Logical CPUs Ray may hand out on this host (local run). Unset: Ray's own count, at least 8.
     ray_num_cpus: int | None = None
+    # Join this running Ray cluster (its head's GCS address, HOST:6379) instead of starting Ray on
+    # this host (`agencyllm up --address`). The cluster's own nodes decide Ray's settings.
+    ray_address: str | None = None
+    # Keep the ingress replicas on the Ray head node, where the API port is served: the Ansible
+    # install's firewall opens it there only. Unset: on the head when joining a cluster
+    # (`ray_address`), anywhere otherwise (KubeRay runs Serve's proxy on every node).
+    ingress_on_head: bool | None = None
     # Run the engines as on a CPU-only host even where vLLM sees an accelerator.
     force_cpu: bool = False
     # CPUs each ingress replica reserves in Ray. Unset: 1 where the cluster (local run: the host's
@@ -126,6 +133,20 @@ class Settings(_Validated):
     # Encrypts session cookies; every ingress replica needs the same one. Unset: a random key
     # kept in DATA_DIR/console.key (enough when all replicas share one host).
     console_session_secret: SecretStr | None = None
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or "/" in value or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not a Ray head address; give HOST:PORT (the head's GCS port, e.g. 6379)")
+        return value
+
+    @property
+    def ingress_pinned_to_head(self) -> bool:
+        return self.ray_address is not None if self.ingress_on_head is None else self.ingress_on_head
 
     @field_validator("quota_timezone")
     @classmethod

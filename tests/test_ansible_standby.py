@@ -22,68 +22,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ansible_render import BASE_PYTHON, REPO, ROLES, local_host, playbook, role_defaults, tool
 
-REPO = Path(__file__).resolve().parents[1]
-ANSIBLE = REPO / "infra" / "ansible"
-ROLES = ANSIBLE / "roles"
-BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")
 TEMPLATES = ["pg_hba.conf", "pg_ident.conf", "agencyllm-replication.conf", "agencyllm-synchronous.conf"]
-
-
-def _tool(name: str) -> str | None:
-    for folder in (Path(sys.executable).parent, Path(sys.base_prefix) / "bin"):
-        if (folder / name).exists():
-            return str(folder / name)
-    return shutil.which(name)
-
-
-def _playbook(work: Path, inventory: dict, group_vars: dict, tasks: list) -> subprocess.CompletedProcess:
-    playbook = _tool("ansible-playbook")
-    if playbook is None:
-        pytest.skip("ansible-core not installed")
-    (work / "group_vars").mkdir(parents=True, exist_ok=True)
-    (work / "hosts.yml").write_text(yaml.safe_dump(inventory))
-    (work / "group_vars" / "all.yml").write_text(yaml.safe_dump(group_vars))
-    (work / "play.yml").write_text(
-        yaml.safe_dump([{"name": "Render", "hosts": "all", "gather_facts": False, "tasks": tasks}], sort_keys=False)
-    )
-    env = {
-        **os.environ,
-        "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_LOCAL_TEMP": str(work / "tmp"),
-        "ANSIBLE_REMOTE_TEMP": str(work / "tmp"),
-    }
-    return subprocess.run(
-        [playbook, "-i", str(work / "hosts.yml"), "-c", "local", str(work / "play.yml")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-
-
-def _defaults() -> dict:
-    merged: dict = {}
-    for role in ("agencyllm", "agencyllm_postgres"):
-        merged.update(yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()))
-    return merged
-
-
-def _host(address: str, **extra) -> dict:
-    return {"ansible_host": address, "ansible_connection": "local", "ansible_python_interpreter": BASE_PYTHON, **extra}
 
 
 def render(tmp_path: Path, standby: dict | None, **overrides) -> dict[str, dict[str, str]]:
     """Each host's rendered files by name, and values.json (URL, part, synchronous names)."""
     out = tmp_path / "out"
     inventory = {
-        "agencyllm_head": {"hosts": {"llm-head": _host("10.20.0.10")}},
-        "agencyllm_workers": {"hosts": {"llm-gpu01": _host("10.20.0.21")}},
+        "agencyllm_head": {"hosts": {"llm-head": local_host("10.20.0.10")}},
+        "agencyllm_workers": {"hosts": {"llm-gpu01": local_host("10.20.0.21")}},
         "agencyllm_postgres_standby": {"hosts": standby or {}},
     }
     group_vars = {
-        **_defaults(),
+        **role_defaults("agencyllm", "agencyllm_postgres"),
         "agencyllm_credentials_dir": str(tmp_path / "credentials"),
         "agencyllm_postgres_password": "app-secret",
         "agencyllm_postgres_replication_password": "repl-secret",
@@ -120,7 +73,7 @@ def render(tmp_path: Path, standby: dict | None, **overrides) -> dict[str, dict[
         },
     ]
     out.mkdir(parents=True, exist_ok=True)
-    done = _playbook(tmp_path / "render", inventory, group_vars, files)
+    done = playbook(tmp_path / "render", inventory, group_vars, files)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     return {
         host.name: {path.name: path.read_text() for path in host.iterdir()} for host in out.iterdir() if host.is_dir()
@@ -131,7 +84,7 @@ def _lines(text: str) -> list[str]:
     return [" ".join(line.split()) for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def test_without_a_standby_nothing_replicates_and_the_url_names_one_host(tmp_path):
+def test_without_a_standby_nothing_replicates_and_the_url_names_onelocal_host(tmp_path):
     hosts = render(tmp_path, None)
     head = hosts["llm-head"]
     values = json.loads(head["values.json"])
@@ -143,7 +96,7 @@ def test_without_a_standby_nothing_replicates_and_the_url_names_one_host(tmp_pat
 
 
 def test_primary_and_standby_render_replication_and_the_multi_host_url(tmp_path):
-    standby = {"db-2": _host("10.20.0.12", agencyllm_postgres_standby_built="db_2")}
+    standby = {"db-2": local_host("10.20.0.12", agencyllm_postgres_standby_built="db_2")}
     hosts = render(tmp_path, standby)
     head, db2 = hosts["llm-head"], hosts["db-2"]
     values = json.loads(head["values.json"])
@@ -179,12 +132,12 @@ def test_primary_and_standby_render_replication_and_the_multi_host_url(tmp_path)
 
 def test_synchronous_names_wait_for_the_standby_and_can_be_asynchronous(tmp_path):
     # Not built yet (the primary's own run, before the standby play): nothing to wait for.
-    hosts = render(tmp_path / "a", {"db2": _host("10.20.0.12", agencyllm_postgres_port=5433)})
+    hosts = render(tmp_path / "a", {"db2": local_host("10.20.0.12", agencyllm_postgres_port=5433)})
     assert json.loads(hosts["llm-head"]["values.json"])["sync"] == ""
     assert json.loads(hosts["llm-head"]["values.json"])["url"].endswith(
         "@10.20.0.10:5432,10.20.0.12:5433/agencyllm?target_session_attrs=read-write"
     )
-    built = {"db2": _host("10.20.0.12", agencyllm_postgres_standby_built="db2")}
+    built = {"db2": local_host("10.20.0.12", agencyllm_postgres_standby_built="db2")}
     hosts = render(tmp_path / "b", built, agencyllm_postgres_synchronous=False)
     assert _lines(hosts["llm-head"]["agencyllm-synchronous.conf"]) == ["synchronous_standby_names = ''"]
     hosts = render(tmp_path / "c", built, agencyllm_postgres_synchronous_standby_names="ANY 1 (db2)")
@@ -202,7 +155,7 @@ def _validate(tmp_path: Path, arguments: dict) -> subprocess.CompletedProcess:
             "provided_arguments": arguments,
         },
     }
-    return _playbook(tmp_path, {"all": {"hosts": {"localhost": _host("127.0.0.1")}}}, {}, [task])
+    return playbook(tmp_path, {"all": {"hosts": {"localhost": local_host("127.0.0.1")}}}, {}, [task])
 
 
 def test_argument_specs_accept_a_standby_configuration(tmp_path):
@@ -328,7 +281,7 @@ def _converge_pair(work: Path) -> dict:
         "scratch": str(work / "scratch"),
         "inventory": str(inventory / "hosts.yml"),
         "ansible_dir": str(bundle / "ansible"),
-        "ansible_playbook": _tool("ansible-playbook"),
+        "ansible_playbook": tool("ansible-playbook"),
         "ports": ports,
         "ca_file": ca_file,
         "ca_pem": _ca_pem(),

@@ -343,3 +343,27 @@ async def test_a_call_queued_for_an_engine_with_no_replica_fails_fast_and_the_mo
     assert not health.is_down(PLACEHOLDER_ID)
     assert await health.first_item(PLACEHOLDER_ID, asyncio.sleep(0.3, result="first")) == "first"
     await health.aclose()
+
+
+async def test_a_call_queued_when_another_finds_the_engine_gone_fails_at_once():
+    """A host with the only replica dies: the controller still lists the replica for a while, so
+    the replica check says it runs; a stream on it failing marks the model down, and the calls
+    queued behind it end then, not when Ray notices."""
+    from agencyllm.serving.gateway.engine_health import EngineGone
+
+    async def probe(model):
+        raise ConnectionError("no replica")
+
+    async def has_replica(model):
+        return True  # the controller has not noticed yet
+
+    health = EngineHealth(probe, has_replica=has_replica, interval=0.05, stall_check=30)
+    queued = asyncio.ensure_future(health.first_item(PLACEHOLDER_ID, asyncio.sleep(3600)))
+    await asyncio.sleep(0.2)
+    assert not queued.done()
+    marked = time.monotonic()
+    health.call_failed(PLACEHOLDER_ID, EngineGone(PLACEHOLDER_ID))
+    with pytest.raises(EngineGone):
+        await asyncio.wait_for(queued, 5)
+    assert time.monotonic() - marked < 1
+    await health.aclose()

@@ -370,6 +370,26 @@ async def test_maintain_renews_own_leases_and_reaps_others(pg_url, pg_db, make_t
     assert live.open_reservations == []
 
 
+async def test_renewal_skips_a_reservation_being_settled_instead_of_waiting(pg_db, make_tenant):
+    """A settlement holds its reservation's row: the renewal passes over it (it is about to go)
+    rather than queue behind it, so the two can never deadlock."""
+    tenant = await make_tenant()
+    clock = Clock(datetime(2026, 9, 1, 8, 0, tzinfo=UTC))
+    ledger = Ledger(pg_db, lease_seconds=30, clock=clock)
+    held, free = await ledger.reserve(request(tenant)), await ledger.reserve(request(tenant))
+    pool = await pg_db.pool()
+    leases = "SELECT id, lease_expires_at FROM quota_reservations WHERE id = ANY($1::bigint[])"
+    before = dict(await pool.fetch(leases, [held.id, free.id]))
+    clock.advance(seconds=20)
+    async with pool.acquire() as settling, settling.transaction():
+        await settling.execute("SELECT 1 FROM quota_reservations WHERE id = $1 FOR UPDATE", held.id)
+        await asyncio.wait_for(ledger.renew([held, free]), 5)
+    after = dict(await pool.fetch(leases, [held.id, free.id]))
+    assert after[held.id] == before[held.id] and after[free.id] > before[free.id]
+    await settle(ledger, held, 1)
+    await settle(ledger, free, 1)
+
+
 async def test_metrics_count_admissions_refusals_and_tokens(pg_db, make_tenant):
     from prometheus_client import REGISTRY
 

@@ -53,7 +53,12 @@ _SETTLE_BATCH_SQL = (
     "SELECT charged FROM quota_settle_many($1::bigint[], $2::int[], $3::int[], $4::text[],"
     " $5::float8[], $6::float8[], $7, $8::text[], $9::text[]) ORDER BY n"
 )
-_RENEW_SQL = "UPDATE quota_reservations SET lease_expires_at = $1 WHERE id = ANY($2::bigint[])"
+# Rows a settlement holds right now are skipped, not waited for: they are about to go, and a
+# renewal that waited could deadlock with the settlement's own locks (seen under load).
+_RENEW_SQL = (
+    "UPDATE quota_reservations SET lease_expires_at = $1 WHERE id IN"
+    " (SELECT id FROM quota_reservations WHERE id = ANY($2::bigint[]) ORDER BY id FOR UPDATE SKIP LOCKED)"
+)
 _REAP_SQL = "SELECT quota_reap($1, $2)"
 # Batches in flight per Ledger and per kind (reserve, settle): enough to keep a 2-4 core
 # Postgres busy; more only lengthens lock queues on a hot tenant.

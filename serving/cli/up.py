@@ -20,17 +20,25 @@ def up(
     port: Annotated[int | None, typer.Option(help="listen port (default 8000)")] = None,
     config: Annotated[Path | None, typer.Option(help="models YAML file")] = None,
     model: Annotated[Path | None, typer.Option(help="serve one model directory (its id is the directory name)")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="join this running Ray cluster (its head, HOST:6379) instead of starting Ray here; "
+            "run it on the head node unless AGENCYLLM_DATABASE_URL names a database every node reaches",
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", help="show Ray's, Serve's and the engines' logs here, not in DATA_DIR/logs")
     ] = False,
 ) -> int:
-    """run the whole platform on this machine"""
+    """run the whole platform on this machine, or on a running Ray cluster with --address"""
     from agencyllm.serving.config import ConfigError
     from agencyllm.serving.ops.stack import PLACEHOLDER_WARNING, resolve_models
     from agencyllm.serving.ops.supervisor import Supervisor
 
     exclusive(config=config, model=model)
-    platform = settings(data_dir=data_dir, host=host, port=port, config=config)
+    platform = settings(data_dir=data_dir, host=host, port=port, config=config, ray_address=address)
     try:
         serving, placeholder = resolve_models(platform, model)
     except ConfigError as exc:

@@ -51,6 +51,7 @@ class EngineHealth:
         self._down_since: dict[str, float] = {}
         self._checks: dict[str, tuple[float, asyncio.Future[bool]]] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._down_events: dict[str, asyncio.Event] = {}
 
     def is_down(self, model: str) -> bool:
         return model in self._down_since
@@ -65,15 +66,19 @@ class EngineHealth:
             self.failed(model, exc)
 
     async def first_item(self, model: str, next_item: Awaitable[T]) -> T:
-        """Await `next_item`; while it takes long, check that the model still has a running
-        replica, and raise EngineGone (and mark the model down) when it has none."""
+        """Await `next_item`; raise EngineGone as soon as the model is marked down meanwhile (a
+        request waiting in Ray's queue for a replica on a host that died would otherwise wait
+        until Ray notices), and, while it takes long, when the model has no running replica."""
         task = asyncio.ensure_future(next_item)
+        down = asyncio.ensure_future(self._went_down(model).wait())
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=self._stall_check)
-                if done:
+                done, _ = await asyncio.wait(
+                    {task, down}, timeout=self._stall_check, return_when=asyncio.FIRST_COMPLETED
+                )
+                if task in done:
                     return task.result()
-                if self._has_replica is not None and not await self._replica_check(model):
+                if down in done or (self._has_replica is not None and not await self._replica_check(model)):
                     task.cancel()
                     gone = EngineGone(model)
                     self.failed(model, gone)
@@ -81,6 +86,12 @@ class EngineHealth:
         except asyncio.CancelledError:
             task.cancel()
             raise
+        finally:
+            down.cancel()
+
+    def _went_down(self, model: str) -> asyncio.Event:
+        """Set when `model` is marked down (a new one for each time it is down)."""
+        return self._down_events.setdefault(model, asyncio.Event())
 
     async def _replica_check(self, model: str) -> bool:
         """One controller call per model per stall period, shared by every stalled request."""
@@ -102,6 +113,7 @@ class EngineHealth:
         if model in self._down_since:
             return
         self._down_since[model] = time.monotonic()
+        self._went_down(model).set()
         log.error("engine for model %s is gone (%s): new requests get 503 until it is back", model, type(exc).__name__)
         self._probes[model] = asyncio.get_running_loop().create_task(self._until_back(model))
 
@@ -115,6 +127,7 @@ class EngineHealth:
             except Exception:
                 continue
             since = self._down_since.pop(model, time.monotonic())
+            self._down_events.pop(model, None)
             self._probes.pop(model, None)
             log.warning("engine for model %s answers again after %.1f s", model, time.monotonic() - since)
             return

@@ -87,6 +87,8 @@ class LocalStack:
     log_to_driver: bool = False
     _postgres: object | None = field(default=None, init=False)
     _ray_started: bool = field(default=False, init=False)
+    # Joined a running cluster (`ray_address`) instead of starting Ray.
+    _joined: bool = field(default=False, init=False)
     # Whether one engine replica serves the gateway itself (serving/rayserve/app.py `gateway_engine`).
     _engine_http: bool = field(default=False, init=False)
     # Where Ray Serve's proxy listens once Ray started: the user's port, or with direct ingress a
@@ -125,10 +127,14 @@ class LocalStack:
         self.wait_ready(timeout, stopping=stopping)
 
     def start_ray(self, *, on_ray_started: Callable[[], None] | None = None) -> None:
-        """A local Ray instance, and Serve's HTTP proxy on the configured address."""
+        """A local Ray instance, and Serve's HTTP proxy on the configured address; or, with
+        `ray_address`, this process joins that cluster (`join_ray`)."""
         import ray
         from ray import serve
 
+        if self.settings.ray_address is not None:
+            self.join_ray(on_ray_started=on_ray_started)
+            return
         for name, value in OFFLINE_ENV.items():
             os.environ.setdefault(name, value)
         http = serve_http(self.settings)  # direct ingress or Ray's proxy on the user's port
@@ -152,6 +158,27 @@ class LocalStack:
         serve.start(http_options=http.http_options, logging_config=access_log)
         self.progress("Ray started")
 
+    def join_ray(self, *, on_ray_started: Callable[[], None] | None = None) -> None:
+        """Connect to a running cluster as a driver; Serve's proxy serves the configured port on
+        the head node (started there if the cluster runs no Serve yet). The cluster's nodes
+        were started with their own environment, so Ray Serve's direct ingress is theirs to
+        switch on (the Ansible install does), not this process's."""
+        import ray
+        from ray import serve
+
+        ray.init(address=self.settings.ray_address, log_to_driver=self.log_to_driver, configure_logging=False)
+        self._ray_started = True
+        self._joined = True
+        if on_ray_started is not None:
+            on_ray_started()
+        serve.start(
+            proxy_location="HeadOnly",
+            http_options={"host": self.settings.host, "port": self.settings.port},
+            logging_config={"enable_access_log": self.settings.access_log},
+        )
+        self.proxy_port = self.settings.port
+        self.progress(f"joined the Ray cluster at {self.settings.ray_address}")
+
     def deploy(self) -> None:
         """Hand the application to Serve (returns at once; `wait_ready` waits for it)."""
         from ray import serve
@@ -160,7 +187,7 @@ class LocalStack:
         from agencyllm.serving.rayserve.placement import host_cores, ingress_cpus
         from agencyllm.serving.rayserve.platform import cpu_only
 
-        if self.settings.ingress_cpus is None:
+        if self.settings.ingress_cpus is None and not self._joined:
             # Ray is given more logical CPUs than the host has: decide from the real cores.
             cpu = cpu_only(self.settings.force_cpu)
             total = self.settings.ray_num_cpus or host_cores()
@@ -243,9 +270,15 @@ class LocalStack:
             import ray
             from ray import serve
 
+            from agencyllm.serving.rayserve.app import APP_NAME
+
             try:
                 self._stop_streams()
-                serve.shutdown()
+                if self._joined:
+                    serve.delete(APP_NAME)
+                # A cluster's Serve that runs other applications keeps running them.
+                if not self._joined or not serve.status().applications:
+                    serve.shutdown()
             finally:
                 ray.shutdown()
                 self._ray_started = False

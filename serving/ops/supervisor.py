@@ -213,6 +213,8 @@ class Supervisor:
         env["AGENCYLLM_PORT"] = str(self.settings.port)
         if self.settings.config is not None:
             env["AGENCYLLM_CONFIG"] = str(self.settings.config)
+        if self.settings.ray_address is not None:
+            env["AGENCYLLM_RAY_ADDRESS"] = self.settings.ray_address
         progress_read, progress_write = os.pipe()
         command = [sys.executable, "-m", "agencyllm.serving.cli", SERVE_COMMAND, "--progress-fd", str(progress_write)]
         if self.model_dir is not None:

@@ -30,6 +30,9 @@ from agencyllm.serving.settings import Settings
 APP_NAME = "agencyllm"
 INGRESS_NAME = "AgencyIngress"
 INGRESS_MAX_ONGOING = 1024
+# Every Ray head node offers this resource (1 unit); a small share of it keeps an actor there.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+HEAD_NODE_SHARE = 0.001
 
 
 def gateway_engine(serving: ServingConfig, *, engine_http: bool) -> ModelSpec | None:
@@ -71,12 +74,15 @@ def build_application(
             bind_kwargs={"engines": engines, "settings": settings, "serving": serving},
             serve_options={"max_ongoing_requests": INGRESS_MAX_ONGOING},
         )
+    actor_options: dict = {"num_cpus": ingress_cpus(settings, serving, cpu=cpu)}
+    if settings.ingress_pinned_to_head:
+        actor_options["resources"] = {HEAD_NODE_RESOURCE: HEAD_NODE_SHARE}
     ingress = serve.deployment(
         AgencyIngress,
         name=INGRESS_NAME,
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options={"num_cpus": ingress_cpus(settings, serving, cpu=cpu)},
+        ray_actor_options=actor_options,
         logging_config=logging_config,
     )
     return ingress.bind(engines, settings=settings, serving=serving)

@@ -42,6 +42,9 @@ def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
         gpus_per_engine = max(spec.accelerator.gpus, 1)
         bundles = [{"CPU": 1, "GPU": 1} for _ in range(gpus_per_engine)]
         engine_kwargs.setdefault("tensor_parallel_size", gpus_per_engine)
+    # Custom resources pin the replica to the nodes that offer them; Ray Serve LLM places the
+    # replica actor in the first bundle, so the whole replica lands there.
+    bundles[0] = {**bundles[0], **spec.accelerator.resources}
 
     autoscaling = {
         "min_replicas": spec.replicas.min,

