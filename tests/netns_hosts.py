@@ -53,7 +53,7 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +67,7 @@ def remove_stale() -> None:
     """Namespaces left by a test process that no longer runs (killed before its teardown)."""
     for name in sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else []:
         match = re.fullmatch(rf"{PREFIX}(\d+)-.+", name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             _kill_namespace(name)
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 

@@ -36,7 +36,7 @@ import httpx
 import pytest
 import yaml
 from ansible_render import ROLES, local_host, playbook, role_defaults
-from netns_hosts import Hosts, can_make_hosts
+from netns_hosts import Hosts, can_make_hosts, process_alive
 
 from agencyllm.serving.ops.placeholder import write_placeholder_model
 from agencyllm.serving.ops.stack import EMBEDDING_ID, PLACEHOLDER_ID, bundled_embedding_model
@@ -202,7 +202,10 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     if reason is not None:
         pytest.skip(f"several hosts on one machine: {reason}")
     work = Path(tmp_path_factory.mktemp("mn"))
-    ray_temp = Path(tempfile.mkdtemp(prefix="al-"))
+    for stale in Path(tempfile.gettempdir()).glob("al-*-*"):  # of a test process killed before its teardown
+        if stale.name.split("-")[1].isdigit() and not process_alive(int(stale.name.split("-")[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    ray_temp = Path(tempfile.mkdtemp(prefix=f"al-{os.getpid()}-"))
     token = work / "ray-auth-token"
     token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
     token.chmod(0o600)
@@ -491,3 +494,15 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_stopping_up_removes_its_application_and_leaves_the_cluster_running(cluster):
+    """SIGTERM to `up --address`: it ends its streams, removes its application (and Serve, which
+    ran nothing else) and stops its database; the cluster's Ray nodes, which it did not start, run on."""
+    cluster.up.terminate()
+    assert cluster.up.wait(120) == 0, cluster.tails()
+    state = ray_state(cluster)
+    assert state["replicas"] == {}, state
+    alive = sorted(ip for ip, status in state["nodes"] if status == "ALIVE")
+    assert alive == sorted(cluster.hosts.address(name) for name in ("head", "worker1", "worker2"))
+    assert not (cluster.data_dir / "postgres" / "postmaster.pid").exists(), "the database was left running"
