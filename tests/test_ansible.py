@@ -20,26 +20,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ansible_render import ANSIBLE, BASE_PYTHON, REPO, tool
 from conftest import RUNNER_SITE
 
 from agencyllm.serving.cli.main import main as cli_main
 
-REPO = Path(__file__).resolve().parents[1]
-ANSIBLE = REPO / "infra" / "ansible"
 ROLES = sorted(p.name for p in (ANSIBLE / "roles").iterdir() if p.is_dir())
-BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")
-
-
-def _tool(name: str) -> str | None:
-    """The tool beside this interpreter (its venv), on PATH, or beside the base interpreter."""
-    for folder in (Path(sys.executable).parent, Path(sys.base_prefix) / "bin"):
-        if (folder / name).exists():
-            return str(folder / name)
-    return shutil.which(name)
 
 
 def test_ansible_lint_production_profile_is_clean():
-    lint = _tool("ansible-lint")
+    lint = tool("ansible-lint")
     if lint is None:
         pytest.skip("ansible-lint not installed")
     done = subprocess.run(
@@ -84,10 +74,10 @@ def _free_port() -> int:
 def _can_converge() -> str | None:
     if os.geteuid() != 0:
         return "needs root (inside a private mount namespace)"
-    for tool in ("unshare", "runuser", "systemd-analyze"):
-        if shutil.which(tool) is None:
-            return f"needs {tool}"
-    if _tool("ansible-playbook") is None:
+    for command in ("unshare", "runuser", "systemd-analyze"):
+        if shutil.which(command) is None:
+            return f"needs {command}"
+    if tool("ansible-playbook") is None:
         return "needs ansible-core"
     if not Path("/sys/fs/cgroup/systemd").is_dir():
         return "needs the name=systemd cgroup hierarchy to track the units' processes"
@@ -216,7 +206,7 @@ def _converge(work: Path) -> dict:
         "scratch": str(work / "scratch"),
         "inventory": str(inventory / "hosts.yml"),
         "ansible_dir": str(bundle / "ansible"),
-        "ansible_playbook": _tool("ansible-playbook"),
+        "ansible_playbook": tool("ansible-playbook"),
         "ports": ports,
         "ca_file": ca_file,
         "ca_pem": _ca_pem(),
