@@ -60,6 +60,25 @@ models:
     assert cpu.runtime_env["env_vars"]["VLLM_NO_USAGE_STATS"] == "1"
 
 
+def test_custom_resources_go_into_the_replica_s_first_bundle(placeholder):
+    spec = single_model_config(placeholder).models[0]
+    spec = type(spec).model_validate({**spec.model_dump(), "accelerator": {"gpus": 2, "resources": {"engine_node": 1}}})
+    gpu = llm_config(spec, cpu=False).placement_group_config["bundles"]
+    assert gpu == [{"CPU": 1, "GPU": 1, "engine_node": 1}, {"CPU": 1, "GPU": 1}]
+    cpu = llm_config(spec, cpu=True).placement_group_config["bundles"]
+    assert cpu == [{"CPU": 1, "GPU": 0, "engine_node": 1}]
+
+
+@pytest.mark.parametrize("resources", [{"GPU": 1}, {"node:10.0.0.1": 1}, {"engine_node": 0}, {"engine_node": -1}])
+def test_a_resource_that_is_not_a_custom_one_is_refused(placeholder, tmp_path, resources):
+    file = tmp_path / "models.yaml"
+    model = {"id": "a", "path": str(placeholder), "accelerator": {"resources": resources}}
+    file.write_text(json.dumps({"models": [model]}))
+    with pytest.raises(ConfigError) as err:
+        load_config(file)
+    assert "models.0.accelerator.resources" in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "named"),
     [

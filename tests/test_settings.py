@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ("AGENCYLLM_PUBLIC_URL", "llm.agency.example", "http(s) URL"),
         ("AGENCYLLM_PORT", "eighty", "valid integer"),
         ("AGENCYLLM_AUDIT_RETENTION_DAYS", "30", "greater than or equal to 90"),
+        ("AGENCYLLM_RAY_ADDRESS", "ray://head:10001", "not a Ray head address"),
+        ("AGENCYLLM_RAY_ADDRESS", "head", "not a Ray head address"),
+        ("AGENCYLLM_RAY_ADDRESS", "head:99999", "not a Ray head address"),
     ],
 )
 def test_a_bad_setting_is_refused_by_name(monkeypatch, variable, value, said):
@@ -80,3 +83,10 @@ def test_no_module_reads_agencyllm_variables_past_the_settings(package):
         if ENV_READ.search(path.read_text(encoding="utf-8"))
     ]
     assert offenders == []
+
+
+def test_the_ingress_stays_on_the_head_when_joining_a_cluster_unless_told_otherwise():
+    assert not Settings().ingress_pinned_to_head
+    assert Settings(ray_address="10.0.0.1:6379").ingress_pinned_to_head
+    assert not Settings(ray_address="10.0.0.1:6379", ingress_on_head=False).ingress_pinned_to_head
+    assert Settings(ingress_on_head=True).ingress_pinned_to_head
