@@ -1,14 +1,16 @@
 """A Ray cluster of separate hosts on this machine: a head host (Ray head, `agencyllm up --address`
 with its database, Serve's proxy on the API port) and engine worker hosts, each in its own network
 and mount namespace on a bridge (tests/netns_hosts.py). Ray is started on each host with the
-Ansible unit's flags; a custom resource (`engine_node`) stands in for the GPU, so the engines can
-only be placed on workers.
+command and Ray variables of the `agencyllm-ray` unit Ansible renders for this inventory; a custom
+resource (`engine_node`, `agencyllm_ray_resources`) stands in for the GPU, so the engines can only
+be placed on workers.
 
 In order, against one cluster: where Ray placed what (its state API); chat, streaming and
 embeddings through the head's address with the OpenAI SDK; a worker host dying under streams
 (in-band error at once, 503 with Retry-After, every request settled) and coming back (served
 again, the head never restarted); a second worker host taking an autoscaled replica, requests
-landing on both, and a burst against a tight budget overshooting by 0. The seconds each fault
+landing on both, and a burst against a tight budget overshooting by 0; then SIGTERM to `up`, which
+removes its application and leaves the cluster running. The seconds each fault
 takes are printed (`pytest -s`) and recorded in docs/operations.md. Teardown kills every process
 of every host and deletes the namespaces, also when a test fails.
 """
@@ -220,42 +222,45 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     }
     config = models_yaml(work)
     units = render_units(work, ray_temp, token)
-    data_dir = work / "data"
-    with Hosts(["head", "worker1"]) as hosts:
-        running = Cluster(hosts, work, ray_temp, env, units, up=None, data_dir=data_dir)  # type: ignore[arg-type]
-        try:
-            running.start_node("head")
-            _until(lambda: "Ray runtime started" in running.log("head").read_text(), 120, "the Ray head started")
-            running.start_node("worker1")
-            up_env = {**env, "AGENCYLLM_RESERVATION_LEASE_SECONDS": "30"}
-            command = [
-                sys.executable, "-m", "agencyllm.serving.cli.main", "up",
-                "--address", f"{running.head}:{GCS_PORT}",
-                "--host", "0.0.0.0", "--port", str(API_PORT),
-                "--data-dir", str(data_dir), "--config", str(config),
-            ]  # fmt: skip
-            running.up = hosts.spawn("head", command, log=running.log("up"), env=up_env)
-            deadline = time.monotonic() + START_TIMEOUT
-            while "Ready:" not in running.log("up").read_text(errors="replace"):
-                assert running.up.poll() is None, f"up exited with {running.up.returncode}\n{running.tails()}"
-                assert time.monotonic() < deadline, f"the cluster was not ready in {START_TIMEOUT} s\n{running.tails()}"
-                time.sleep(1)
-            with hosts.entered("head"):
-                running.admin_key = (data_dir / "admin.key").read_text().strip()
-                running.tenant, running.key = make_tenant(running)
-                yield running
-        except BaseException:
-            print(running.tails())
-            raise
-        finally:
-            if running.up is not None and running.up.poll() is None:
-                running.up.terminate()
-                try:
-                    running.up.wait(120)
-                except subprocess.TimeoutExpired:
-                    running.up.kill()
-    shutil.rmtree(ray_temp, ignore_errors=True)
+    try:
+        with Hosts(["head", "worker1"]) as hosts:
+            running = Cluster(hosts, work, ray_temp, env, units, up=None, data_dir=work / "data")  # type: ignore[arg-type]
+            try:
+                start(running, config)
+                with hosts.entered("head"):
+                    running.admin_key = (running.data_dir / "admin.key").read_text().strip()
+                    running.tenant, running.key = make_tenant(running)
+                    yield running
+            finally:
+                if running.up is not None and running.up.poll() is None:
+                    running.up.terminate()
+                    try:
+                        running.up.wait(120)
+                    except subprocess.TimeoutExpired:
+                        running.up.kill()
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
     assert not hosts.left(), f"network namespaces left behind: {hosts.left()}"
+
+
+def start(cluster: Cluster, config: Path) -> None:
+    """Ray on the head and the first worker, then `agencyllm up --address` on the head."""
+    cluster.start_node("head")
+    _until(lambda: "Ray runtime started" in cluster.log("head").read_text(), 120, "the Ray head started")
+    cluster.start_node("worker1")
+    command = [
+        sys.executable, "-m", "agencyllm.serving.cli.main", "up",
+        "--address", f"{cluster.head}:{GCS_PORT}",
+        "--host", "0.0.0.0", "--port", str(API_PORT),
+        "--data-dir", str(cluster.data_dir), "--config", str(config),
+    ]  # fmt: skip
+    env = {**cluster.env, "AGENCYLLM_RESERVATION_LEASE_SECONDS": "30"}
+    cluster.up = cluster.hosts.spawn("head", command, log=cluster.log("up"), env=env)
+    deadline = time.monotonic() + START_TIMEOUT
+    while "Ready:" not in cluster.log("up").read_text(errors="replace"):
+        assert cluster.up.poll() is None, f"up exited with {cluster.up.returncode}\n{cluster.tails()}"
+        assert time.monotonic() < deadline, f"not ready in {START_TIMEOUT} s\n{cluster.tails()}"
+        time.sleep(1)
 
 
 def make_tenant(cluster: Cluster, **quota: int) -> tuple[str, str]:
