@@ -14,9 +14,9 @@ from bench.serving_common import MODEL_ID, STOP_TIMEOUT_S, VLLM_ENV, log
 # ---- the three servers ----------------------------------------------------------------------
 
 
-def start_plain_vllm(model_dir: Path, port: int, log_file: Path, *extra_args: str) -> subprocess.Popen:
+def plain_vllm_command(model_dir: Path, port: int, *extra_args: str, host: str = "127.0.0.1") -> list[str]:
     """Plain vLLM's OpenAI server; `extra_args` are more of its command-line options."""
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
@@ -25,7 +25,7 @@ def start_plain_vllm(model_dir: Path, port: int, log_file: Path, *extra_args: st
         "--served-model-name",
         MODEL_ID,
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--dtype",
@@ -35,9 +35,13 @@ def start_plain_vllm(model_dir: Path, port: int, log_file: Path, *extra_args: st
         "1024",
         *extra_args,
     ]
+
+
+def start_plain_vllm(model_dir: Path, port: int, log_file: Path, *extra_args: str) -> subprocess.Popen:
     env = {**os.environ, **VLLM_ENV}
     out = open(log_file, "wb")
-    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    command = plain_vllm_command(model_dir, port, *extra_args)
+    return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def start_ray_serve_llm(model_dir: Path, port: int, log_file: Path) -> subprocess.Popen:

@@ -3,6 +3,7 @@ and agencyllm (as `agencyllm up` runs it, auth and quotas on every request), sam
 model and engine settings, same machine, same run, rounds interleaved A B C C B A.
 
 Run from the repository root:  python -m bench.serving_bench [--quick] [--out bench/results/serving.json]
+On a Ray cluster of separate hosts (root):  python -m bench.serving_bench --cluster (bench/cluster_bench.py)
 
 Streamed chat completions (max_tokens 16, ignore_eos: every request makes exactly 16 tokens):
 TTFT (first chunk carrying content), inter-token latency (gaps between content chunks as the
@@ -159,7 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="2 rounds per level instead of 8 (about 4-6 minutes with start-up)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"default {RESULTS.name}, with --cluster serving_cluster.json"
+    )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a Ray cluster of a head and an engine worker host (network namespaces, needs root): plain vLLM on "
+        "the worker vs agencyllm up --address through its ingress replica and through Ray Serve's proxy",
+    )
     parser.add_argument(
         "--stream-batching-ms",
         type=float,
@@ -193,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.stream_batching_ms is not None:
         patch_stream_batching(args.stream_batching_ms)
     plan = QUICK_PLAN if args.quick else FULL_PLAN
+    command = " ".join(["python -m bench.serving_bench", *(argv if argv is not None else sys.argv[1:])])
+    if args.cluster:
+        from bench import cluster_bench
+
+        return cluster_bench.run(plan, command, args.out or cluster_bench.RESULTS)
+    args.out = args.out or RESULTS
 
     from pydantic import SecretStr
 
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "what": "plain vLLM OpenAI server vs Ray Serve LLM build_openai_app (defaults) vs agencyllm, placeholder "
         f"model, streamed chat, max_tokens {MAX_TOKENS} with ignore_eos, interleaved A B C C B A rounds",
-        "command": " ".join(["python -m bench.serving_bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "stream_coalesce_ms": DEFAULT_STREAM_COALESCE_MS
         if args.stream_batching_ms is None
         else args.stream_batching_ms,

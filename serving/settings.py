@@ -92,6 +92,9 @@ class Settings(_Validated):
     # Local run with one ingress replica: the replica serves the port itself, without Ray
     # Serve's proxy in between (serving/rayserve/ray_env.py): one process hop less per streamed chunk.
     direct_ingress: bool = True
+    # Where Serve's proxy listens while the ingress replica serves `port` itself (it answers the
+    # same routes there). Unset: a free port on the local run; `port` + 1 on a cluster.
+    proxy_port: int | None = Field(default=None, ge=1, le=65535)
     # Opt-in, with direct ingress: the first generate model's engine replica (when it runs one
     # replica) serves the gateway itself, so its chunks cross no process boundary to the client;
     # but while that replica restarts, every route of the port is down (docs/operations.md).

@@ -216,6 +216,16 @@ def wait_port(host: str, port: int, timeout: float) -> float:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
 
+def listener(port: int) -> str:
+    """The command line of the process listening on `port` (Ray names its actors' processes)."""
+    import psutil
+
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+            return " ".join(psutil.Process(connection.pid).cmdline())
+    return ""
+
+
 def http_status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -263,6 +273,8 @@ def main() -> int:
         findings["third"] = playbook(config)
         findings["readyz"] = http_status(f"http://127.0.0.1:{config['ports']['api']}/readyz")
         findings["models_unauthenticated"] = http_status(f"http://127.0.0.1:{config['ports']['api']}/v1/models")
+        findings["readyz_via_proxy"] = http_status(f"http://127.0.0.1:{config['ports']['proxy']}/readyz")
+        findings["api_port_served_by"] = listener(config["ports"]["api"])
         findings["ray_processes"] = len(services[1].pids())
         findings["stop"] = {}
         for service in reversed(services):

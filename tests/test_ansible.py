@@ -136,6 +136,7 @@ def _converge(work: Path) -> dict:
         name: _free_port()
         for name in (
             "api",
+            "proxy",
             "postgres",
             "gcs",
             "dashboard",
@@ -182,6 +183,7 @@ def _converge(work: Path) -> dict:
                 "agencyllm_preflight_margin_bytes": 100_000_000,
                 "agencyllm_api_host": "127.0.0.1",
                 "agencyllm_api_port": ports["api"],
+                "agencyllm_api_proxy_port": ports["proxy"],
                 "agencyllm_postgres_port": ports["postgres"],
                 "agencyllm_ray_gcs_port": ports["gcs"],
                 "agencyllm_ray_dashboard_port": ports["dashboard"],
@@ -295,6 +297,10 @@ def test_services_run_as_their_users_and_the_app_deploys(converged):
     assert "agencyllm_app : Deploy the application (serve deploy)" in second["changed_tasks"], _show(second)
     assert converged["readyz"] == 200
     assert converged["models_unauthenticated"] == 401
+    # Direct ingress (the default): the ingress replica serves the API port itself, and Ray
+    # Serve's proxy answers the same routes on the proxy port.
+    assert "ServeReplica:agencyllm:AgencyIngress" in converged["api_port_served_by"], converged["api_port_served_by"]
+    assert converged["readyz_via_proxy"] == 200
     del pwd
 
 

@@ -1,6 +1,6 @@
 """A Ray cluster of separate hosts on this machine: a head host (Ray head, `agencyllm up --address`
 with its database, Serve's proxy on the API port) and engine worker hosts, each in its own network
-and mount namespace on a bridge (tests/netns_hosts.py). Ray is started on each host with the
+and mount namespace on a bridge (bench/netns_hosts.py). Ray is started on each host with the
 command and Ray variables of the `agencyllm-ray` unit Ansible renders for this inventory; a custom
 resource (`engine_node`, `agencyllm_ray_resources`) stands in for the GPU, so the engines can only
 be placed on workers.
@@ -38,10 +38,10 @@ import httpx
 import pytest
 import yaml
 from ansible_render import ROLES, local_host, playbook, role_defaults
-from netns_hosts import Hosts, can_make_hosts, process_alive
 
 from agencyllm.serving.ops.placeholder import write_placeholder_model
 from agencyllm.serving.ops.stack import EMBEDDING_ID, PLACEHOLDER_ID, bundled_embedding_model
+from bench.netns_hosts import Hosts, can_make_hosts, process_alive
 
 pytestmark = [pytest.mark.fault, pytest.mark.cluster]
 
@@ -254,7 +254,13 @@ def start(cluster: Cluster, config: Path) -> None:
         "--host", "0.0.0.0", "--port", str(API_PORT),
         "--data-dir", str(cluster.data_dir), "--config", str(config),
     ]  # fmt: skip
-    env = {**cluster.env, "AGENCYLLM_RESERVATION_LEASE_SECONDS": "30"}
+    # `up` reads the environment file the nodes started with (Ansible's agencyllm-run does too).
+    shared = {
+        k: v
+        for k, v in cluster.units["head"]["env"].items()
+        if k.startswith("RAY_SERVE_") or k == "AGENCYLLM_PROXY_PORT"
+    }
+    env = {**cluster.env, **shared, "AGENCYLLM_RESERVATION_LEASE_SECONDS": "30"}
     cluster.up = cluster.hosts.spawn("head", command, log=cluster.log("up"), env=env)
     deadline = time.monotonic() + START_TIMEOUT
     while "Ready:" not in cluster.log("up").read_text(errors="replace"):
@@ -313,6 +319,26 @@ def test_engines_on_the_worker_ingress_on_the_head(cluster):
     assert where.get(f"LLMServer:{PLACEHOLDER_ID}") == [worker], where
     assert where.get(f"LLMServer:{EMBEDDING_ID}") == [worker], where
     assert where.get("AgencyIngress") == [cluster.head], where
+
+
+def listener(cluster: Cluster, host: str, port: int) -> str:
+    """The command line of the process listening on `port` on `host` (Ray names its actors' processes)."""
+    done = cluster.hosts.run(host, ["ss", "-Hltnp", f"sport = :{port}"], timeout=30)
+    pids = re.findall(r"pid=(\d+)", done.stdout)
+    assert pids, f"nothing listens on {port} on {host}: {done.stdout} {done.stderr}"
+    return Path(f"/proc/{pids[0]}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_the_ingress_replica_serves_the_api_port_and_the_proxy_the_next(cluster):
+    """One hop per chunk on the cluster: the nodes' environment (Ansible's) has the ingress replica
+    serve the API port itself; Ray Serve's proxy answers the same routes on the next port."""
+    assert cluster.units["head"]["env"]["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert "ServeReplica:agencyllm:AgencyIngress" in listener(cluster, "head", API_PORT)
+    assert "ProxyActor" in listener(cluster, "head", API_PORT + 1)
+    for port in (API_PORT, API_PORT + 1):
+        with httpx.Client(base_url=f"http://{cluster.head}:{port}", timeout=30) as client:
+            assert client.get("/v1/models", headers={"authorization": f"Bearer {cluster.key}"}).status_code == 200
+            assert client.get("/v1/models").status_code == 401
 
 
 def test_chat_stream_and_embeddings_through_the_head_with_the_openai_sdk(cluster):

@@ -11,7 +11,15 @@ import time
 import pytest
 from conftest import free_port
 
-from agencyllm.serving.rayserve.ray_env import PortBusy, serve_http, wait_for_direct_port
+from agencyllm.serving.config import ConfigError
+from agencyllm.serving.rayserve.ray_env import (
+    PortBusy,
+    ServeHttp,
+    cluster_serve_http,
+    direct_ingress_env,
+    serve_http,
+    wait_for_direct_port,
+)
 from agencyllm.serving.settings import Settings
 
 
@@ -117,3 +125,29 @@ def test_without_direct_ingress_nothing_is_waited_for(monkeypatch):
         holder.listen()
         monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(holder.getsockname()[1]))
         asyncio.run(wait_for_direct_port("127.0.0.1", timeout=0.1))
+
+
+def test_joining_a_cluster_whose_nodes_serve_the_port_directly_moves_the_proxy(monkeypatch):
+    """`up --address` shares the nodes' environment file (the Ansible install): when it has the
+    ingress replica serve the API port, the proxy takes the next port, or the one configured."""
+    for name, value in direct_ingress_env(8000).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(host="0.0.0.0", port=8000, ray_address="10.0.0.1:6379", database_url=None)
+    http = cluster_serve_http(settings)
+    assert http.direct and http.http_options == {"host": "0.0.0.0", "port": 8001}
+    chosen = cluster_serve_http(settings.model_copy(update={"proxy_port": 9100}))
+    assert chosen.http_options["port"] == 9100
+    with pytest.raises(ConfigError, match="2 ingress replicas"):
+        cluster_serve_http(settings.model_copy(update={"ingress_replicas": 2}))
+
+
+def test_joining_a_cluster_without_direct_ingress_puts_the_proxy_on_the_port(monkeypatch):
+    monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
+    settings = Settings(host="0.0.0.0", port=8000, ray_address="10.0.0.1:6379", database_url=None)
+    assert cluster_serve_http(settings) == ServeHttp(
+        env={}, http_options={"host": "0.0.0.0", "port": 8000}, direct=False
+    )
+    # Nodes that serve another port directly leave this one to the proxy too.
+    for name, value in direct_ingress_env(8500).items():
+        monkeypatch.setenv(name, value)
+    assert not cluster_serve_http(settings).direct

@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from agencyllm.serving.config import ENGINE_PREFIX, ModelSpec, ServingConfig, load_config
 from agencyllm.serving.ops.placeholder import is_placeholder, write_placeholder_model
 from agencyllm.serving.rayserve.offline import OFFLINE_ENV
-from agencyllm.serving.rayserve.ray_env import serve_http
+from agencyllm.serving.rayserve.ray_env import cluster_serve_http, serve_http
 from agencyllm.serving.settings import Settings
 
 log = logging.getLogger("agencyllm.stack")
@@ -159,10 +159,10 @@ class LocalStack:
         self.progress("Ray started")
 
     def join_ray(self, *, on_ray_started: Callable[[], None] | None = None) -> None:
-        """Connect to a running cluster as a driver; Serve's proxy serves the configured port on
-        the head node (started there if the cluster runs no Serve yet). The cluster's nodes
-        were started with their own environment, so Ray Serve's direct ingress is theirs to
-        switch on (the Ansible install does), not this process's."""
+        """Connect to a running cluster as a driver; Serve's proxy runs on the head node (started
+        there if the cluster runs no Serve yet). The cluster's nodes were started with their own
+        environment, so Ray Serve's direct ingress is theirs to switch on (the Ansible install
+        does); then the ingress replica serves the configured port and the proxy the next one."""
         import ray
         from ray import serve
 
@@ -171,12 +171,13 @@ class LocalStack:
         self._joined = True
         if on_ray_started is not None:
             on_ray_started()
+        http = cluster_serve_http(self.settings)
         serve.start(
             proxy_location="HeadOnly",
-            http_options={"host": self.settings.host, "port": self.settings.port},
+            http_options=http.http_options,
             logging_config={"enable_access_log": self.settings.access_log},
         )
-        self.proxy_port = self.settings.port
+        self.proxy_port = http.http_options["port"]
         self.progress(f"joined the Ray cluster at {self.settings.ray_address}")
 
     def deploy(self) -> None:

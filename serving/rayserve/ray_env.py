@@ -1,12 +1,16 @@
-"""How the local run (`agencyllm up`, the test stack) offers its HTTP port: served by the ingress
-replica itself (Ray Serve's direct ingress, one process hop less per streamed chunk) or by Ray
-Serve's proxy in front of the ingress replicas.
+"""How the platform offers its HTTP port: served by the ingress replica itself (Ray Serve's direct
+ingress, one process hop less per streamed chunk) or by Ray Serve's proxy in front of the ingress
+replicas.
 
 Direct ingress needs one ingress replica: the replica listens on the user's port itself, so a
 second one could not share it. With more replicas (`AGENCYLLM_INGRESS_REPLICAS`), or with
 `AGENCYLLM_DIRECT_INGRESS=false`, the proxy serves the port as before. The proxy runs in both
 cases (Ray Serve starts the replica's own server only beside it); with direct ingress it listens
 on a free port of the same host, answering the same routes with the same authentication.
+On a cluster (`agencyllm up --address`, the Ansible install) the nodes' own environment decides:
+Ray reads these variables where its controller runs, so the install writes `direct_ingress_env`
+into every node's environment file, and the joining process moves the proxy off the port
+(`cluster_serve_http`).
 At stop, the stack first has the ingress end its streams in band and settle them
 (`Gateway.stop_serving`): Ray would hold a replica serving HTTP open for them until it kills it.
 A replica that serves the port waits in its constructor until the port can be bound
@@ -22,6 +26,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from agencyllm.serving.config import ConfigError
 from agencyllm.serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,18 +52,41 @@ def serve_http(settings: Settings) -> ServeHttp:
             http_options={"host": settings.host, "port": settings.port},
             direct=False,
         )
-    env = {
+    env = direct_ingress_env(settings.port)
+    proxy_port = settings.proxy_port or _free_port(settings.host)
+    return ServeHttp(env=env, http_options={"host": settings.host, "port": proxy_port}, direct=True)
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve's variables for an ingress replica that serves `port` itself (the Ansible
+    install's environment file holds the same: tests/test_ansible.py compares them)."""
+    return {
         DIRECT_INGRESS: "1",
         # Ray hands replica ports out of [MIN, MAX): exactly the user's port.
-        MIN_PORT: str(settings.port),
-        MAX_PORT: str(settings.port + 1),
+        MIN_PORT: str(port),
+        MAX_PORT: str(port + 1),
         # Ray holds a stopping replica open (30 s by default) for a cloud load balancer to
         # deregister it; nothing sits in front here, so stop once in-flight requests are done.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
         # A replica restarted after a crash takes the port back at once instead of after a quarantine.
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
     }
-    return ServeHttp(env=env, http_options={"host": settings.host, "port": _free_port(settings.host)}, direct=True)
+
+
+def cluster_serve_http(settings: Settings) -> ServeHttp:
+    """Where Serve's proxy listens when this process joins a cluster. The nodes were started with
+    their environment file, which this process shares: if it has the ingress replica serve the
+    API port, the proxy takes `proxy_port` (default the next port), else the API port."""
+    if direct_port() != settings.port:
+        return ServeHttp(env={}, http_options={"host": settings.host, "port": settings.port}, direct=False)
+    if settings.ingress_replicas != 1:
+        raise ConfigError(
+            f"the cluster's nodes have one ingress replica serve port {settings.port} itself "
+            f"({DIRECT_INGRESS}=1 in their environment), but {settings.ingress_replicas} ingress replicas "
+            "are asked for: set the ingress replicas to 1, or start the nodes without direct ingress"
+        )
+    proxy_port = settings.proxy_port or settings.port + 1
+    return ServeHttp(env={}, http_options={"host": settings.host, "port": proxy_port}, direct=True)
 
 
 # Linux keeps a closed connection's port in TIME_WAIT for 60 s.

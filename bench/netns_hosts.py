@@ -1,4 +1,5 @@
-"""Several hosts on this machine: one network namespace per host, joined by a bridge.
+"""Several hosts on this machine: one network namespace per host, joined by a bridge (the
+multi-host tests and `python -m bench.serving_bench --cluster`).
 
 The first host holds the bridge (its address ends in .1); every other host has a veth pair with
 one end on that bridge. Each host sees only loopback and the bridge's subnet: a default route
