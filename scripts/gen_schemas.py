@@ -2,7 +2,7 @@
 
 - The Helm chart's `values.schema.json` is hand-written except `properties.models.items`: the
   models configuration's own schema (`ModelSpec` in `agencyllm.serving.config`), with the one
-  difference the chart makes: `path` is relative to `weights.mountPath`.
+  difference the chart makes: `path` and `chat_template` are relative to `weights.mountPath`.
 - `serving/http/openai_bodies.json`: the /v1 request bodies the OpenAPI document shows, taken from
   the request models the gateway validates with (Ray Serve LLM's `openai_api_models`, which the
   HTTP layer must not import).
@@ -62,6 +62,13 @@ def helm_models_item() -> dict[str, Any]:
         "type": "string",
         "minLength": 1,
         "description": "weights directory, relative to weights.mountPath or absolute under it",
+    }
+    item["properties"]["chat_template"] = {
+        "type": ["string", "null"],
+        "minLength": 1,
+        "default": None,
+        "description": "a Jinja chat template file replacing the weights' own (e.g. one that renders tools), "
+        "relative to weights.mountPath or absolute under it; the gateway counts prompt tokens with it too",
     }
     return item
 

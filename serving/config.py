@@ -119,6 +119,15 @@ class FairShare(BaseModel):
 DEFAULT_STREAM_COALESCE_MS = 5.0
 
 
+# vLLM arguments the model settings own (they are checked, and the gateway acts on them).
+ENGINE_ARGS_WITH_A_SETTING = {
+    "tool_call_parser": "tool_call_parser",
+    "enable_auto_tool_choice": "tool_call_parser",
+    "reasoning_parser": "reasoning_parser",
+    "chat_template": "chat_template",
+}
+
+
 class ModelSpec(BaseModel):
     """One model an install serves: one vLLM engine deployment."""
 
@@ -136,6 +145,32 @@ class ModelSpec(BaseModel):
     accelerator: Accelerator = Accelerator()
     max_ongoing_requests: int = Field(default=64, ge=1)
     fair_share: FairShare = FairShare()
+    tool_call_parser: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="vLLM's tool-call parser for the model's output format (e.g. hermes for Qwen2.5 and Hermes, "
+        "llama3_json, mistral, pythonic). Unset: requests with tools get 400, except tool_choice none",
+    )
+    auto_tool_choice: bool = Field(
+        default=True,
+        description="with a tool_call_parser: the model may decide itself whether to call a tool (tool_choice auto, "
+        "the default when tools are sent). false: only none, required and a named function",
+    )
+    reasoning_parser: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="vLLM's reasoning parser (e.g. qwen3, deepseek_r1): the model's thinking is returned apart, "
+        "as `reasoning` in messages and deltas",
+    )
+    chat_template: Path | None = Field(
+        default=None,
+        description="a Jinja chat template file replacing the one in the weights' tokenizer_config.json (for "
+        "example one that renders tools); the gateway counts prompt tokens with it too",
+    )
     stream_coalesce_ms: float = Field(
         default=DEFAULT_STREAM_COALESCE_MS,
         ge=0,
@@ -150,12 +185,27 @@ class ModelSpec(BaseModel):
     def _fixed_count(cls, value: Any) -> Any:
         return {"min": value, "max": value} if isinstance(value, int) else value
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template_readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no chat template file at {path}")
+        return path
+
     @field_validator("path")
     @classmethod
     def _weights_exist(cls, path: Path) -> Path:
         if not (path / "config.json").is_file():
             raise ValueError(f"no model at {path} (config.json not found)")
         return path
+
+    @field_validator("engine_args")
+    @classmethod
+    def _own_settings_not_in_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, setting in ENGINE_ARGS_WITH_A_SETTING.items():
+            if name in value:
+                raise ValueError(f"{name} is set with the model setting `{setting}`, not in engine_args")
+        return value
 
     @model_validator(mode="after")
     def _reserve_below_slots(self) -> ModelSpec:

@@ -703,3 +703,55 @@ def test_no_module_imports_rays_private_packages(package):
         if PRIVATE_RAY in path.read_text(encoding="utf-8")
     ]
     assert offenders == []
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [None, "auto", "required", {"type": "function", "function": {"name": "get_weather"}}],
+    ids=["default-auto", "auto", "required", "named"],
+)
+async def test_tools_on_a_model_without_a_tool_call_parser_are_a_400_naming_the_setting(
+    gateway, caller, pg_db, choice
+):
+    tenant, key = await caller()
+    body = {"model": MODEL, "messages": HELLO, "tools": [WEATHER_TOOL]}
+    if choice is not None:
+        body["tool_choice"] = choice
+    calls = len(gateway.engines.calls)
+    async with client_of(gateway) as client:
+        response = await client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        "tool_choice",
+        "tool_choice_unsupported",
+    )
+    assert "tool_call_parser" in error["message"] and MODEL in error["message"]
+    assert len(gateway.engines.calls) == calls
+    assert await ledger_rows(pg_db, tenant, timeout=0.5) == []
+
+
+async def test_tool_choice_none_needs_no_parser_and_the_definitions_are_counted(gateway, caller, pg_db):
+    """The tools reach the engine (whose chat template renders them), and admission counts them."""
+    _, key = await caller()
+    counter = gateway._counters[MODEL]  # noqa: SLF001 (the project's own object, white-box)
+    bare = counter.chat(HELLO)
+    assert counter.chat(HELLO, tools=[WEATHER_TOOL]) > bare + 20
+    body = {"model": MODEL, "messages": HELLO, "tools": [WEATHER_TOOL], "tool_choice": "none", "stream": True}
+    gateway.engines.answer(FakeCall([[chunk("a"), usage_chunk(9, 1), sse("[DONE]")]]))
+    async with client_of(gateway) as client:
+        response = await client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    _, _, sent, _ = gateway.engines.calls[-1]
+    assert [tool.function.name for tool in sent.tools] == ["get_weather"]

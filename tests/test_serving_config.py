@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from agencyllm.serving.config import ConfigError, load_config, single_model_config
 from agencyllm.serving.gateway.streaming import StreamUsage, split_events
-from agencyllm.serving.ops.placeholder import HEADS, HIDDEN, is_placeholder, write_placeholder_model
-from agencyllm.serving.rayserve.engines import llm_config
+from agencyllm.serving.ops.placeholder import HEADS, HIDDEN, TOOL_CALL_TAGS, is_placeholder, write_placeholder_model
+from agencyllm.serving.rayserve.engines import check_parsers, llm_config
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,70 @@ def test_stream_usage_strips_usage_chunk_and_counts():
     kept = [e for e in events if usage.observe(e)]
     assert len(kept) == 2 and "usage" not in "".join(kept)
     assert (usage.prompt_tokens, usage.best_completion_tokens()) == (3, 2)
+
+
+def test_tool_calling_reasoning_and_template_settings_reach_vllm(placeholder, tmp_path):
+    template = tmp_path / "template.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    spec = single_model_config(placeholder).models[0]
+    assert not {"tool_call_parser", "enable_auto_tool_choice", "reasoning_parser", "chat_template"} & set(
+        llm_config(spec, cpu=True).engine_kwargs
+    )
+    spec = type(spec).model_validate(
+        {
+            **spec.model_dump(),
+            "tool_call_parser": "hermes",
+            "auto_tool_choice": False,  # the gateway refuses `auto`; vLLM needs its flag for the parser
+            "reasoning_parser": "qwen3",
+            "chat_template": template,
+        }
+    )
+    args = llm_config(spec, cpu=True).engine_kwargs
+    assert (args["enable_auto_tool_choice"], args["tool_call_parser"]) == (True, "hermes")
+    assert (args["reasoning_parser"], args["chat_template"]) == ("qwen3", str(template))
+    check_parsers(spec)  # both names exist in this vLLM
+
+
+@pytest.mark.parametrize(
+    ("setting", "name"), [("tool_call_parser", "no_such_parser"), ("reasoning_parser", "no_such_reasoner")]
+)
+def test_a_parser_vllm_does_not_have_is_refused_before_any_engine_starts(placeholder, setting, name):
+    spec = single_model_config(placeholder).models[0]
+    spec = type(spec).model_validate({**spec.model_dump(), setting: name})
+    with pytest.raises(ConfigError, match=f"{setting} '{name}'"):
+        check_parsers(spec)
+
+
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [
+        ({"engine_args": {"tool_call_parser": "hermes"}}, "model setting `tool_call_parser`"),
+        ({"engine_args": {"enable_auto_tool_choice": True}}, "model setting `tool_call_parser`"),
+        ({"engine_args": {"chat_template": "/x"}}, "model setting `chat_template`"),
+        ({"chat_template": "/no/such/template.jinja"}, "no chat template file"),
+        ({"tool_call_parser": "hermes; rm -rf /"}, "tool_call_parser"),
+    ],
+)
+def test_tool_settings_have_one_home_and_are_checked(placeholder, tmp_path, model, named):
+    file = tmp_path / "models.yaml"
+    file.write_text(json.dumps({"models": [{"id": "a", "path": str(placeholder), **model}]}))
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(file)
+
+
+def test_the_placeholder_renders_tools_and_tool_calls_with_its_tags(placeholder):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(placeholder), local_files_only=True)
+    assert all(tag in tokenizer.get_vocab() for tag in TOOL_CALL_TAGS)  # what vLLM's hermes parser looks up
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    rendered = tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False, add_generation_prompt=True)
+    assert '"name": "get_weather"' in rendered.split("</tools>")[0]
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in rendered
+    assert "<|start_header_id|>tool<|end_header_id|>\n\nsunny" in rendered

@@ -50,6 +50,7 @@ from agencyllm.serving.gateway.metering import Admitted, Metering
 from agencyllm.serving.gateway.services import Services
 from agencyllm.serving.gateway.streaming import OpenStreams, StreamUsage, relay
 from agencyllm.serving.gateway.tokens import PromptCounter
+from agencyllm.serving.gateway.tools import tool_definitions
 from agencyllm.serving.settings import Settings
 
 log = logging.getLogger("agencyllm.ingress")
@@ -69,7 +70,7 @@ class Gateway:
         self._engines = engines
         self._requests = engines.requests
         self._specs: dict[str, ModelSpec] = {m.id: m for m in serving.models}
-        self._counters = {m.id: PromptCounter(m.path, m.context_length()) for m in serving.models}
+        self._counters = {m.id: PromptCounter(m.path, m.context_length(), m.chat_template) for m in serving.models}
         self._cards = {m.id: model_card(m) for m in serving.models}
         self._governance = services.governance
         self.metering = Metering(services.ledger)
@@ -130,7 +131,7 @@ class Gateway:
         spec = self._spec(body.model)
         self._require_engine(spec)
         ticket = self._ticket(principal, request, body)
-        prompt_tokens = self._counters[spec.id].chat(body.messages)
+        prompt_tokens = self._counters[spec.id].chat(body.messages, tools=tool_definitions(spec, body))
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         materialize_messages(body)
         admitted, per_sequence = await self._admit(

@@ -20,9 +20,11 @@ _FALLBACK_TOKENS_PER_MESSAGE = 8
 
 
 class PromptCounter:
-    def __init__(self, model_path: Path, context_length: int) -> None:
+    def __init__(self, model_path: Path, context_length: int, chat_template: Path | None = None) -> None:
         self.model_path = Path(model_path)
         self.context_length = context_length
+        # The model's own template file, as the engine uses it (None: the weights' template).
+        self._template = None if chat_template is None else Path(chat_template).read_text()
 
     @cached_property
     def _tokenizer(self) -> Any:  # transformers is untyped: a PreTrainedTokenizerBase
@@ -44,7 +46,7 @@ class PromptCounter:
         messages = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in messages]
         try:
             rendered = self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+                messages, tokenize=False, add_generation_prompt=True, chat_template=self._template, **template_kwargs
             )
             return self._encode(rendered, special=False)
         except Exception as exc:  # a template that rejects the input: the engine will say why

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SEED = 20260101
 VOCAB_SIZE = 512
@@ -24,17 +24,30 @@ CONTEXT = 1024
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 
+# Tool calls are written Hermes-style (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+# what vLLM's `hermes` parser reads; the tags are tokens of their own) and the tools are listed in a
+# system turn, so their definitions count in the prompt as with real models.
+TOOL_CALL_TAGS = ["<tool_call>", "</tool_call>"]
+TOOL_CALL_PARSER = "hermes"
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\nTools you may call:\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    'Call one as <tool_call>{"name": NAME, "arguments": ARGUMENTS}</tool_call><|eot_id|>{% endif %}'
     "{% for message in messages %}"
     "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}<|eot_id|>"
+    "{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    '<tool_call>{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}'
+    "</tool_call>{% endfor %}<|eot_id|>"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
+# Written into its README: a placeholder of an older format is written again.
+FORMAT = 2
 
 # Training text for the tokenizer: plain public-service English, so common words become tokens.
 _CORPUS = [
@@ -61,6 +74,7 @@ def _train_tokenizer() -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer.add_tokens([AddedToken(tag, special=False) for tag in TOOL_CALL_TAGS])
     return tokenizer
 
 
@@ -133,7 +147,7 @@ def write_placeholder_model(directory: Path) -> Path:
     save_file(_random_weights(vocab), str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "README.md").write_text(
         "# agencyllm placeholder model\n\nRandom weights (fixed seed): output is gibberish. "
-        "For development and tests only; configure real weights for staff.\n"
+        f"For development and tests only; configure real weights for staff.\n\nformat {FORMAT}\n"
     )
     return directory
 
@@ -141,3 +155,8 @@ def write_placeholder_model(directory: Path) -> Path:
 def is_placeholder(directory: Path) -> bool:
     readme = Path(directory) / "README.md"
     return readme.exists() and readme.read_text().startswith("# agencyllm placeholder model")
+
+
+def is_current_placeholder(directory: Path) -> bool:
+    """A placeholder written by this version (older ones lack the tool-call tokens)."""
+    return is_placeholder(directory) and f"format {FORMAT}\n" in (Path(directory) / "README.md").read_text()

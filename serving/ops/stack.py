@@ -17,7 +17,7 @@ import httpx
 from pydantic import SecretStr
 
 from agencyllm.serving.config import ENGINE_PREFIX, ModelSpec, ServingConfig, load_config
-from agencyllm.serving.ops.placeholder import is_placeholder, write_placeholder_model
+from agencyllm.serving.ops.placeholder import TOOL_CALL_PARSER, is_current_placeholder, write_placeholder_model
 from agencyllm.serving.rayserve.offline import OFFLINE_ENV
 from agencyllm.serving.rayserve.ray_env import cluster_serve_http, serve_http
 from agencyllm.serving.settings import Settings
@@ -51,9 +51,9 @@ def bundled_embedding_model() -> ModelSpec | None:
 
 def default_models(data_dir: Path) -> ServingConfig:
     directory = data_dir / "models" / PLACEHOLDER_ID
-    if not is_placeholder(directory):
+    if not is_current_placeholder(directory):
         write_placeholder_model(directory)
-    models = [ModelSpec(id=PLACEHOLDER_ID, path=directory)]
+    models = [ModelSpec(id=PLACEHOLDER_ID, path=directory, tool_call_parser=TOOL_CALL_PARSER)]
     if (embedding := bundled_embedding_model()) is not None:
         models.append(embedding)
     return ServingConfig(models=models)

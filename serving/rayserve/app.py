@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve import Application
 
 from agencyllm.serving.config import ENGINE_PREFIX, ConfigError, ModelSpec, ServingConfig, parse_config
-from agencyllm.serving.rayserve.engines import engine_deployment
+from agencyllm.serving.rayserve.engines import check_parsers, engine_deployment
 from agencyllm.serving.rayserve.ingress import AgencyIngress, EngineGateway
 from agencyllm.serving.rayserve.placement import ingress_cpus
 from agencyllm.serving.rayserve.platform import cpu_only
@@ -58,6 +58,8 @@ def build_application(
     if settings.database_url is None:
         raise ValueError("build_application needs settings.database_url (the local run fills it in)")
     cpu = cpu_only(settings.force_cpu) if cpu is None else cpu
+    for spec in serving.models:
+        check_parsers(spec)
     logging_config = {"enable_access_log": settings.access_log}
     host = gateway_engine(serving, engine_http=engine_http)
     engines = {

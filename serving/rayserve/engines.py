@@ -14,7 +14,7 @@ from ray.serve.llm import LLMConfig, ModelLoadingConfig, build_llm_deployment
 from ray.serve.llm.openai_api_models import ErrorResponse
 from ray.util import metrics
 
-from agencyllm.serving.config import ENGINE_PREFIX, ModelSpec
+from agencyllm.serving.config import ENGINE_PREFIX, ConfigError, ModelSpec
 from agencyllm.serving.gateway.fairshare import ENGINE_PRIORITY, FairQueue, QueueRefused, TenantLoad, Ticket
 from agencyllm.serving.rayserve.heap import freeze_startup_heap
 from agencyllm.serving.rayserve.hooks import CoalescingLLMServer, skip_node_download
@@ -33,6 +33,7 @@ def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
         engine_kwargs.setdefault("runner", "pooling")
     else:
         engine_kwargs.setdefault("scheduling_policy", "priority")
+    engine_kwargs.update(tool_and_template_args(spec))
     env = dict(OFFLINE_ENV)
     if cpu:
         engine_kwargs = {**_CPU_ENGINE_DEFAULTS, **engine_kwargs}
@@ -64,6 +65,38 @@ def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
         experimental_configs={"stream_batching_interval_ms": spec.stream_coalesce_ms},
         log_engine_metrics=True,
     )
+
+
+def tool_and_template_args(spec: ModelSpec) -> dict[str, Any]:
+    """vLLM's arguments for the model's tool calling, reasoning output and chat template. vLLM
+    builds a tool parser only with auto tool choice on, and needs the parser for `required` and
+    named choices too; so auto stays on in vLLM, and the gateway refuses `auto` where the model's
+    `auto_tool_choice` is off (serving/gateway/tools.py)."""
+    args: dict[str, Any] = {}
+    if spec.tool_call_parser is not None:
+        args |= {"enable_auto_tool_choice": True, "tool_call_parser": spec.tool_call_parser}
+    if spec.reasoning_parser is not None:
+        args["reasoning_parser"] = spec.reasoning_parser
+    if spec.chat_template is not None:
+        args["chat_template"] = str(spec.chat_template)
+    return args
+
+
+def check_parsers(spec: ModelSpec) -> None:
+    """Refuse parser names this vLLM does not have, before any engine starts (ConfigError)."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    for setting, name, lookup in (
+        ("tool_call_parser", spec.tool_call_parser, ToolParserManager.get_tool_parser),
+        ("reasoning_parser", spec.reasoning_parser, ReasoningParserManager.get_reasoning_parser),
+    ):
+        if name is None:
+            continue
+        try:
+            lookup(name)
+        except KeyError as exc:
+            raise ConfigError(f"model {spec.id}: {setting} {name!r}: {exc.args[0] if exc.args else exc}") from None
 
 
 def engine_deployment(

@@ -270,7 +270,7 @@ imagePullSecrets:
 
 {{/* Serve config (serveConfigV2) ------------------------------------------------------------------ */}}
 
-{{/* The models list with each path resolved under weights.mountPath. */}}
+{{/* The models list with each path (weights, chat template) resolved under weights.mountPath. */}}
 {{- define "agencyllm.serveModels" -}}
 {{- $mount := .Values.weights.mountPath | trimSuffix "/" -}}
 {{- $models := list -}}
@@ -278,6 +278,9 @@ imagePullSecrets:
 {{- $model := deepCopy . -}}
 {{- if not (hasPrefix "/" $model.path) -}}
 {{- $_ := set $model "path" (printf "%s/%s" $mount $model.path) -}}
+{{- end -}}
+{{- if and $model.chat_template (not (hasPrefix "/" $model.chat_template)) -}}
+{{- $_ := set $model "chat_template" (printf "%s/%s" $mount $model.chat_template) -}}
 {{- end -}}
 {{- $models = append $models $model -}}
 {{- end -}}
