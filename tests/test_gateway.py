@@ -720,9 +720,7 @@ WEATHER_TOOL = {
     [None, "auto", "required", {"type": "function", "function": {"name": "get_weather"}}],
     ids=["default-auto", "auto", "required", "named"],
 )
-async def test_tools_on_a_model_without_a_tool_call_parser_are_a_400_naming_the_setting(
-    gateway, caller, pg_db, choice
-):
+async def test_tools_on_a_model_without_a_tool_call_parser_are_a_400_naming_the_setting(gateway, caller, pg_db, choice):
     tenant, key = await caller()
     body = {"model": MODEL, "messages": HELLO, "tools": [WEATHER_TOOL]}
     if choice is not None:

@@ -371,6 +371,11 @@ def _with_local_weights(models: list[dict], mount: str, tmp_path: Path) -> list[
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
         local.append({**model, "path": str(directory)})
+        if model.get("chat_template"):
+            template = tmp_path / model["chat_template"].removeprefix(mount + "/")
+            template.parent.mkdir(parents=True, exist_ok=True)
+            template.write_text("{{ messages }}")
+            local[-1]["chat_template"] = str(template)
     return local
 
 
@@ -414,6 +419,10 @@ EVERY_MODEL_SETTING = {
         "max_queued_per_tenant": 16,
     },
     "stream_coalesce_ms": 12.5,
+    "tool_call_parser": "llama3_json",
+    "auto_tool_choice": False,
+    "reasoning_parser": "qwen3",
+    "chat_template": "templates/tools.jinja",
 }
 
 
@@ -432,7 +441,11 @@ def test_every_model_setting_reaches_the_serve_config(chart, tmp_path):
 
     rayservice = one(documents(render(chart, {"models": [EVERY_MODEL_SETTING]})), "RayService")
     (served,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]["models"]
-    assert served == {**EVERY_MODEL_SETTING, "path": "/models/every-setting"}
+    assert served == {
+        **EVERY_MODEL_SETTING,
+        "path": "/models/every-setting",
+        "chat_template": "/models/templates/tools.jinja",  # resolved under weights.mountPath too
+    }
     (spec,) = application_config({"models": _with_local_weights([served], "/models", tmp_path)}).models
     defaults = ModelSpec.model_construct()
     for name in EVERY_MODEL_SETTING:

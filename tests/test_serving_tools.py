@@ -3,7 +3,10 @@
 The placeholder model is configured with vLLM's `hermes` parser (its chat template lists the tools
 and writes calls Hermes-style). Its weights are random, so `auto` proves only that the choice is
 accepted and answered; `required` and named choices are enforced by guided decoding, so they
-return real calls to the listed tools whatever the weights, and that is what is asserted.
+return real calls to the listed tools whatever the weights, and that is what is asserted. Under
+`required` a model may make any number of calls and ends the list itself; random weights never do,
+so those requests stop at the first call's closing tag (kept in the output, where vLLM's parser
+reads it), as a real model's reply would end.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ TIME = {
     },
 }
 NAMED = {"type": "function", "function": {"name": "get_time"}}
+FIRST_CALL = {"stop": ["</tool_call>"], "extra_body": {"include_stop_str_in_output": True}}
+
+
+def ends(choice) -> dict:
+    return FIRST_CALL if choice == "required" else {}
 
 
 def arguments_of(name: str, arguments: str) -> dict:
@@ -58,11 +66,12 @@ def arguments_of(name: str, arguments: str) -> dict:
 
 def test_required_calls_one_or_more_of_the_listed_tools(stack):
     reply = stack.openai().chat.completions.create(
-        model=PLACEHOLDER_ID, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200
+        model=PLACEHOLDER_ID, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200, **FIRST_CALL
     )
+    assert reply.choices[0].finish_reason == "tool_calls"
     calls = reply.choices[0].message.tool_calls
     assert calls, reply
-    for call in calls:  # several when the model makes parallel calls
+    for call in calls:
         assert call.type == "function" and call.id
         arguments_of(call.function.name, call.function.arguments)
 
@@ -87,6 +96,7 @@ def test_streamed_tool_calls_arrive_as_deltas(stack, choice):
             max_tokens=200,
             stream=True,
             stream_options={"include_usage": True},
+            **ends(choice),
         )
     )
     calls: dict[int, dict] = {}
@@ -121,7 +131,7 @@ def test_tool_results_go_back_in_and_the_definitions_are_charged(stack, pg_url):
     tenant, key = new_tenant(stack)
     client = stack.openai(api_key=key)
     first = client.chat.completions.create(
-        model=PLACEHOLDER_ID, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=200
+        model=PLACEHOLDER_ID, messages=ASK, tools=[WEATHER, TIME], tool_choice=NAMED, max_tokens=200
     )
     call = first.choices[0].message.tool_calls[0]
     history = [
@@ -130,7 +140,7 @@ def test_tool_results_go_back_in_and_the_definitions_are_charged(stack, pg_url):
         {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear", "temperature": 21}'},
     ]
     answered = client.chat.completions.with_raw_response.create(
-        model=PLACEHOLDER_ID, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=6
+        model=PLACEHOLDER_ID, messages=history, tools=[WEATHER, TIME], tool_choice="none", max_tokens=6
     )
     reply = answered.parse()
     assert reply.choices[0].message.content
@@ -139,4 +149,7 @@ def test_tool_results_go_back_in_and_the_definitions_are_charged(stack, pg_url):
     assert reply.usage.prompt_tokens > without_tools.usage.prompt_tokens + 30
     request_id = answered.headers["x-agencyllm-request-id"]
     row = wait_for_ledger_row(pg_url, tenant, request_id)[request_id]
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        reply.usage.prompt_tokens,
+        reply.usage.completion_tokens,
+    )

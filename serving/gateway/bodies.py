@@ -4,10 +4,13 @@ re-readable, a usage chunk asked for on every stream), and the model cards of /v
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agencyllm.serving.config import ModelSpec
 from agencyllm.serving.gateway.errors import OpenAIError
+from agencyllm.serving.gateway.inputs import check_openai_params
+from agencyllm.serving.settings import Settings
 
 # Who owns the models in /v1/models (OpenAI's `owned_by`).
 MODEL_OWNER = "organization-owner"
@@ -81,3 +84,19 @@ def usage_wanted(body: Any, wants_usage: list[bool]) -> bool:
     client_wants_usage = bool(options.include_usage)
     options.include_usage = True
     return client_wants_usage
+
+
+def body_checks(
+    settings: Settings, endpoint: str, wants_usage: list[bool] | None = None
+) -> Callable[[dict[str, Any]], None]:
+    """What runs on a /v1 body's raw JSON before the engine's request model parses it: OpenAI's
+    bounds, and (with `wants_usage`) whether the client asked for the stream's usage chunk."""
+
+    def check(data: dict[str, Any]) -> None:
+        check_openai_params(
+            data, endpoint=endpoint, max_choices=settings.max_choices, max_prompts=settings.max_prompts_per_request
+        )
+        if wants_usage is not None:
+            ask_for_stream_usage(data, wants_usage)
+
+    return check

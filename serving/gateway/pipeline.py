@@ -2,12 +2,10 @@
 
     authenticate → parse/check → count prompt → admit (reserve quota) → engine → settle usage
 
-`Gateway.start(settings, serving, engines)` builds every service the pipeline needs
-(`services.Services`: database, ledger and metering, authenticator, governance; fair-share weights,
-prompt counters) from the settings once; `aclose()` settles what is in flight and lets go of them.
-The engines are reached through the `engines.Engines` port: Ray Serve deployment handles in
-production (`serving/rayserve/ingress.py`), a fake in the unit tests.
-"""
+`Gateway.start(settings, serving, engines)` builds the services (`services.Services`: database,
+ledger, metering, authenticator, governance, fair shares, prompt counters) once; `aclose()` settles
+what is in flight. Engines are reached through the `engines.Engines` port: Ray Serve deployment
+handles in production (`serving/rayserve/ingress.py`), a fake in the unit tests."""
 
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from agencyllm.auth.principal import Principal
 from agencyllm.quotas import store
 from agencyllm.quotas.ledger.metrics import QuotaMetrics
 from agencyllm.serving.config import ModelSpec, ServingConfig
-from agencyllm.serving.gateway.bodies import ask_for_stream_usage, materialize_messages, model_card, usage_wanted
+from agencyllm.serving.gateway.bodies import body_checks, materialize_messages, model_card, usage_wanted
 from agencyllm.serving.gateway.engine_health import EngineHealth
 from agencyllm.serving.gateway.engines import (
     EngineCall,
@@ -45,7 +43,6 @@ from agencyllm.serving.gateway.fairshare import (
     retry_after_seconds,
 )
 from agencyllm.serving.gateway.guards import parse_body
-from agencyllm.serving.gateway.inputs import check_openai_params
 from agencyllm.serving.gateway.metering import Admitted, Metering
 from agencyllm.serving.gateway.services import Services
 from agencyllm.serving.gateway.streaming import OpenStreams, StreamUsage, relay
@@ -127,7 +124,7 @@ class Gateway:
     async def chat(self, request: Request) -> Response:
         principal = await self._authenticate(request)
         wants_usage: list[bool] = []
-        body = await self._parse(request, self._requests.chat, self._checks("chat", wants_usage))
+        body = await self._parse(request, self._requests.chat, body_checks(self.settings, "chat", wants_usage))
         spec = self._spec(body.model)
         self._require_engine(spec)
         ticket = self._ticket(principal, request, body)
@@ -144,7 +141,9 @@ class Gateway:
     async def completions(self, request: Request) -> Response:
         principal = await self._authenticate(request)
         wants_usage: list[bool] = []
-        body = await self._parse(request, self._requests.completions, self._checks("completions", wants_usage))
+        body = await self._parse(
+            request, self._requests.completions, body_checks(self.settings, "completions", wants_usage)
+        )
         spec = self._spec(body.model)
         self._require_engine(spec)
         ticket = self._ticket(principal, request, body)
@@ -158,7 +157,7 @@ class Gateway:
 
     async def embeddings(self, request: Request) -> Response:
         principal = await self._authenticate(request)
-        body = await self._parse(request, self._requests.embeddings, self._checks("embeddings"))
+        body = await self._parse(request, self._requests.embeddings, body_checks(self.settings, "embeddings"))
         spec = self._spec(body.model)
         ticket = self._ticket(principal, request, body)
         if spec.task != "embed":
@@ -219,18 +218,6 @@ class Gateway:
             raise unavailable(STOPPING_MESSAGE)
         if self.health.is_down(spec.id):
             raise EngineUnavailable(spec.id)
-
-    def _checks(self, endpoint: str, wants_usage: list[bool] | None = None) -> Callable[[dict[str, Any]], None]:
-        settings = self.settings
-
-        def check(data: dict[str, Any]) -> None:
-            check_openai_params(
-                data, endpoint=endpoint, max_choices=settings.max_choices, max_prompts=settings.max_prompts_per_request
-            )
-            if wants_usage is not None:
-                ask_for_stream_usage(data, wants_usage)
-
-        return check
 
     async def _parse(self, request: Request, model: TypeAdapter[Any], check: Callable[[dict[str, Any]], None]) -> Any:
         """The body as the engine's request `model`; a client error its validators raise is a 400."""
