@@ -44,7 +44,7 @@ KEY_KINDS = ("personal", "service")
 # Classes of traffic for fair sharing (serving/gateway/fairshare.py) and the largest tenant share.
 TRAFFIC_CLASSES = ("interactive", "batch")
 MAX_SHARE = 1000
-ENDPOINTS = ("chat", "completions", "embeddings")
+ENDPOINTS = ("chat", "completions", "embeddings", "responses")
 USAGE_STATUSES = ("ok", "client_error", "engine_error", "cancelled", "expired")
 AUDIT_CATEGORIES = ("auth", "request", "admin", "quota", "retention")
 AUDIT_OUTCOMES = ("success", "failure", "refused")
@@ -254,6 +254,22 @@ class RequestContent(Base):
     created_at: Mapped[datetime] = _timestamp()
     prompt: Mapped[Any] = mapped_column(JSONB)
     output: Mapped[str | None] = mapped_column(Text)
+
+
+class StoredResponse(Base):
+    """One stored Responses API response (`store`, for tenants that keep content): its input items
+    and the response object, owned by the tenant and the caller; purged with the tenant's content."""
+
+    __tablename__ = "stored_responses"
+    __table_args__ = (Index(None, "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    subject: Mapped[str] = mapped_column(Text)
+    previous_id: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _timestamp()
+    input_items: Mapped[Any] = mapped_column(JSONB)
+    response: Mapped[Any] = mapped_column(JSONB)
 
 
 class Feedback(Base):

@@ -146,7 +146,7 @@ async def test_call_that_fails_before_the_first_item_charges_nothing(pg_db, mete
     admitted = await admit()
     upstream = FakeUpstream(fail=RecursionError("maximum recursion depth exceeded while pickling"))
     with pytest.raises(EngineUnavailable):
-        await gateway_with(upstream, metered, pg_db)._generate(Body(), "chat", admitted, True, TICKET)  # noqa: SLF001 (the project's own object, white-box)
+        await gateway_with(upstream, metered, pg_db).generate(Body(), "chat", admitted, True, TICKET)
     assert upstream.cancelled == 1
     await assert_settled(pg_db, metered, admitted, status="engine_error", prompt=0, completion=0)
 
@@ -158,7 +158,7 @@ async def test_engine_refusal_settles_at_zero(pg_db, metered):
         {"error": {"message": "temperature must be >= 0", "type": "BadRequestError", "code": 400}}
     )
     with pytest.raises(OpenAIError) as err:
-        await gateway_with(FakeUpstream([refusal]), metered, pg_db)._generate(Body(), "chat", admitted, True, TICKET)  # noqa: SLF001 (the project's own object, white-box)
+        await gateway_with(FakeUpstream([refusal]), metered, pg_db).generate(Body(), "chat", admitted, True, TICKET)
     assert err.value.status == 400
     await assert_settled(pg_db, metered, admitted, status="client_error", prompt=0, completion=0)
 
@@ -170,7 +170,7 @@ async def test_engine_5xx_is_503_and_settles_at_zero(pg_db, metered):
         {"error": {"message": "engine dead", "type": "InternalServerError", "code": 500}}
     )
     with pytest.raises(EngineUnavailable):
-        await gateway_with(FakeUpstream([failure]), metered, pg_db)._generate(Body(), "chat", admitted, True, TICKET)  # noqa: SLF001 (the project's own object, white-box)
+        await gateway_with(FakeUpstream([failure]), metered, pg_db).generate(Body(), "chat", admitted, True, TICKET)
     await assert_settled(pg_db, metered, admitted, status="engine_error", prompt=0, completion=0)
 
 
@@ -179,7 +179,7 @@ async def test_client_gone_before_the_first_item_is_charged_its_prompt(pg_db, me
     admitted = await admit()
     upstream = FakeUpstream(hang=True)
     call = asyncio.ensure_future(
-        gateway_with(upstream, metered, pg_db)._generate(Body(), "chat", admitted, True, TICKET)  # noqa: SLF001 (the project's own object, white-box)
+        gateway_with(upstream, metered, pg_db).generate(Body(), "chat", admitted, True, TICKET)
     )
     await asyncio.sleep(0.2)
     call.cancel()
@@ -192,7 +192,7 @@ async def test_stream_that_dies_midway_gets_an_error_event_and_is_charged_what_i
     _, _, _, admit = metered
     admitted = await admit()
     upstream = FakeUpstream([CHUNK, CHUNK, CHUNK], fail=ConnectionError("replica died"))
-    response = await gateway_with(upstream, metered, pg_db)._generate(Body(), "chat", admitted, False, TICKET)  # noqa: SLF001 (the project's own object, white-box)
+    response = await gateway_with(upstream, metered, pg_db).generate(Body(), "chat", admitted, False, TICKET)
     events = [event async for event in response.body_iterator]
     assert '"service_unavailable"' in events[-2] and events[-1] == "data: [DONE]\n\n"
     # No usage chunk arrived: the prompt counted at admission, one token per chunk of text.
@@ -203,7 +203,7 @@ async def test_stream_the_client_left_is_charged_its_real_tokens(pg_db, metered)
     _, _, _, admit = metered
     admitted = await admit()
     upstream = FakeUpstream([CHUNK] * 5, hang=True)
-    response = await gateway_with(upstream, metered, pg_db)._generate(Body(), "chat", admitted, False, TICKET)  # noqa: SLF001 (the project's own object, white-box)
+    response = await gateway_with(upstream, metered, pg_db).generate(Body(), "chat", admitted, False, TICKET)
     stream = response.body_iterator
     for _ in range(4):
         await stream.__anext__()

@@ -28,14 +28,21 @@ log = logging.getLogger(__name__)
 AUDIT_FLOOR_DAYS = 90
 _LOCK_KEY = "agencyllm.retention"
 
+# Kept prompts and outputs, and stored Responses API responses: both are the tenant's content.
 _PURGE_CONTENT_SQL = """
 WITH gone AS (
     DELETE FROM request_content c USING tenants t
      WHERE t.id = c.tenant_id
        AND c.created_at < $1::timestamptz - make_interval(days => coalesce(t.content_retention_days, 0))
     RETURNING t.name AS tenant
+), gone_responses AS (
+    DELETE FROM stored_responses r USING tenants t
+     WHERE t.id = r.tenant_id
+       AND r.created_at < $1::timestamptz - make_interval(days => coalesce(t.content_retention_days, 0))
+    RETURNING t.name AS tenant
 )
-SELECT tenant, count(*) AS n FROM gone GROUP BY tenant ORDER BY tenant
+SELECT tenant, count(*) AS n FROM (SELECT tenant FROM gone UNION ALL SELECT tenant FROM gone_responses) AS g
+ GROUP BY tenant ORDER BY tenant
 """
 _PURGE_LEDGER_SQL = "DELETE FROM usage_ledger WHERE finished_at < $1"
 

@@ -17,6 +17,8 @@ from typing import Any
 
 # Tool schemas and structured-output schemas are the deepest real bodies; 64 levels is far more.
 MAX_JSON_DEPTH = 64
+# Items one Responses API request may carry in `input`.
+MAX_INPUT_ITEMS = 4096
 # Dates an admin may ask about or set: wide enough for any real use, far from datetime's limits
 # (year 1 and 9999), where converting a time zone overflows.
 EARLIEST = date(1970, 1, 1)
@@ -102,6 +104,7 @@ _INTEGERS = {
     "dimensions": (1, None),
     "truncate_prompt_tokens": (-1, None),
     "prompt_logprobs": (0, 20),
+    "max_output_tokens": (None, None),
 }
 _BOOLEANS = {
     "stream",
@@ -116,6 +119,7 @@ _BOOLEANS = {
     "spaces_between_special_tokens",
     "use_beam_search",
     "store",
+    "background",
     "return_tokens_as_token_ids",
 }
 _NUMBERS = {
@@ -127,7 +131,16 @@ _NUMBERS = {
     "repetition_penalty",
     "length_penalty",
 }
-_STRINGS = {"model", "user", "encoding_format", "suffix", "request_id", "cache_salt"}
+_STRINGS = {
+    "model",
+    "user",
+    "encoding_format",
+    "suffix",
+    "request_id",
+    "cache_salt",
+    "instructions",
+    "previous_response_id",
+}
 _OBJECTS = {"stream_options", "response_format", "logit_bias", "metadata"}
 
 
@@ -174,13 +187,15 @@ def check_openai_params(body: dict[str, Any], *, endpoint: str, max_choices: int
                 raise _wrong_type(name, "a string", value)
         elif name in _OBJECTS and not isinstance(value, dict):
             raise _wrong_type(name, "an object", value)
-    required = {"chat": "messages", "completions": "prompt", "embeddings": "input"}.get(endpoint)
+    required = {"chat": "messages", "completions": "prompt", "embeddings": "input", "responses": "input"}.get(endpoint)
     if required is not None and body.get(required) is None:
         raise InvalidInput(
             f"Missing required parameter: '{required}'.", param=required, code="missing_required_parameter"
         )
     if endpoint == "chat":
         _check_messages(body["messages"])
+    if endpoint == "responses" and isinstance(body["input"], list) and len(body["input"]) > MAX_INPUT_ITEMS:
+        raise InvalidInput(f"At most {MAX_INPUT_ITEMS} input items.", param="input", code="too_many_items")
     listed = {"completions": "prompt", "embeddings": "input"}.get(endpoint)
     if listed is not None:
         _check_prompt_list(listed, body.get(listed), max_prompts)

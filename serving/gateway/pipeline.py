@@ -13,10 +13,10 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Request
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from agencyllm.auth.principal import Principal
@@ -34,7 +34,7 @@ from agencyllm.serving.gateway.engines import (
     is_error,
     status_of,
 )
-from agencyllm.serving.gateway.errors import EngineUnavailable, OpenAIError, unavailable
+from agencyllm.serving.gateway.errors import EngineUnavailable, OpenAIError, unavailable, validation_error
 from agencyllm.serving.gateway.fairshare import (
     TRAFFIC_CLASS_HEADER,
     TenantShares,
@@ -51,6 +51,15 @@ from agencyllm.serving.gateway.tools import tool_definitions
 from agencyllm.serving.settings import Settings
 
 log = logging.getLogger("agencyllm.ingress")
+
+
+class AnswerShape(Protocol):
+    """Another API's answer made from the engine's chat answer (whole, or its SSE events)."""
+
+    async def whole(self, chat: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, events: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]: ...
+
 
 _DONE = "data: [DONE]\n\n"
 # Ray Serve already answers with its own `x-request-id`; this one names the usage-ledger row.
@@ -122,61 +131,61 @@ class Gateway:
     # ---- OpenAI routes -------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Response:
-        principal = await self._authenticate(request)
+        principal = await self.authenticate(request)
         wants_usage: list[bool] = []
         body = await self._parse(request, self._requests.chat, body_checks(self.settings, "chat", wants_usage))
-        spec = self._spec(body.model)
-        self._require_engine(spec)
-        ticket = self._ticket(principal, request, body)
+        spec = self.spec(body.model)
+        self.require_engine(spec)
+        ticket = self.ticket(principal, request, body)
         prompt_tokens = self._counters[spec.id].chat(body.messages, tools=tool_definitions(spec, body))
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         materialize_messages(body)
-        admitted, per_sequence = await self._admit(
+        admitted, per_sequence = await self.admit(
             principal, spec, "chat", [prompt_tokens], requested, body.n or 1, "messages"
         )
         body.model = spec.id
         body.max_completion_tokens, body.max_tokens = per_sequence, None
-        return await self._generate(body, "chat", admitted, usage_wanted(body, wants_usage), ticket)
+        return await self.generate(body, "chat", admitted, usage_wanted(body, wants_usage), ticket)
 
     async def completions(self, request: Request) -> Response:
-        principal = await self._authenticate(request)
+        principal = await self.authenticate(request)
         wants_usage: list[bool] = []
         body = await self._parse(
             request, self._requests.completions, body_checks(self.settings, "completions", wants_usage)
         )
-        spec = self._spec(body.model)
-        self._require_engine(spec)
-        ticket = self._ticket(principal, request, body)
+        spec = self.spec(body.model)
+        self.require_engine(spec)
+        ticket = self.ticket(principal, request, body)
         prompt_tokens = self._counters[spec.id].prompts(body.prompt)
         n = body.n or 1
-        admitted, body.max_tokens = await self._admit(
+        admitted, body.max_tokens = await self.admit(
             principal, spec, "completions", prompt_tokens, body.max_tokens, n, "prompt"
         )
         body.model = spec.id
-        return await self._generate(body, "completions", admitted, usage_wanted(body, wants_usage), ticket)
+        return await self.generate(body, "completions", admitted, usage_wanted(body, wants_usage), ticket)
 
     async def embeddings(self, request: Request) -> Response:
-        principal = await self._authenticate(request)
+        principal = await self.authenticate(request)
         body = await self._parse(request, self._requests.embeddings, body_checks(self.settings, "embeddings"))
-        spec = self._spec(body.model)
-        ticket = self._ticket(principal, request, body)
+        spec = self.spec(body.model)
+        ticket = self.ticket(principal, request, body)
         if spec.task != "embed":
             raise OpenAIError(
                 400, f"Model '{spec.id}' does not serve embeddings.", param="model", code="model_not_supported"
             )
-        self._require_engine(spec)
+        self.require_engine(spec)
         counter = self._counters[spec.id]
         prompt_tokens = [counter.chat(body.messages)] if hasattr(body, "messages") else counter.prompts(body.input)
-        admitted, _ = await self._admit(principal, spec, "embeddings", prompt_tokens, 0, 1, "input")
+        admitted, _ = await self.admit(principal, spec, "embeddings", prompt_tokens, 0, 1, "input")
         body.model = spec.id
-        return await self._generate(body, "embeddings", admitted, True, ticket)
+        return await self.generate(body, "embeddings", admitted, True, ticket)
 
     async def models(self, request: Request) -> Response:
-        await self._authenticate(request)
+        await self.authenticate(request)
         return JSONResponse({"object": "list", "data": list(self._cards.values())})
 
     async def model_data(self, model: str, request: Request) -> Response:
-        await self._authenticate(request)
+        await self.authenticate(request)
         card = self._cards.get(model)
         if card is None:
             raise OpenAIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
@@ -207,17 +216,29 @@ class Gateway:
 
     # ---- the request path ----------------------------------------------------------------
 
-    async def _authenticate(self, request: Request) -> Principal:
+    async def authenticate(self, request: Request) -> Principal:
         principal = await self.services.authenticator.authenticate(request.headers.get("authorization"))
         if not principal.may_call_models:
             raise OpenAIError(403, "Your account lacks the role needed to call models.")
         return principal
 
-    def _require_engine(self, spec: ModelSpec) -> None:
+    def require_engine(self, spec: ModelSpec) -> None:
         if self._streams.stopping:
             raise unavailable(STOPPING_MESSAGE)
         if self.health.is_down(spec.id):
             raise EngineUnavailable(spec.id)
+
+    def counter(self, model: str) -> PromptCounter:
+        return self._counters[model]
+
+    def chat_request(self, data: dict[str, Any]) -> Any:
+        """A chat body built here (the Responses API's), as the engine's request model."""
+        try:
+            return self._requests.chat.validate_python(data)
+        except self._requests.client_errors as exc:
+            raise client_error(exc) from None
+        except ValidationError as exc:
+            raise validation_error(exc.errors(include_url=False, include_input=False)) from None
 
     async def _parse(self, request: Request, model: TypeAdapter[Any], check: Callable[[dict[str, Any]], None]) -> Any:
         """The body as the engine's request `model`; a client error its validators raise is a 400."""
@@ -235,13 +256,13 @@ class Gateway:
     async def _fetch_shares(self) -> dict[str, float]:
         return await store.tenant_shares(await self.services.database.pool())
 
-    def _ticket(self, principal: Principal, request: Request, body: Any) -> Ticket:
+    def ticket(self, principal: Principal, request: Request, body: Any) -> Ticket:
         """Who the engine replica's fair queue should weigh this request against, and how."""
         traffic_class = requested_class(request.headers.get(TRAFFIC_CLASS_HEADER), body, principal.traffic_class)
         tenant = principal.tenant or ""  # a caller without a tenant is refused at admission
         return Ticket(tenant=tenant, share=self._shares.share(tenant), traffic_class=traffic_class)
 
-    def _spec(self, model: str | None) -> ModelSpec:
+    def spec(self, model: str | None) -> ModelSpec:
         if model is None and len(self._specs) == 1:
             return next(iter(self._specs.values()))
         spec = self._specs.get(model or "")
@@ -249,7 +270,7 @@ class Gateway:
             raise OpenAIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
         return spec
 
-    async def _admit(
+    async def admit(
         self,
         principal: Principal,
         spec: ModelSpec,
@@ -285,11 +306,18 @@ class Gateway:
             raise OpenAIError(400, "Your per-request token cap leaves no room for this many completions.", param="n")
         return admitted, granted
 
-    async def _generate(
-        self, body: Any, method: str, admitted: Admitted, client_wants_usage: bool, ticket: Ticket
+    async def generate(
+        self,
+        body: Any,
+        method: str,
+        admitted: Admitted,
+        client_wants_usage: bool,
+        ticket: Ticket,
+        shape: AnswerShape | None = None,
     ) -> Response:
         """Engine call and settlement. Every way out settles `admitted` exactly once: a request
-        the engine never took is charged nothing; one it worked on, the tokens it read and made."""
+        the engine never took is charged nothing; one it worked on, the tokens it read and made.
+        `shape` turns the engine's answer into another API's (the Responses API)."""
         request_id = admitted.reservation.request_id
         tenant = admitted.reservation.tenant
         if hasattr(body, "request_id"):
@@ -339,7 +367,8 @@ class Gateway:
                 status="ok",
             )
             self._governance.keep_response(request_id, tenant, body, first)
-            return JSONResponse(first.model_dump(), headers=headers)
+            payload = first.model_dump() if shape is None else await shape.whole(first.model_dump())
+            return JSONResponse(payload, headers=headers)
 
         async def chain(call: EngineCall) -> AsyncIterator[Any]:
             yield first
@@ -388,5 +417,7 @@ class Gateway:
                 end(status)
 
         stream = self._governance.tap(request_id, tenant, body, events())
+        if shape is not None:
+            stream = shape.stream(stream)
         # The client may leave before the first event: the response, not the stream, ends it then.
         return self._streams.response(stream, on_close=lambda: end("cancelled"), headers=headers)

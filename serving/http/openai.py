@@ -18,6 +18,7 @@ from starlette.responses import Response
 from agencyllm.serving.admin.schemas import documented_errors as _errors
 from agencyllm.serving.gateway.fairshare import TRAFFIC_CLASS_HEADER
 from agencyllm.serving.gateway.pipeline import REQUEST_ID_HEADER, Gateway
+from agencyllm.serving.gateway.responses import Responses
 from agencyllm.serving.http.app import create_app
 
 __all__ = ["ENDPOINTS", "REQUEST_ID_HEADER", "TRAFFIC_CLASS_HEADER", "http_app", "mount", "router"]
@@ -49,6 +50,30 @@ ENDPOINTS = {
     ),
     "model_data": lambda app: app.get(
         "/v1/models/{model:path}", tags=["openai"], summary="Read a model", responses=_errors(401, 403, 404, 503)
+    ),
+    "responses": lambda app: app.post(
+        "/v1/responses",
+        tags=["openai"],
+        summary="Create a response (OpenAI Responses API; stored in Postgres)",
+        responses=_CALL_ERRORS,
+    ),
+    "response": lambda app: app.get(
+        "/v1/responses/{response_id}",
+        tags=["openai"],
+        summary="Read a stored response",
+        responses=_errors(401, 403, 404, 503),
+    ),
+    "response_delete": lambda app: app.delete(
+        "/v1/responses/{response_id}",
+        tags=["openai"],
+        summary="Delete a stored response",
+        responses=_errors(401, 403, 404, 503),
+    ),
+    "response_input_items": lambda app: app.get(
+        "/v1/responses/{response_id}/input_items",
+        tags=["openai"],
+        summary="List a stored response's input items",
+        responses=_errors(400, 401, 403, 404, 503),
     ),
     "healthz": lambda app: app.get("/healthz", tags=["health"], summary="Liveness: the ingress answers"),
     "readyz": lambda app: app.get(
@@ -82,6 +107,30 @@ async def embeddings(request: Request) -> Response:
     return await _gateway(request).embeddings(request)
 
 
+def _responses(request: Request) -> Responses:
+    return request.app.state.responses
+
+
+@ENDPOINTS["responses"](router)
+async def create_response(request: Request) -> Response:
+    return await _responses(request).create(request)
+
+
+@ENDPOINTS["response"](router)
+async def retrieve_response(response_id: str, request: Request) -> Response:
+    return await _responses(request).retrieve(response_id, request)
+
+
+@ENDPOINTS["response_delete"](router)
+async def delete_response(response_id: str, request: Request) -> Response:
+    return await _responses(request).delete(response_id, request)
+
+
+@ENDPOINTS["response_input_items"](router)
+async def response_input_items(response_id: str, request: Request) -> Response:
+    return await _responses(request).input_items(response_id, request)
+
+
 @ENDPOINTS["models"](router)
 async def models(request: Request) -> Response:
     return await _gateway(request).models(request)
@@ -106,6 +155,7 @@ def mount(app: FastAPI, gateway: Gateway) -> None:
     """Serve `gateway` from `app`: its services for the admin routes, and the OpenAI routes."""
     gateway.services.install(app)
     app.state.gateway = gateway
+    app.state.responses = Responses(gateway)
     app.include_router(router)
 
 
