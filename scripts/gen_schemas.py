@@ -212,7 +212,19 @@ def openai_bodies() -> dict[str, dict[str, Any]]:
             "required": [name for name in names if name in required],
             "properties": {name: {**variant["properties"][name], **ENGINE_CHECKS.get(name, {})} for name in names},
         }
+    bodies["responses"] = responses_body()
     return bodies
+
+
+def responses_body() -> dict[str, Any]:
+    """`POST /v1/responses`: the gateway's own request model (serving/gateway/response_items.py)."""
+    from agencyllm.serving.gateway.response_items import ResponsesRequest
+
+    raw = ResponsesRequest.model_json_schema()
+    schema: dict[str, Any] = _inline(raw, raw.get("$defs", {}))
+    names = ("model", "input", "instructions", "previous_response_id", "tools", "tool_choice", "text",
+             "max_output_tokens", "temperature", "top_p", "stream", "store", "metadata")  # fmt: skip
+    return {"type": "object", "required": ["input"], "properties": {name: schema["properties"][name] for name in names}}
 
 
 def openai_bodies_json(bodies: dict[str, dict[str, Any]]) -> str:

@@ -56,6 +56,7 @@ ENDPOINTS = {
         tags=["openai"],
         summary="Create a response (OpenAI Responses API; stored in Postgres)",
         responses=_CALL_ERRORS,
+        openapi_extra=_body("responses"),
     ),
     "response": lambda app: app.get(
         "/v1/responses/{response_id}",
