@@ -2,6 +2,7 @@
 
 - `ledger`      admission and settlement: reserve quota, settle usage, calendar windows, leases;
 - `compliance`  data governance: content retention and its purge, staff feedback;
+- `batches`     uploaded files and batch jobs, their lines leased to workers in Postgres;
 - `store`       tenants, quota policies, API keys and usage reports (the admin API's store);
 - `audit`       the tamper-evident audit log every writer above appends to;
 - `db`, `models`  the database (engine, pool, schema gate) and the tables;

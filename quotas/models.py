@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -270,6 +271,98 @@ class StoredResponse(Base):
     created_at: Mapped[datetime] = _timestamp()
     input_items: Mapped[Any] = mapped_column(JSONB)
     response: Mapped[Any] = mapped_column(JSONB)
+
+
+BATCH_STATUSES = (
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+)
+BATCH_LINE_STATUSES = ("pending", "running", "done", "failed")
+
+
+class StoredFile(Base):
+    """An uploaded file (`/v1/files`) or a batch's output file, owned by the tenant and uploader."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index(None, "tenant_id", "subject", "created_at"),)
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    subject: Mapped[str] = mapped_column(Text)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column("bytes", BigInteger)
+    created_at: Mapped[datetime] = _timestamp()
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class BatchJob(Base):
+    """A batch (`/v1/batches`): its owner, whose quotas its lines are charged to, and its progress."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", BATCH_STATUSES), name="status"),
+        Index(None, "tenant_id", "created_at"),
+        Index(None, "status"),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    subject: Mapped[str] = mapped_column(Text)
+    owner: Mapped[Any] = mapped_column(JSONB)
+    endpoint: Mapped[str] = mapped_column(String(32))
+    input_file_id: Mapped[str] = mapped_column(Text)
+    completion_window: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _timestamp()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    output_file_id: Mapped[str | None] = mapped_column(Text)
+    error_file_id: Mapped[str | None] = mapped_column(Text)
+    errors: Mapped[Any | None] = mapped_column(JSONB)
+    metadata_: Mapped[Any | None] = mapped_column("metadata", JSONB)
+    total: Mapped[int] = mapped_column(Integer, server_default="0")
+    completed: Mapped[int] = mapped_column(Integer, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, server_default="0")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class BatchLine(Base):
+    """One input line of a batch: leased by a worker while it runs, ended once with its record."""
+
+    __tablename__ = "batch_lines"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", BATCH_LINE_STATUSES), name="status"),
+        UniqueConstraint("batch_id", "custom_id"),
+        Index(None, "status", postgresql_where=text("status IN ('pending', 'running')")),
+    )
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    line_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str] = mapped_column(Text)
+    body: Mapped[Any] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(String(12), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Feedback(Base):

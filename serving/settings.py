@@ -100,6 +100,17 @@ class Settings(_Validated):
     # but while that replica restarts, every route of the port is down (docs/operations.md).
     engine_gateway: bool = False
 
+    # Files and Batch API (docs/api.md): the largest upload, and what one tenant's files may hold
+    # in all (uploads and batch outputs, stored in Postgres).
+    file_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024, le=1024**3)
+    file_storage_bytes_per_tenant: int = Field(default=10 * 1024**3, ge=1024)
+    batch_max_lines: int = Field(default=50_000, ge=1, le=1_000_000)
+    # Batch lines each ingress replica runs at once (in the batch traffic class, behind
+    # interactive requests in the engines' fair queues), and how long a line's lease lasts
+    # without its worker renewing it (then another worker takes the line over).
+    batch_concurrency: int = Field(default=8, ge=0, le=1024)
+    batch_lease_seconds: float = Field(default=60.0, ge=5, le=3600)
+
     # Governance (docs/compliance/): audit records are kept this many days (never fewer than 90);
     # the usage ledger this many (unset: for ever). Content retention is a per-tenant opt-in.
     audit_retention_days: int = Field(default=365, ge=90)

@@ -90,6 +90,9 @@ def stack(tmp_path_factory, pg_url, oidc_issuer) -> Iterator[RunningStack]:  # n
         max_request_bytes=256 * 1024,
         reservation_lease_seconds=30,
         access_log=True,  # tests read Serve's access log: which replica served, cancelled engine calls
+        file_max_bytes=8 * 1024 * 1024,
+        file_storage_bytes_per_tenant=24 * 1024 * 1024,
+        batch_lease_seconds=10,
     )
     running = LocalStack(settings, default_models(data_dir))
     try:

@@ -18,21 +18,26 @@ T = TypeVar("T")
 
 
 class BodySizeLimit:
-    """Refuse bodies over `limit` bytes with 413, before anything parses them."""
+    """Refuse bodies over `limit` bytes with 413, before anything parses them; uploads to
+    `upload_path` (POST) may be up to `upload_limit`."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, upload_path: str | None = None, upload_limit: int = 0) -> None:
         self.app = app
-        self.limit = limit
+        self.default_limit = limit
+        self.upload_path = upload_path
+        self.upload_limit = upload_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        upload = scope.get("method") == "POST" and scope.get("path") == self.upload_path
+        limit = self.upload_limit if upload else self.default_limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and not declared.isdigit():
             error = OpenAIError(400, "The Content-Length header is not a number.", code="invalid_request")
             return await error.response()(scope, _no_receive, send)
-        if declared is not None and int(declared) > self.limit:
-            return await self._refuse(send)
+        if declared is not None and int(declared) > limit:
+            return await self._refuse(send, limit)
         received = 0
 
         async def limited_receive() -> Message:
@@ -40,17 +45,17 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._refuse(send)
+            await self._refuse(send, limit)
 
-    async def _refuse(self, send: Send) -> None:
-        error = OpenAIError(413, f"Request body exceeds the limit of {self.limit} bytes.", code="request_too_large")
+    async def _refuse(self, send: Send, limit: int) -> None:
+        error = OpenAIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
         await error.response()({"type": "http"}, _no_receive, send)
 
 

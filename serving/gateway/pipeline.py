@@ -73,6 +73,7 @@ class Gateway:
     def __init__(self, services: Services, serving: ServingConfig, engines: Engines) -> None:
         self.services = services
         self.settings = services.settings
+        self.serving = serving
         self._engines = engines
         self._requests = engines.requests
         self._specs: dict[str, ModelSpec] = {m.id: m for m in serving.models}
@@ -134,18 +135,34 @@ class Gateway:
         principal = await self.authenticate(request)
         wants_usage: list[bool] = []
         body = await self._parse(request, self._requests.chat, body_checks(self.settings, "chat", wants_usage))
+        ticket = self.ticket(principal, request, body)
+        return await self.run_chat(principal, body, ticket, usage_wanted(body, wants_usage))
+
+    async def run_chat(
+        self,
+        principal: Principal,
+        body: Any,
+        ticket: Ticket,
+        wants_usage: bool,
+        *,
+        endpoint: str = "chat",
+        prompt_param: str = "messages",
+        request_id: str | None = None,
+        shape: AnswerShape | None = None,
+    ) -> Response:
+        """A parsed chat request, admitted for `principal` (as `endpoint` in the ledger, under
+        `request_id` if given: a batch line's), answered by the engine and settled."""
         spec = self.spec(body.model)
         self.require_engine(spec)
-        ticket = self.ticket(principal, request, body)
         prompt_tokens = self._counters[spec.id].chat(body.messages, tools=tool_definitions(spec, body))
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         materialize_messages(body)
         admitted, per_sequence = await self.admit(
-            principal, spec, "chat", [prompt_tokens], requested, body.n or 1, "messages"
+            principal, spec, endpoint, [prompt_tokens], requested, body.n or 1, prompt_param, request_id=request_id
         )
         body.model = spec.id
         body.max_completion_tokens, body.max_tokens = per_sequence, None
-        return await self.generate(body, "chat", admitted, usage_wanted(body, wants_usage), ticket)
+        return await self.generate(body, "chat", admitted, wants_usage, ticket, shape)
 
     async def completions(self, request: Request) -> Response:
         principal = await self.authenticate(request)
@@ -167,8 +184,12 @@ class Gateway:
     async def embeddings(self, request: Request) -> Response:
         principal = await self.authenticate(request)
         body = await self._parse(request, self._requests.embeddings, body_checks(self.settings, "embeddings"))
+        return await self.run_embeddings(principal, body, self.ticket(principal, request, body))
+
+    async def run_embeddings(
+        self, principal: Principal, body: Any, ticket: Ticket, *, request_id: str | None = None
+    ) -> Response:
         spec = self.spec(body.model)
-        ticket = self.ticket(principal, request, body)
         if spec.task != "embed":
             raise OpenAIError(
                 400, f"Model '{spec.id}' does not serve embeddings.", param="model", code="model_not_supported"
@@ -176,7 +197,9 @@ class Gateway:
         self.require_engine(spec)
         counter = self._counters[spec.id]
         prompt_tokens = [counter.chat(body.messages)] if hasattr(body, "messages") else counter.prompts(body.input)
-        admitted, _ = await self.admit(principal, spec, "embeddings", prompt_tokens, 0, 1, "input")
+        admitted, _ = await self.admit(
+            principal, spec, "embeddings", prompt_tokens, 0, 1, "input", request_id=request_id
+        )
         body.model = spec.id
         return await self.generate(body, "embeddings", admitted, True, ticket)
 
@@ -228,13 +251,39 @@ class Gateway:
         if self.health.is_down(spec.id):
             raise EngineUnavailable(spec.id)
 
+    async def answer_uncharged(self, body: Any, method: str, ticket: Ticket) -> dict[str, Any]:
+        """The engine's whole answer to a batch line whose interrupted attempt was charged already
+        (its one ledger row is that attempt's): neither admitted nor settled again."""
+        body.model = self.spec(body.model).id
+        self._governance.salt(body, ticket.tenant)
+        upstream: EngineCall | None = None
+        try:
+            upstream = self._engines.open(body.model, method, body, ticket)
+            first = await self.health.first_item(body.model, upstream.__anext__())
+        except BaseException as exc:
+            cancel(upstream)
+            self.health.call_failed(body.model, exc)
+            raise EngineUnavailable(type(exc).__name__) from None
+        item = first[0] if isinstance(first, list) and first else first
+        if is_error(item) or not is_complete(first):
+            cancel(upstream)
+            code = status_of(item) if is_error(item) else 503
+            raise OpenAIError(code, item.error.message if is_error(item) else "The engine did not answer whole.")
+        payload: dict[str, Any] = first.model_dump()
+        return payload
+
     def counter(self, model: str) -> PromptCounter:
         return self._counters[model]
 
-    def chat_request(self, data: dict[str, Any]) -> Any:
-        """A chat body built here (the Responses API's), as the engine's request model."""
+    def batch_ticket(self, tenant: str) -> Ticket:
+        """A batch line's ticket: the batch traffic class, behind interactive requests."""
+        return Ticket(tenant=tenant, share=self._shares.share(tenant), traffic_class="batch")
+
+    def chat_request(self, data: dict[str, Any], endpoint: str = "chat") -> Any:
+        """A body built here (the Responses API's) or read from a batch line, as the engine's
+        request model for `endpoint` (chat or embeddings)."""
         try:
-            return self._requests.chat.validate_python(data)
+            return getattr(self._requests, endpoint).validate_python(data)
         except self._requests.client_errors as exc:
             raise client_error(exc) from None
         except ValidationError as exc:
@@ -279,6 +328,7 @@ class Gateway:
         max_tokens: int | None,
         n: int,
         prompt_param: str,
+        request_id: str | None = None,
     ) -> tuple[Admitted, int]:
         """Reserve quota for every sequence the request can generate (prompts × n choices);
         return the admission and the completion tokens each sequence may make."""
@@ -293,7 +343,7 @@ class Gateway:
         total_prompt = sum(prompt_tokens)
         admitted = await self.metering.admit(
             principal,
-            request_id=uuid.uuid4().hex,
+            request_id=request_id or uuid.uuid4().hex,
             model=spec.id,
             endpoint=endpoint,
             prompt_tokens=total_prompt,

@@ -17,13 +17,14 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from agencyllm.auth.principal import Principal
 from agencyllm.quotas.compliance.responses import ChainTooLong, ResponseStore
 from agencyllm.serving.gateway.bodies import body_checks
-from agencyllm.serving.gateway.errors import OpenAIError
+from agencyllm.serving.gateway.errors import OpenAIError, validation_error
+from agencyllm.serving.gateway.fairshare import Ticket
 from agencyllm.serving.gateway.guards import parse_body
 from agencyllm.serving.gateway.inputs import InvalidInput, check_query
 from agencyllm.serving.gateway.pipeline import Gateway
@@ -37,7 +38,6 @@ from agencyllm.serving.gateway.response_items import (
     output_items,
     usage_of,
 )
-from agencyllm.serving.gateway.tools import tool_definitions
 
 _REQUEST = TypeAdapter(ResponsesRequest)
 NO_CONTENT_KEPT = (
@@ -59,9 +59,24 @@ class Responses:
         self._content = gateway.services.governance.content
 
     async def create(self, request: Request) -> Response:
+        principal = await self.gateway.authenticate(request)
+        body: ResponsesRequest = await parse_body(
+            request, _REQUEST, check=body_checks(self.gateway.settings, "responses")
+        )
+        return await self.respond(principal, body, lambda chat: self.gateway.ticket(principal, request, chat))
+
+    async def respond(
+        self,
+        principal: Principal,
+        body: ResponsesRequest,
+        ticket_for: Callable[[Any], Ticket],
+        *,
+        request_id: str | None = None,
+        uncharged: bool = False,
+    ) -> Response:
+        """One response for `principal`: an HTTP request's, or a batch line's (`request_id`; with
+        `uncharged`, a line whose interrupted attempt was charged already)."""
         gateway = self.gateway
-        principal = await gateway.authenticate(request)
-        body: ResponsesRequest = await parse_body(request, _REQUEST, check=body_checks(gateway.settings, "responses"))
         if body.background:
             raise InvalidInput(
                 "Background responses are not served here: leave `background` unset.", param="background"
@@ -77,12 +92,7 @@ class Responses:
         history = await self._history(principal, body.previous_response_id, keeps_content)
         items = input_items(body.input)
         chat = gateway.chat_request(chat_body(body, spec.id, chat_messages(history + items)))
-        ticket = gateway.ticket(principal, request, chat)
-        prompt_tokens = gateway.counter(spec.id).chat(chat.messages, tools=tool_definitions(spec, chat))
-        admitted, per_sequence = await gateway.admit(
-            principal, spec, "responses", [prompt_tokens], body.max_output_tokens, 1, "input"
-        )
-        chat.max_completion_tokens, chat.max_tokens = per_sequence, None
+        ticket = ticket_for(chat)
 
         async def save(response: dict[str, Any]) -> None:
             if store and principal.tenant is not None:
@@ -91,7 +101,18 @@ class Responses:
                 )
 
         shape = ResponseShape(describe(body, spec.id, store), save)
-        return await gateway.generate(chat, "chat", admitted, True, ticket, shape)
+        if uncharged:
+            return JSONResponse(await shape.whole(await gateway.answer_uncharged(chat, "chat", ticket)))
+        return await gateway.run_chat(
+            principal,
+            chat,
+            ticket,
+            True,
+            endpoint="responses",
+            prompt_param="input",
+            request_id=request_id,
+            shape=shape,
+        )
 
     async def _history(self, principal: Principal, previous: str | None, keeps_content: bool) -> list[dict[str, Any]]:
         """Input and output items of the conversation `previous` ends, oldest first."""
@@ -326,3 +347,18 @@ class _ChatStream:
                                       output_index=index, arguments=item["arguments"], name=item["name"]))  # fmt: skip
             out.append(self.event("response.output_item.done", output_index=index, item=item))
         return out
+
+
+async def run_response(
+    gateway: Gateway, principal: Principal, ticket: Ticket, data: dict[str, Any], *, request_id: str, uncharged: bool
+) -> tuple[int, Any]:
+    """A batch line of the Responses API: its status and body (never streamed)."""
+    body_checks(gateway.settings, "responses")(data)
+    try:
+        body = _REQUEST.validate_python({**data, "stream": False})
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False, include_input=False)) from None
+    answer = await Responses(gateway).respond(
+        principal, body, lambda _: ticket, request_id=request_id, uncharged=uncharged
+    )
+    return answer.status_code, json.loads(bytes(answer.body))

@@ -15,7 +15,9 @@ from agencyllm.serving.gateway.guards import BodySizeLimit, InputGuard
 from agencyllm.serving.http.metrics import router as metrics_router
 
 
-def create_app(*, cors_origins: list[str], max_request_bytes: int, api_docs: bool = False) -> FastAPI:
+def create_app(
+    *, cors_origins: list[str], max_request_bytes: int, api_docs: bool = False, max_upload_bytes: int = 0
+) -> FastAPI:
     docs = {} if api_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
     app = FastAPI(
         title="agencyllm",
@@ -36,7 +38,9 @@ def create_app(*, cors_origins: list[str], max_request_bytes: int, api_docs: boo
         )
     app.add_middleware(InputGuard)
     app.add_middleware(RequestSource)  # the caller's address, for audit records
-    app.add_middleware(BodySizeLimit, limit=max_request_bytes)  # outermost: before anything reads
+    # Outermost: before anything reads. File uploads (multipart) may be larger than JSON bodies.
+    upload_limit = max(max_upload_bytes, max_request_bytes)
+    app.add_middleware(BodySizeLimit, limit=max_request_bytes, upload_path="/v1/files", upload_limit=upload_limit)
     app.include_router(admin_router)
     app.include_router(feedback_router)
     app.include_router(metrics_router)

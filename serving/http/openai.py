@@ -16,7 +16,9 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from agencyllm.serving.admin.schemas import documented_errors as _errors
+from agencyllm.serving.gateway.batches import Batches
 from agencyllm.serving.gateway.fairshare import TRAFFIC_CLASS_HEADER
+from agencyllm.serving.gateway.files import Files
 from agencyllm.serving.gateway.pipeline import REQUEST_ID_HEADER, Gateway
 from agencyllm.serving.gateway.responses import Responses
 from agencyllm.serving.http.app import create_app
@@ -76,6 +78,45 @@ ENDPOINTS = {
         summary="List a stored response's input items",
         responses=_errors(400, 401, 403, 404, 503),
     ),
+    "files_upload": lambda app: app.post(
+        "/v1/files",
+        tags=["openai"],
+        summary="Upload a file (multipart: file, purpose)",
+        responses=_errors(400, 401, 403, 413, 503),
+    ),
+    "files_list": lambda app: app.get(
+        "/v1/files", tags=["openai"], summary="List your files", responses=_errors(400, 401, 403, 503)
+    ),
+    "file": lambda app: app.get(
+        "/v1/files/{file_id}",
+        tags=["openai"],
+        summary="Read a file's description",
+        responses=_errors(401, 403, 404, 503),
+    ),
+    "file_content": lambda app: app.get(
+        "/v1/files/{file_id}/content", tags=["openai"], summary="Download a file", responses=_errors(401, 403, 404, 503)
+    ),
+    "file_delete": lambda app: app.delete(
+        "/v1/files/{file_id}", tags=["openai"], summary="Delete a file", responses=_errors(401, 403, 404, 503)
+    ),
+    "batches_create": lambda app: app.post(
+        "/v1/batches",
+        tags=["openai"],
+        summary="Create a batch from an uploaded file",
+        responses=_errors(400, 401, 403, 404, 503),
+    ),
+    "batches_list": lambda app: app.get(
+        "/v1/batches", tags=["openai"], summary="List your batches", responses=_errors(400, 401, 403, 503)
+    ),
+    "batch": lambda app: app.get(
+        "/v1/batches/{batch_id}", tags=["openai"], summary="Read a batch", responses=_errors(401, 403, 404, 503)
+    ),
+    "batch_cancel": lambda app: app.post(
+        "/v1/batches/{batch_id}/cancel",
+        tags=["openai"],
+        summary="Cancel a batch",
+        responses=_errors(401, 403, 404, 503),
+    ),
     "healthz": lambda app: app.get("/healthz", tags=["health"], summary="Liveness: the ingress answers"),
     "readyz": lambda app: app.get(
         "/readyz",
@@ -132,6 +173,59 @@ async def response_input_items(response_id: str, request: Request) -> Response:
     return await _responses(request).input_items(response_id, request)
 
 
+def _files(request: Request) -> Files:
+    return request.app.state.files
+
+
+def _batches(request: Request) -> Batches:
+    return request.app.state.batches
+
+
+@ENDPOINTS["files_upload"](router)
+async def upload_file(request: Request) -> Response:
+    return await _files(request).upload(request)
+
+
+@ENDPOINTS["files_list"](router)
+async def list_files(request: Request) -> Response:
+    return await _files(request).listing(request)
+
+
+@ENDPOINTS["file"](router)
+async def retrieve_file(file_id: str, request: Request) -> Response:
+    return await _files(request).retrieve(file_id, request)
+
+
+@ENDPOINTS["file_content"](router)
+async def file_content(file_id: str, request: Request) -> Response:
+    return await _files(request).content(file_id, request)
+
+
+@ENDPOINTS["file_delete"](router)
+async def delete_file(file_id: str, request: Request) -> Response:
+    return await _files(request).delete(file_id, request)
+
+
+@ENDPOINTS["batches_create"](router)
+async def create_batch(request: Request) -> Response:
+    return await _batches(request).create(request)
+
+
+@ENDPOINTS["batches_list"](router)
+async def list_batches(request: Request) -> Response:
+    return await _batches(request).listing(request)
+
+
+@ENDPOINTS["batch"](router)
+async def retrieve_batch(batch_id: str, request: Request) -> Response:
+    return await _batches(request).retrieve(batch_id, request)
+
+
+@ENDPOINTS["batch_cancel"](router)
+async def cancel_batch(batch_id: str, request: Request) -> Response:
+    return await _batches(request).cancel(batch_id, request)
+
+
 @ENDPOINTS["models"](router)
 async def models(request: Request) -> Response:
     return await _gateway(request).models(request)
@@ -157,6 +251,8 @@ def mount(app: FastAPI, gateway: Gateway) -> None:
     gateway.services.install(app)
     app.state.gateway = gateway
     app.state.responses = Responses(gateway)
+    app.state.files = Files(gateway)
+    app.state.batches = Batches(gateway, gateway.serving)
     app.include_router(router)
 
 
@@ -164,7 +260,11 @@ def http_app(gateway: Gateway) -> FastAPI:
     """The application one replica serves, from the gateway's settings."""
     settings = gateway.settings
     app = create_app(
-        cors_origins=settings.cors_origins, max_request_bytes=settings.max_request_bytes, api_docs=settings.api_docs
+        cors_origins=settings.cors_origins,
+        max_request_bytes=settings.max_request_bytes,
+        api_docs=settings.api_docs,
+        # The multipart envelope around the file: its headers, the purpose field.
+        max_upload_bytes=settings.file_max_bytes + 64 * 1024,
     )
     mount(app, gateway)
     return app

@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 from agencyllm.serving.config import ServingConfig
+from agencyllm.serving.gateway.batch_worker import BatchWorker
 from agencyllm.serving.gateway.engines import EngineCall, RequestModels
 from agencyllm.serving.gateway.fairshare import Ticket
 from agencyllm.serving.gateway.pipeline import Gateway
@@ -86,12 +87,24 @@ class ServesGateway:
         freeze_startup_heap()
         return app
 
+    _batches: BatchWorker | None = None
+
+    def _start_batches(self) -> None:
+        """This replica's share of the batch work (lines leased from Postgres)."""
+        self._batches = BatchWorker(self._gateway)
+        self._batches.start()
+
     async def stop_serving(self) -> int:
-        """Called before the application stops: end this replica's streams in band, settled."""
+        """Called before the application stops: end this replica's streams in band, settled, and
+        hand its batch lines back (they run again elsewhere, charged once)."""
+        if self._batches is not None:
+            await self._batches.stop()
         return await self._gateway.stop_serving()
 
     async def _close_gateway(self) -> None:
         # Replica shutdown: write the ledger rows still being settled, then let go of connections.
+        if self._batches is not None:
+            await self._batches.stop()
         gateway = getattr(self, "_gateway", None)  # absent when the constructor failed
         if gateway is not None:
             await gateway.aclose()
@@ -106,6 +119,7 @@ class AgencyIngress(ServesGateway):
     ) -> None:
         await wait_for_direct_port(settings.host)
         self._gateway = await Gateway.start(settings, serving, ServeEngines(engines), metrics=ray_quota_metrics())
+        self._start_batches()
 
     async def __del__(self) -> None:
         await self._close_gateway()
@@ -199,6 +213,7 @@ class EngineGateway(ServesGateway, FairLLMServer):
         await wait_for_direct_port(settings.host)
         local = ReplicaEngines(self, llm_config.model_id, ServeEngines(engines))
         self._gateway = await Gateway.start(settings, serving, local, metrics=ray_quota_metrics())
+        self._start_batches()
 
     async def __del__(self) -> None:
         await self._close_gateway()
