@@ -92,6 +92,40 @@ async def test_opted_in_content_is_purged_after_its_retention_and_the_purge_is_a
             await db.dispose()
 
 
+async def test_stored_responses_follow_the_tenant_and_files_their_own_expiry(pg_url):
+    """Stored Responses API responses are the tenant's content: kept only under its opt-in,
+    purged with the rest. Uploaded files go when their own `expires_at` passes."""
+
+    from agencyllm.quotas.batches.files import FileStore
+    from agencyllm.quotas.compliance.responses import ResponseStore
+
+    async with fresh_database(pg_url) as url:
+        db = Database(url, pool_size=2)
+        try:
+            async with db.sessions() as session:
+                for name in ("keeps", "keeps-not"):
+                    await store.create_tenant(session, ACTOR, name=name)
+                await set_content_retention(session, ACTOR, "keeps", 7)
+            responses = ResponseStore(db)
+            assert await responses.save("resp_a", "keeps", "u", None, [{"type": "message"}], {"id": "resp_a"})
+            assert not await responses.save("resp_b", "keeps-not", "u", None, [], {"id": "resp_b"})
+            assert (await responses.get("resp_a", "keeps", "u")).response == {"id": "resp_a"}
+            assert await responses.get("resp_a", "keeps", "someone-else") is None
+            files = FileStore(db)
+            soon = datetime.now(UTC) + timedelta(days=2)
+            await files.save("keeps-not", "u", "batch", "a.jsonl", b"{}\n", expires_at=soon, tenant_limit=10**6)
+            await files.save("keeps-not", "u", "user_data", "b.txt", b"kept", expires_at=None, tenant_limit=10**6)
+
+            assert (await Retention(db, clock=later(1)).run()).content == {}
+            assert (await Retention(db, clock=later(3)).run()).content == {"keeps-not": 1}
+            assert (await Retention(db, clock=later(8)).run()).content == {"keeps": 1}
+            pool = await db.pool()
+            assert await pool.fetchval("SELECT count(*) FROM stored_responses") == 0
+            assert [r["filename"] for r in await pool.fetch("SELECT filename FROM files")] == ["b.txt"]
+        finally:
+            await db.dispose()
+
+
 async def test_ledger_rows_past_their_retention_are_purged_and_audited(pg_url):
     async with fresh_database(pg_url) as url:
         db = Database(url, pool_size=2)

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 AUDIT_FLOOR_DAYS = 90
 _LOCK_KEY = "agencyllm.retention"
 
-# Kept prompts and outputs, and stored Responses API responses: both are the tenant's content.
+# Kept prompts and outputs and stored Responses API responses (the tenant's content, for its
+# retention period), and uploaded or batch output files past their own `expires_at`.
 _PURGE_CONTENT_SQL = """
 WITH gone AS (
     DELETE FROM request_content c USING tenants t
@@ -40,8 +41,13 @@ WITH gone AS (
      WHERE t.id = r.tenant_id
        AND r.created_at < $1::timestamptz - make_interval(days => coalesce(t.content_retention_days, 0))
     RETURNING t.name AS tenant
+), gone_files AS (
+    DELETE FROM files f USING tenants t WHERE t.id = f.tenant_id AND f.expires_at < $1::timestamptz
+    RETURNING t.name AS tenant
 )
-SELECT tenant, count(*) AS n FROM (SELECT tenant FROM gone UNION ALL SELECT tenant FROM gone_responses) AS g
+SELECT tenant, count(*) AS n
+  FROM (SELECT tenant FROM gone UNION ALL SELECT tenant FROM gone_responses
+        UNION ALL SELECT tenant FROM gone_files) AS g
  GROUP BY tenant ORDER BY tenant
 """
 _PURGE_LEDGER_SQL = "DELETE FROM usage_ledger WHERE finished_at < $1"
