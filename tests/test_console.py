@@ -653,3 +653,44 @@ def test_chart_axis_uses_round_steps():
     from agencyllm.serving.console.charts import axis_step
 
     assert [axis_step(n) for n in (0, 3, 27, 100, 157, 88_328, 2_000_000)] == [1, 1, 10, 25, 50, 25_000, 500_000]
+
+
+async def test_batches_page_shows_staff_their_own_and_admins_the_tenant_s(oidc_app, oidc_issuer, pg_url):
+    from agencyllm.quotas.batches.files import FileStore
+    from agencyllm.quotas.batches.jobs import BatchStore
+
+    name, other = new_name(), new_name()
+    async with store_session(client_for(oidc_app)) as session:
+        for tenant in (name, other):
+            await store.create_tenant(session, store.SystemActor(), name=tenant, keycloak_group=tenant)
+    oidc_issuer.add_user(f"st-{name}", "pw", realm_roles=["llm-user"], groups=[name])
+    oidc_issuer.add_user(f"ad-{name}", "pw", realm_roles=["llm-user", "llm-tenant-admin"], groups=[name])
+    oidc_issuer.add_user(f"ad-{other}", "pw", realm_roles=["llm-user", "llm-tenant-admin"], groups=[other])
+    staff = await oidc_sign_in(oidc_app, oidc_issuer, f"st-{name}")
+    subject = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{oidc_issuer.realm}/st-{name}"))  # the issuer's `sub`
+    database = Database(pg_url)
+    try:
+        batches = BatchStore(database, FileStore(database))
+        body = {"model": "placeholder", "messages": []}
+        made = []
+        for who, username in ((subject, f"st-{name}"), ("colleague", "colleague")):
+            made.append(
+                await batches.create(
+                    tenant=name, owner={"subject": who, "username": username}, endpoint="/v1/chat/completions",
+                    input_file_id="file-x", window_seconds=86400, metadata=None, lines=[("a", body), ("b", body)],
+                    errors=[], model="placeholder",
+                )
+            )  # fmt: skip
+        mine, theirs = made
+    finally:
+        await database.dispose()
+    page = (await staff.get("/console/batches")).text
+    assert mine.id in page and theirs.id not in page and "Your batches" in page
+    admin = await oidc_sign_in(oidc_app, oidc_issuer, f"ad-{name}")
+    page = (await admin.get("/console/batches")).text
+    assert mine.id in page and theirs.id in page and "in progress" in page and f"st-{name}" in page
+    stranger = await oidc_sign_in(oidc_app, oidc_issuer, f"ad-{other}")
+    page = (await stranger.get(f"/console/batches?tenant={name}")).text
+    assert mine.id not in page and theirs.id not in page
+    for client in (staff, admin, stranger):
+        await client.aclose()

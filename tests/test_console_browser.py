@@ -212,6 +212,10 @@ async def test_admin_gives_an_office_a_budget_and_a_key_and_sees_its_first_reque
         }
     ]
 
+    await page.goto(f"/console/batches?tenant={office}")
+    assert "No batches yet." in await page.inner_text("main")
+    await chromium.check(page, "07b-batches")
+
     await page.goto("/console/me")
     snippet = await page.inner_text("#snippet-python")
     assert f'base_url="{stack.url}/v1"' in snippet and 'model="placeholder"' in snippet

@@ -263,6 +263,7 @@ def nav_items(viewer: Viewer | None) -> list[tuple[str, str]]:
     if viewer.is_platform_admin or viewer.administers_tenant:
         items.append(("Usage", f"{PREFIX}/usage"))
     items.append(("My keys and usage", f"{PREFIX}/me"))
+    items.append(("Batches", f"{PREFIX}/batches"))
     return items
 
 
