@@ -21,7 +21,7 @@ from agencyllm.serving.admin import router
 from agencyllm.serving.cli.main import main
 from agencyllm.serving.gateway.errors import install_error_handlers
 from agencyllm.serving.gateway.identity import ensure_bootstrap_admin_key
-from agencyllm.serving.gateway.pipeline import Services
+from agencyllm.serving.gateway.services import Services
 from agencyllm.serving.settings import Settings
 
 

@@ -33,7 +33,7 @@ from agencyllm.quotas.db import Database
 from agencyllm.quotas.models import ApiKey, Tenant, UsageRecord
 from agencyllm.serving.console.session import FLOW_COOKIE, SESSION_COOKIE, CookieBox, Session, dump_session, session_key
 from agencyllm.serving.gateway.identity import ensure_bootstrap_admin_key
-from agencyllm.serving.gateway.pipeline import Services
+from agencyllm.serving.gateway.services import Services
 from agencyllm.serving.http.app import create_app
 from agencyllm.serving.settings import Settings
 

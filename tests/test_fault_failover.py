@@ -39,8 +39,9 @@ from vllm.exceptions import VLLMClientError
 from agencyllm.quotas import store
 from agencyllm.quotas.db import Database, async_url, asyncpg_connect_args, upgrade_schema
 from agencyllm.serving.config import ModelSpec, ServingConfig
+from agencyllm.serving.gateway.core import REQUEST_ID_HEADER
 from agencyllm.serving.gateway.engines import RequestModels
-from agencyllm.serving.gateway.pipeline import REQUEST_ID_HEADER, Gateway
+from agencyllm.serving.gateway.pipeline import Gateway
 from agencyllm.serving.http.openai import http_app
 from agencyllm.serving.ops.placeholder import write_placeholder_model
 from agencyllm.serving.settings import Settings

@@ -17,9 +17,10 @@ from starlette.responses import Response
 
 from agencyllm.serving.admin.schemas import documented_errors as _errors
 from agencyllm.serving.gateway.batches import Batches
+from agencyllm.serving.gateway.core import REQUEST_ID_HEADER
 from agencyllm.serving.gateway.fairshare import TRAFFIC_CLASS_HEADER
 from agencyllm.serving.gateway.files import Files
-from agencyllm.serving.gateway.pipeline import REQUEST_ID_HEADER, Gateway
+from agencyllm.serving.gateway.pipeline import Gateway
 from agencyllm.serving.gateway.responses import Responses
 from agencyllm.serving.http.app import create_app
 
