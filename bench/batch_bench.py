@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import io
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if stack is not None:
             stack.stop()
         postgres.stop()
+    shutil.rmtree(work, ignore_errors=True)  # kept on failure: the servers' logs are in there
     out = {
         "what": f"{args.lines}-line chat batch (max_tokens {LINE_TOKENS}) beside an interactive user; "
         f"engine slots {SLOTS}; direct flood and batch worker {CONCURRENCY} at a time",

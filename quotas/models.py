@@ -270,7 +270,8 @@ class StoredResponse(Base):
     previous_id: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _timestamp()
     input_items: Mapped[Any] = mapped_column(JSONB)
-    response: Mapped[Any] = mapped_column(JSONB)
+    # JSON text: a model's output may hold NUL (\u0000), which jsonb refuses.
+    response: Mapped[str] = mapped_column(Text)
 
 
 BATCH_STATUSES = (
@@ -361,7 +362,7 @@ class BatchLine(Base):
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    result: Mapped[Any | None] = mapped_column(JSONB)
+    result: Mapped[str | None] = mapped_column(Text)  # JSON text (a model's output may hold NUL)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

@@ -176,6 +176,9 @@ def test_more_than_fifty_thousand_lines_are_refused_naming_the_line(stack):
         {"endpoint": "/v1/chat/completions", "completion_window": "1h"},
         {"endpoint": "/v1/chat/completions", "completion_window": "24h", "input_file_id": "file-nope"},
         {"endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"k": 1}},
+        {"endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": json.loads("[" * 70 + "]" * 70)},
+        {"endpoint": "/v1/chat/\u0000completions", "completion_window": "24h"},
+        {"endpoint": "/v1/chat/completions", "completion_window": "24h", "input_file_id": ["file-a"]},
     ],
 )
 def test_bad_batch_requests_are_4xx(stack, body):
@@ -186,6 +189,22 @@ def test_bad_batch_requests_are_4xx(stack, body):
         response = http.post("/v1/batches", json=body, headers={"authorization": f"Bearer {key}"})
     assert response.status_code in (400, 404), response.text
     assert response.json()["error"]["message"]
+
+
+def test_another_tenant_s_file_and_batch_ids_are_not_found(stack):
+    _, key = new_tenant(stack)
+    owner = stack.openai(api_key=key)
+    file_id = upload(owner, jsonl([chat_line("a")]))
+    batch = owner.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    _, stranger_key = new_tenant(stack)
+    stranger = stack.openai(api_key=stranger_key)
+    with pytest.raises(openai.NotFoundError):
+        stranger.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    for call in (stranger.batches.retrieve, stranger.batches.cancel):
+        with pytest.raises(openai.NotFoundError):
+            call(batch.id)
+    assert batch.id not in [b.id for b in stranger.batches.list()]
+    wait(owner, batch.id)
 
 
 def test_a_batch_runs_from_upload_to_downloaded_output_each_line_charged_once(stack, pg_url):

@@ -261,7 +261,7 @@ def test_unknown_ids_are_404_and_a_thousand_deep_chain_is_a_400(stack, pg_url):
                 previous = this
             await pool.executemany(
                 "INSERT INTO stored_responses (id, tenant_id, subject, previous_id, input_items, response)"
-                " VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb)",
+                " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
                 rows,
             )
             return previous

@@ -39,7 +39,8 @@ def upgrade() -> None:
         sa.Column("previous_id", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("input_items", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
-        sa.Column("response", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        # JSON text: a model's output may hold NUL (\u0000), which jsonb refuses.
+        sa.Column("response", sa.Text(), nullable=False),
         sa.ForeignKeyConstraint(
             ["tenant_id"], ["tenants.id"], name=op.f("fk_stored_responses_tenant_id_tenants"), ondelete="CASCADE"
         ),

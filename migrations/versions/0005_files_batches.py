@@ -105,7 +105,8 @@ def upgrade() -> None:
         sa.Column("lease_owner", sa.Text(), nullable=True),
         sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("not_before", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("result", JSONB, nullable=True),
+        # The output or error record as JSON text: a model's output may hold NUL (\u0000), which jsonb refuses.
+        sa.Column("result", sa.Text(), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint("status IN ('pending', 'running', 'done', 'failed')", name=op.f("ck_batch_lines_status")),
         sa.ForeignKeyConstraint(

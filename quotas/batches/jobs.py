@@ -44,7 +44,7 @@ RETURNING l.batch_id, l.line_no, l.custom_id, l.body, l.attempts
 """
 _FINISH_SQL = """
 WITH line AS (
-    UPDATE batch_lines SET status = $4::text, result = $5::jsonb, lease_until = NULL, finished_at = now()
+    UPDATE batch_lines SET status = $4::text, result = $5, lease_until = NULL, finished_at = now()
      WHERE batch_id = $1 AND line_no = $2 AND status = 'running' AND lease_owner = $3
     RETURNING batch_id
 )
@@ -302,16 +302,25 @@ class BatchStore:
         pool = await self._database.pool()
         await pool.execute(_REQUEUE_SQL, line.batch_id, line.line_no, worker, not_before)
 
-    async def charged(self, request_id: str) -> str | None:
-        """Where an earlier attempt of a line stands in the ledger: 'settled' (a row is written),
-        'reserved' (its reservation is still open), or None (never admitted)."""
+    async def charged(self, batch_id: str, line_no: int) -> tuple[str | None, str]:
+        """Where the line's earlier attempts stand in the ledger, and the request id its next one
+        runs under: ('settled', …) if an attempt was charged (a ledger row for work the engine
+        did), ('reserved', …) if an attempt's reservation is still open, else (None, id). An
+        attempt the engine refused before running (its queue was full: a zero-token
+        `client_error` row, nothing charged) is not a charge: the next runs as `ID-rN`."""
+        base = line_request_id(batch_id, line_no)
         pool = await self._database.pool()
-        row = await pool.fetchrow(
-            """SELECT EXISTS (SELECT 1 FROM usage_ledger WHERE request_id = $1) AS settled,
-                      EXISTS (SELECT 1 FROM quota_reservations WHERE request_id = $1) AS reserved""",
-            request_id,
+        rows = await pool.fetch(
+            """SELECT status, total_tokens FROM usage_ledger WHERE request_id = $1 OR request_id LIKE $1 || '-r%'
+               UNION ALL
+               SELECT 'reserved', 0 FROM quota_reservations WHERE request_id = $1 OR request_id LIKE $1 || '-r%'""",
+            base,
         )
-        return "settled" if row["settled"] else "reserved" if row["reserved"] else None
+        refused = sum(1 for r in rows if r["status"] == "client_error" and r["total_tokens"] == 0)
+        state = (
+            "reserved" if any(r["status"] == "reserved" for r in rows) else "settled" if len(rows) > refused else None
+        )
+        return state, base if refused == 0 else f"{base}-r{refused}"
 
     async def sweep(self, tenant_limit: int) -> list[str]:
         """Move batches on: an in-progress one with no line left to run becomes `finalizing` (past

@@ -17,7 +17,7 @@ MAX_CHAIN = 10_000
 
 _SAVE_SQL = """
 INSERT INTO stored_responses (id, tenant_id, subject, previous_id, input_items, response)
-SELECT $1, id, $3, $4, $5::jsonb, $6::jsonb FROM tenants
+SELECT $1, id, $3, $4, $5::jsonb, $6 FROM tenants
  WHERE name = $2 AND content_retention_days IS NOT NULL
 """
 _OWNED = "r.id = $1 AND r.subject = $3 AND r.tenant_id = (SELECT id FROM tenants WHERE name = $2)"

@@ -36,6 +36,7 @@ from agencyllm.serving.gateway.responses import run_response
 log = logging.getLogger("agencyllm.batches")
 
 IDLE_SECONDS = 1.0
+BATCH_CACHE_SECONDS = 1.0
 SWEEP_SECONDS = 2.0
 # A line that could not run for a reason of ours (engine away, database lost) is retried after this.
 RETRY_SECONDS = 5.0
@@ -65,6 +66,9 @@ class BatchWorker:
         self._running: dict[tuple[str, int], tuple[Line, asyncio.Task[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        # Set when a line ends (a slot is free) or the worker stops: the loop takes more at once.
+        self._wake = asyncio.Event()
+        self._batches: dict[str, tuple[float, Batch | None]] = {}
 
     def start(self) -> None:
         if self.settings.batch_concurrency > 0:
@@ -73,6 +77,7 @@ class BatchWorker:
     async def stop(self) -> None:
         """Stop taking lines; the ones running end as cancelled (settled) and run again elsewhere."""
         self._stopping.set()
+        self._wake.set()
         for _, task in list(self._running.values()):
             task.cancel()
         if self._task is not None:
@@ -102,7 +107,8 @@ class BatchWorker:
                 await asyncio.sleep(RETRY_SECONDS)
             if not took:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), IDLE_SECONDS)
+                    await asyncio.wait_for(self._wake.wait(), IDLE_SECONDS)
+                self._wake.clear()
 
     def _lease(self) -> float:
         return self.settings.batch_lease_seconds
@@ -120,17 +126,39 @@ class BatchWorker:
         return len(lines)
 
     def _forget(self, key: tuple[str, int]) -> Callable[[asyncio.Task[None]], None]:
-        return lambda _: self._running.pop(key, None) and None
+        def forget(_: asyncio.Task[None]) -> None:
+            self._running.pop(key, None)
+            self._wake.set()
+
+        return forget
+
+    async def _batch(self, batch_id: str) -> Batch | None:
+        """The line's batch, read again at most every second (a cancel is seen within it)."""
+        now = asyncio.get_running_loop().time()
+        cached = self._batches.get(batch_id)
+        if cached is None or now - cached[0] > BATCH_CACHE_SECONDS:
+            cached = self._batches[batch_id] = (now, await self.store.by_id(batch_id))
+            if len(self._batches) > 1000:
+                self._batches.clear()
+        return cached[1]
 
     async def _run(self, line: Line) -> None:
-        batch = await self.store.by_id(line.batch_id)
+        try:
+            await self._run_line(line)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the database away: the line's lease runs out and another worker takes it
+            log.error("batch line %s-%d: %s", line.batch_id, line.line_no, type(exc).__name__)
+
+    async def _run_line(self, line: Line) -> None:
+        batch = await self._batch(line.batch_id)
         if batch is None or batch.row["status"] != "in_progress":
             await self.store.requeue(self.name, line, None)  # cancelled or closed: the sweep ends it
             return
         request_id = line_request_id(line.batch_id, line.line_no)
         uncharged = False
         if line.attempts > 1:
-            state = await self.store.charged(request_id)
+            state, request_id = await self.store.charged(line.batch_id, line.line_no)
             if state == "reserved":  # the lost attempt's reservation: wait for the reaper to settle it
                 await self.store.requeue(self.name, line, _later(self._lease()))
                 return
@@ -154,7 +182,10 @@ class BatchWorker:
         record = output_record(line.custom_id, request_id, status, payload)
         prompt = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0) if not uncharged else 0
         completion = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0) if not uncharged else 0
-        if not await self.store.finish(self.name, line, record, ok=ok, input_tokens=prompt, output_tokens=completion):
+        finished = await self.store.finish(
+            self.name, line, record, ok=ok, input_tokens=prompt, output_tokens=completion
+        )
+        if not finished:
             log.warning("batch line %s: its lease was lost before it ended", request_id)
 
     async def _answer(self, batch: Batch, line: Line, request_id: str, uncharged: bool) -> tuple[int, Any]:
