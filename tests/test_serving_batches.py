@@ -211,7 +211,8 @@ def test_a_batch_runs_from_upload_to_downloaded_output_each_line_charged_once(st
     tenant, key = new_tenant(stack)
     client = stack.openai(api_key=key)
     lines = [chat_line(f"memo-{n}") for n in range(12)]
-    lines.append(chat_line("too-long", max_tokens=5000))  # fails at run time: an error line, not a failed batch
+    # Refused when it runs (the engine's request model: top_logprobs needs logprobs): an error line, not a failed batch.
+    lines.append(chat_line("refused", logprobs=False, top_logprobs=3))
     batch = client.batches.create(
         input_file_id=upload(client, jsonl(lines)),
         endpoint="/v1/chat/completions",
@@ -226,10 +227,12 @@ def test_a_batch_runs_from_upload_to_downloaded_output_each_line_charged_once(st
     assert sorted(r["custom_id"] for r in output) == sorted(f"memo-{n}" for n in range(12))
     assert all(r["response"]["status_code"] == 200 and r["response"]["body"]["choices"] for r in output)
     ((error),) = errors
-    assert error["custom_id"] == "too-long" and error["response"]["status_code"] == 400
+    assert error["custom_id"] == "refused" and error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["param"] == "top_logprobs"
     rows = asyncio.run(ledger_rows(pg_url, tenant))
     ours = sorted(r["request_id"] for r in rows if r["request_id"].startswith(batch.id))
-    assert ours == sorted(r["response"]["request_id"] for r in output + errors)  # one row per line
+    assert ours == sorted(r["response"]["request_id"] for r in output)  # one row per line that ran
+    assert error["response"]["request_id"] not in ours  # refused before admission: nothing charged
     assert done.usage.output_tokens == sum(r["response"]["body"]["usage"]["completion_tokens"] for r in output)
     assert batch.id in [b.id for b in client.batches.list()]
 
