@@ -53,8 +53,18 @@ def body_schema(doc: dict, endpoint: str) -> dict:
     return doc["paths"][BODY_PATHS[endpoint]]["post"]["requestBody"]["content"]["application/json"]["schema"]
 
 
-# Routes served since the document above was saved (the Responses API, docs/api.md).
-ADDED_SINCE = {"/v1/responses", "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items"}
+# Routes served since the document above was saved (the Responses, Files and Batch APIs, docs/api.md).
+ADDED_SINCE = {
+    "/v1/responses",
+    "/v1/responses/{response_id}",
+    "/v1/responses/{response_id}/input_items",
+    "/v1/files",
+    "/v1/files/{file_id}",
+    "/v1/files/{file_id}/content",
+    "/v1/batches",
+    "/v1/batches/{batch_id}",
+    "/v1/batches/{batch_id}/cancel",
+}
 
 
 def without_bodies(doc: dict) -> dict:
@@ -66,7 +76,7 @@ def without_bodies(doc: dict) -> dict:
     return doc
 
 
-def test_the_routes_added_since_are_the_responses_api():
+def test_the_routes_added_since_are_the_responses_files_and_batch_apis():
     assert set(document()["paths"]) - set(BEFORE["paths"]) == ADDED_SINCE
 
 
