@@ -4,6 +4,10 @@ itself is stopped with SIGTERM and started again over the same data. After each,
 `completed` with every `custom_id` exactly once in its output and exactly once in the usage
 ledger, and no reservation left open. The seconds each recovery takes are printed (`pytest -s`)
 and recorded in docs/operations.md.
+
+The same `up` serves a model given by directory (`--model`), which configures no tool-call parser:
+it also proves that `required` and named tool choices work on such a model (guided decoding) and
+that `auto` is refused naming the setting.
 """
 
 from __future__ import annotations
@@ -155,6 +159,26 @@ def check_exactly_once(platform: Platform, tenant: str, client: openai.OpenAI, b
     ours = [r["request_id"] for r in rows if r["request_id"].startswith(batch_id)]
     assert len(ours) == len(set(ours)) == LINES, f"{len(ours)} ledger rows for {LINES} lines"
     assert open_count == 0
+
+
+def test_required_and_named_tools_work_on_a_model_without_a_tool_call_parser(platform):
+    _, client = tenant_client(platform)
+    tool = {"type": "function", "function": {"name": "file_document", "parameters": {
+        "type": "object", "properties": {"folder": {"type": "string", "enum": ["hr", "finance"]}},
+        "required": ["folder"], "additionalProperties": False}}}  # fmt: skip
+    ask = [{"role": "user", "content": "File the memo."}]
+    for choice in ("required", {"type": "function", "function": {"name": "file_document"}}):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=ask, tools=[tool], tool_choice=choice, max_tokens=200
+        )
+        (call,) = reply.choices[0].message.tool_calls
+        assert call.function.name == "file_document"
+        assert json.loads(call.function.arguments)["folder"] in ("hr", "finance")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=ask, tools=[tool], max_tokens=4)
+    assert (
+        refused.value.body["code"] == "tool_choice_unsupported" and "tool_call_parser" in refused.value.body["message"]
+    )
 
 
 def ingress_replica() -> psutil.Process:

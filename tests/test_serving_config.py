@@ -124,9 +124,11 @@ def test_tool_calling_reasoning_and_template_settings_reach_vllm(placeholder, tm
     template = tmp_path / "template.jinja"
     template.write_text("{{ messages[0]['content'] }}")
     spec = single_model_config(placeholder).models[0]
-    assert not {"tool_call_parser", "enable_auto_tool_choice", "reasoning_parser", "chat_template"} & set(
-        llm_config(spec, cpu=True).engine_kwargs
-    )
+    # Without a parser of its own, one that needs nothing of the model: required and named choices
+    # are guided decoding (the gateway refuses auto for it).
+    bare = llm_config(spec, cpu=True).engine_kwargs
+    assert (bare["enable_auto_tool_choice"], bare["tool_call_parser"]) == (True, "pythonic")
+    assert not {"reasoning_parser", "chat_template"} & set(bare)
     spec = type(spec).model_validate(
         {
             **spec.model_dump(),

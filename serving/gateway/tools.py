@@ -3,9 +3,10 @@ definitions the prompt is counted with (the chat template renders them into the 
 engine charges them; admission must reserve them too).
 
 vLLM decides `none` / `auto` / `required` / a named function from the request (tools without a
-`tool_choice` mean `auto`). `required` and named choices are enforced by guided decoding, `auto`
-by the model itself, read back by the model's tool-call parser; without a parser vLLM can do
-neither, and would answer with its own command-line flags. Here the answer names the model setting.
+`tool_choice` mean `auto`). `required` and named choices are enforced by guided decoding on every
+model (rayserve/engines.py gives a model without a parser one that needs nothing of it); `auto` is
+the model's own decision, read back by its tool-call parser, so a model without one refuses it
+here with a 400 that names the model setting (vLLM would name its command-line flags).
 """
 
 from __future__ import annotations
@@ -21,23 +22,23 @@ def tool_definitions(spec: ModelSpec, body: Any) -> list[dict[str, Any]] | None:
     that `spec` can serve its `tool_choice` (InvalidInput, a 400 naming the model setting)."""
     if not body.tools:
         return None
-    choice = body.tool_choice
-    if choice == "none":
-        return [tool.model_dump(exclude_none=True) for tool in body.tools]
-    wanted = "auto" if choice in (None, "auto") else "required" if choice == "required" else "a named function"
+    definitions = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    if body.tool_choice not in (None, "auto"):
+        return definitions  # none, required or a named function: every model serves them
     if spec.tool_call_parser is None:
         raise InvalidInput(
-            f"Model '{spec.id}' cannot call tools (tool_choice {wanted}): its configuration sets no "
-            "tool_call_parser. Ask the platform's administrators to set the model's tool_call_parser, "
-            'or send tool_choice "none".',
+            f"Model '{spec.id}' cannot decide itself whether to call a tool (tool_choice auto, the default "
+            'when tools are sent): its configuration sets no tool_call_parser. Send tool_choice "required" '
+            'or a named function (enforced for every model), or "none"; or ask the platform\'s administrators '
+            "to set the model's tool_call_parser.",
             param="tool_choice",
             code="tool_choice_unsupported",
         )
-    if wanted == "auto" and not spec.auto_tool_choice:
+    if not spec.auto_tool_choice:
         raise InvalidInput(
             f"Model '{spec.id}' does not choose tools itself (its auto_tool_choice setting is off): send "
             'tool_choice "required" or a named function, or "none".',
             param="tool_choice",
             code="tool_choice_unsupported",
         )
-    return [tool.model_dump(exclude_none=True) for tool in body.tools]
+    return definitions

@@ -67,14 +67,19 @@ def llm_config(spec: ModelSpec, *, cpu: bool) -> LLMConfig:
     )
 
 
+GUIDED_ONLY_TOOL_PARSER = "pythonic"
+
+
 def tool_and_template_args(spec: ModelSpec) -> dict[str, Any]:
     """vLLM's arguments for the model's tool calling, reasoning output and chat template. vLLM
     builds a tool parser only with auto tool choice on, and needs the parser for `required` and
     named choices too; so auto stays on in vLLM, and the gateway refuses `auto` where the model's
     `auto_tool_choice` is off (serving/gateway/tools.py)."""
-    args: dict[str, Any] = {}
-    if spec.tool_call_parser is not None:
-        args |= {"enable_auto_tool_choice": True, "tool_call_parser": spec.tool_call_parser}
+    # A model without a parser still gets one that needs nothing of its tokenizer: `required` and
+    # named choices are then enforced by guided decoding and their JSON read back directly, while
+    # the gateway refuses `auto`, which only the model's own format could express.
+    parser = spec.tool_call_parser or GUIDED_ONLY_TOOL_PARSER
+    args: dict[str, Any] = {"enable_auto_tool_choice": True, "tool_call_parser": parser}
     if spec.reasoning_parser is not None:
         args["reasoning_parser"] = spec.reasoning_parser
     if spec.chat_template is not None:
