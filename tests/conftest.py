@@ -7,6 +7,7 @@ import asyncio
 import site
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,15 +107,29 @@ def stack(tmp_path_factory, pg_url, oidc_issuer) -> Iterator[RunningStack]:  # n
 
 
 def _warm_up(stack: RunningStack) -> None:
-    """First calls through cold replicas are slow; tests that time things should not pay for them."""
-    client = stack.openai()
-    client.chat.completions.create(model="placeholder", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    list(
-        client.chat.completions.create(
-            model="placeholder", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True
-        )
-    )
-    client.embeddings.create(model="all-MiniLM-L6-v2", input="hi")
+    """First calls through cold replicas are slow; tests that time things should not pay for them.
+    Right after start an ingress replica may still hold an engine for down (its health check timed
+    out while the engine was starting on a loaded machine): it answers 503 with Retry-After, and
+    the client retries, as a client should."""
+    import openai
+
+    client = stack.openai().with_options(max_retries=0)
+    hello = [{"role": "user", "content": "hi"}]
+    calls = [
+        lambda: client.chat.completions.create(model="placeholder", messages=hello, max_tokens=2),
+        lambda: list(client.chat.completions.create(model="placeholder", messages=hello, max_tokens=2, stream=True)),
+        lambda: client.embeddings.create(model="all-MiniLM-L6-v2", input="hi"),
+    ]
+    deadline = time.monotonic() + 120
+    for call in calls:
+        while True:
+            try:
+                call()
+                break
+            except openai.InternalServerError as exc:
+                if exc.status_code != 503 or time.monotonic() > deadline:
+                    raise
+                time.sleep(float(exc.response.headers.get("retry-after", "1")))
 
 
 async def _stack_identities(database_url: str, data_dir) -> tuple[str, str, str]:
