@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from agencyllm.quotas.batches.files import FileStore
 from agencyllm.quotas.batches.jobs import ENDPOINTS, BatchStore
 from agencyllm.serving.config import ServingConfig
+from agencyllm.serving.gateway.bodies import list_page
 from agencyllm.serving.gateway.errors import OpenAIError
 from agencyllm.serving.gateway.files import caller, file_not_found
 from agencyllm.serving.gateway.guards import parse_body
@@ -181,12 +182,4 @@ class Batches:
         limit = int(raw)
         found = await self.store.page(tenant, subject, limit=limit + 1, after=request.query_params.get("after"))
         page = [b.openai() for b in found[:limit]]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": page,
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None,
-                "has_more": len(found) > limit,
-            }
-        )
+        return JSONResponse(list_page(page, has_more=len(found) > limit))

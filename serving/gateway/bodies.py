@@ -100,3 +100,14 @@ def body_checks(
             ask_for_stream_usage(data, wants_usage)
 
     return check
+
+
+def list_page(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
+    """One page of an OpenAI list (files, batches, a response's input items)."""
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from agencyllm.auth.principal import Principal
 from agencyllm.quotas.batches.files import UPLOAD_PURPOSES, FileStore, StorageFull
+from agencyllm.serving.gateway.bodies import list_page
 from agencyllm.serving.gateway.errors import OpenAIError
 from agencyllm.serving.gateway.inputs import InvalidInput, check_query, check_text
 from agencyllm.serving.gateway.pipeline import Gateway
@@ -90,15 +91,7 @@ class Files:
             ascending=order == "asc",
         )
         page = [f.openai() for f in found[:limit]]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": page,
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None,
-                "has_more": len(found) > limit,
-            }
-        )
+        return JSONResponse(list_page(page, has_more=len(found) > limit))
 
     async def retrieve(self, file_id: str, request: Request) -> Response:
         tenant, subject = caller(await self.gateway.authenticate(request))

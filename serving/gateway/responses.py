@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from agencyllm.auth.principal import Principal
 from agencyllm.quotas.compliance.responses import ChainTooLong, ResponseStore
-from agencyllm.serving.gateway.bodies import body_checks
+from agencyllm.serving.gateway.bodies import body_checks, list_page
 from agencyllm.serving.gateway.errors import OpenAIError, validation_error
 from agencyllm.serving.gateway.fairshare import Ticket
 from agencyllm.serving.gateway.guards import parse_body
@@ -162,15 +162,7 @@ class Responses:
             ids = [item["id"] for item in items]
             items = items[ids.index(after) + 1 :] if after in ids else []
         page = items[:limit]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": page,
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None,
-                "has_more": len(items) > limit,
-            }
-        )
+        return JSONResponse(list_page(page, has_more=len(items) > limit))
 
 
 def _limit(raw: str | None) -> int:
