@@ -110,20 +110,29 @@ class Principal:
     client_id: str | None
     tenant: str | None
     roles: frozenset[Role]
-    auth_method: Literal["oidc", "api_key"]
+    # `frontend`: a trusted front end's key, acting for the signed-in person it forwarded.
+    auth_method: Literal["oidc", "api_key", "frontend"]
     key_id: str | None = None
     # Fair-sharing class the caller's requests run as (an API key's; sign-ins are interactive).
     traffic_class: Literal["interactive", "batch"] = "interactive"
 
     @classmethod
-    def from_identity(cls, identity: TokenIdentity, tenant: str | None) -> Principal:
+    def from_identity(
+        cls,
+        identity: TokenIdentity,
+        tenant: str | None,
+        *,
+        auth_method: Literal["oidc", "frontend"] = "oidc",
+        key_id: str | None = None,
+    ) -> Principal:
         return cls(
             subject=identity.subject,
             username=identity.username,
             client_id=identity.client_id,
             tenant=tenant,
             roles=identity.roles,
-            auth_method="oidc",
+            auth_method=auth_method,
+            key_id=key_id,
         )
 
     @property

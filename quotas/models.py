@@ -41,7 +41,8 @@ NAMING_CONVENTION = {
 TENANT_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
 TENANT_STATUSES = ("active", "suspended")
 MAX_TOKENS_MODES = ("cap", "reject")
-KEY_KINDS = ("personal", "service")
+KEY_KINDS = ("personal", "service", "frontend")
+ALL_TENANTS = "*"  # a front-end key that serves every tenant
 # Classes of traffic for fair sharing (serving/gateway/fairshare.py) and the largest tenant share.
 TRAFFIC_CLASSES = ("interactive", "batch")
 MAX_SHARE = 1000
@@ -139,6 +140,10 @@ class ApiKey(Base):
     __table_args__ = (
         CheckConstraint(_one_of("kind", KEY_KINDS), name="kind"),
         CheckConstraint(_one_of("traffic_class", TRAFFIC_CLASSES), name="traffic_class"),
+        CheckConstraint(
+            "(kind = 'frontend') = (serves_tenants IS NOT NULL AND cardinality(serves_tenants) > 0)",
+            name="serves_tenants",
+        ),
         Index(None, "tenant_id"),
         Index(None, "owner_subject"),
     )
@@ -160,6 +165,8 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A front-end key's tenants: whose people it may act for (`ALL_TENANTS` for every tenant).
+    serves_tenants: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
 
 
 class UsageRecord(Base):

@@ -72,6 +72,13 @@ class Settings(_Validated):
     role_user: str = "llm-user"
     role_tenant_admin: str = "llm-tenant-admin"
     role_platform_admin: str = "llm-platform-admin"
+    # The realm's directory client (client credentials, realm-management `view-users`): how the
+    # gateway finds the person a trusted front end (Open WebUI) forwards. Unset: front-end keys
+    # are refused. See docs/chat.md.
+    oidc_directory_client_id: str | None = None
+    oidc_directory_client_secret: SecretStr | None = None
+    # How long a person's directory entry (tenant groups, roles, enabled) is reused.
+    oidc_directory_cache_seconds: int = Field(default=60, ge=0, le=3600)
 
     # Quotas: calendar days and months are counted in this time zone.
     quota_timezone: str = "UTC"

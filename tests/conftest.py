@@ -24,6 +24,7 @@ from agencyllm.serving.settings import Settings
 
 STACK_GROUP = "office-stack"
 STACK_TENANT = "stack"
+STACK_DIRECTORY_CLIENT = ("agencyllm-directory", "stack-directory-secret")
 
 
 def pytest_collection_modifyitems(items):
@@ -82,11 +83,14 @@ class RunningStack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, pg_url, oidc_issuer) -> Iterator[RunningStack]:  # noqa: F811
     data_dir = tmp_path_factory.mktemp("agencyllm")
+    oidc_issuer.add_directory_client(*STACK_DIRECTORY_CLIENT)
     settings = Settings(
         data_dir=data_dir,
         port=free_port(),
         database_url=SecretStr(pg_url),
         oidc_issuer=oidc_issuer.issuer,
+        oidc_directory_client_id=STACK_DIRECTORY_CLIENT[0],
+        oidc_directory_client_secret=SecretStr(STACK_DIRECTORY_CLIENT[1]),
         ingress_replicas=2,
         max_request_bytes=256 * 1024,
         reservation_lease_seconds=30,

@@ -14,6 +14,11 @@ Paths follow Keycloak: `<base>/realms/agency/.well-known/openid-configuration`,
 `…/protocol/openid-connect/{certs,token,auth/device,auth,logout}`. The device endpoint approves
 immediately (after `device_pending_polls` polls answered `authorization_pending`).
 
+The admin REST API's directory reads, for a confidential client registered with
+`add_directory_client` (Keycloak: a service account holding realm-management `view-users`):
+`<base>/admin/realms/agency/users?email=…&exact=true`, `…/users/{id}/groups` and
+`…/users/{id}/role-mappings/realm/composite`, answered from the users added with `add_user`.
+
 Browser sign-in, as Keycloak's authorization-code flow with PKCE (S256 only, as the realm's web
 client requires): `…/auth` shows a login form for the users added with `add_user`, redirects back
 with a one-time code, and `…/token` exchanges it once, checking client, redirect URI and verifier:
@@ -35,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
 
 import jwt
 import pytest
@@ -78,6 +83,9 @@ class User:
     password: str
     realm_roles: tuple[str, ...]
     groups: tuple[str, ...]
+    email: str | None = None
+    enabled: bool = True
+    subject: str = ""
 
 
 class LocalOIDCIssuer:
@@ -101,6 +109,9 @@ class LocalOIDCIssuer:
         self.code_exchanges = 0
         self.logouts = 0
         self.access_token_lifetime = 300
+        # Directory reads: confidential clients allowed to read users (client id -> secret).
+        self.directory_clients: dict[str, str] = {}
+        self.directory_requests = 0
         self._refresh_tokens: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -208,7 +219,7 @@ class LocalOIDCIssuer:
             "jti": f"onrtac:{uuid.uuid4()}",
             "iss": self.issuer,
             "aud": [self.audience, "account"],
-            "sub": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.realm}/{username}")),
+            "sub": self.subject_of(username),
             "typ": "Bearer",
             "azp": client_id,
             "sid": str(uuid.uuid4()),
@@ -290,13 +301,98 @@ class LocalOIDCIssuer:
             "scopes_supported": ["openid", "basic", "roles", "profile", "email", "groups", "agencyllm"],
         }
 
+    def subject_of(self, username: str) -> str:
+        """The user id Keycloak gives `username` (stable per realm here)."""
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.realm}/{username}"))
+
     def add_user(
-        self, username: str, password: str, *, realm_roles: Iterable[str] = ("llm-user",), groups: Iterable[str] = ()
+        self,
+        username: str,
+        password: str,
+        *,
+        realm_roles: Iterable[str] = ("llm-user",),
+        groups: Iterable[str] = (),
+        email: str | None = None,
+        enabled: bool = True,
     ) -> User:
-        user = User(username, password, tuple(realm_roles), tuple(groups))
+        """`groups`: group names or full paths, as the realm's groups claim carries them."""
+        email = email if email is not None else f"{username}@agency.example"
+        user = User(username, password, tuple(realm_roles), tuple(groups), email, enabled, self.subject_of(username))
         with self._lock:
             self.users[username] = user
         return user
+
+    def add_directory_client(self, client_id: str, secret: str) -> None:
+        with self._lock:
+            self.directory_clients[client_id] = secret
+
+    # -- admin REST API (directory reads) -------------------------------------------------------
+
+    def handle_admin(self, path: str, query: dict[str, str], authorization: str | None) -> tuple[int, Any]:
+        scheme, _, token = (authorization or "").partition(" ")
+        try:
+            claims = jwt.decode(
+                token, self.key().private_key.public_key(), algorithms=["RS256"], options={"verify_aud": False}
+            )
+        except jwt.PyJWTError:
+            return 401, {"error": "HTTP 401 Unauthorized"}
+        if scheme.lower() != "bearer" or claims.get("azp") not in self.directory_clients:
+            return 403, {"error": "HTTP 403 Forbidden"}
+        self.count("directory_requests")
+        users = {u.subject: u for u in list(self.users.values())}
+        if path == "/users":
+            wanted = query.get("email", "").lower()
+            exact = query.get("exact") == "true"
+            found = [
+                u
+                for u in users.values()
+                if u.email and (u.email.lower() == wanted if exact else wanted in u.email.lower())
+            ]
+            return 200, [self._user_representation(u) for u in found]
+        parts = path.strip("/").split("/")
+        if len(parts) < 3 or parts[0] != "users" or parts[1] not in users:
+            return 404, {"error": "User not found"}
+        user = users[parts[1]]
+        if parts[2:] == ["groups"]:
+            return 200, [self._group_representation(g) for g in user.groups]
+        if parts[2:] == ["role-mappings", "realm", "composite"]:
+            names = ["default-roles-" + self.realm, "offline_access", "uma_authorization", *user.realm_roles]
+            return 200, [
+                {
+                    "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"role/{n}")),
+                    "name": n,
+                    "composite": n.startswith("default-"),
+                    "clientRole": False,
+                    "containerId": self.realm,
+                }
+                for n in dict.fromkeys(names)
+            ]
+        return 404, {"error": "Unable to find matching target resource method"}
+
+    def _user_representation(self, user: User) -> dict[str, Any]:
+        return {
+            "id": user.subject,
+            "username": user.username,
+            "firstName": user.username.title(),
+            "lastName": "Example",
+            "email": user.email,
+            "emailVerified": True,
+            "enabled": user.enabled,
+            "createdTimestamp": 1733356800000,
+            "totp": False,
+            "disableableCredentialTypes": [],
+            "requiredActions": [],
+            "notBefore": 0,
+            "access": {"manage": False},
+        }
+
+    def _group_representation(self, group: str) -> dict[str, Any]:
+        path = group if group.startswith("/") else f"/{group}"
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"group{path}")),
+            "name": path.rsplit("/", 1)[-1],
+            "path": path,
+        }
 
     def _issue(self, client_id: str, username: str | None = None, *, nonce: str | None = None) -> dict[str, Any]:
         lifetime = self.access_token_lifetime
@@ -424,7 +520,9 @@ class LocalOIDCIssuer:
             "interval": 5,
         }
 
-    def handle_token(self, form: dict[str, str], basic_client: str | None = None) -> tuple[int, dict[str, Any]]:
+    def handle_token(
+        self, form: dict[str, str], basic_client: str | None = None, basic_secret: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
         with self._lock:
             self.token_requests += 1
         grant = form.get("grant_type")
@@ -449,6 +547,12 @@ class LocalOIDCIssuer:
                 return 400, {"error": "invalid_grant", "error_description": "Invalid refresh token"}
             return 200, self._issue(client_id, session["username"])
         if grant == "client_credentials":
+            secret = self.directory_clients.get(client_id)
+            if secret is not None and form.get("client_secret", basic_secret) != secret:
+                return 401, {
+                    "error": "unauthorized_client",
+                    "error_description": "Invalid client or Invalid client credentials",
+                }
             return 200, self._issue(client_id)
         return 400, {"error": "unsupported_grant_type"}
 
@@ -459,7 +563,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # keep test output quiet
         pass
 
-    def _send(self, status: int, body: dict[str, Any]) -> None:
+    def _send(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -478,13 +582,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _basic_client(self) -> str | None:
+        return self._basic_credentials()[0]
+
+    def _basic_credentials(self) -> tuple[str | None, str | None]:
         scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
         if scheme.lower() != "basic":
-            return None
+            return None, None
         try:
-            return base64.b64decode(value).decode().partition(":")[0] or None
+            client, _, secret = base64.b64decode(value).decode().partition(":")
         except ValueError:
-            return None
+            return None, None
+        return unquote_plus(client) or None, unquote_plus(secret)
 
     def do_GET(self) -> None:
         owner = self.owner
@@ -511,6 +619,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == f"{prefix}/protocol/openid-connect/certs":
             owner.count("jwks_fetches")
             self._send(200, owner.jwks())
+        elif path.startswith(f"/admin{prefix}/"):
+            status, body = owner.handle_admin(path[len(f"/admin{prefix}") :], query, self.headers.get("Authorization"))
+            self._send(status, body)
         else:
             self._send(404, {"error": "not_found"})
 
@@ -527,7 +638,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, location, body = owner.handle_login(form)
             self._send_html(status, body, location=location)
         elif path == f"{prefix}/token":
-            self._send(*owner.handle_token(form, self._basic_client()))
+            self._send(*owner.handle_token(form, *self._basic_credentials()))
         else:
             self._send(404, {"error": "not_found"})
 

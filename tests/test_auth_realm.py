@@ -30,11 +30,18 @@ def test_realm_and_roles(realm):
     assert {r["name"] for r in realm["roles"]["realm"]} >= {"llm-user", "llm-tenant-admin", "llm-platform-admin"}
 
 
-def test_every_client_gets_sub_roles_groups_audience(realm):
-    assert {c["clientId"] for c in realm["clients"]} == {"agencyllm-gateway", "agencyllm-cli", "agencyllm-service"}
+# Clients whose tokens call the platform; Open WebUI's sign-in and the directory reads do not.
+CALLERS = {"agencyllm-gateway", "agencyllm-cli", "agencyllm-service"}
+
+
+def test_every_calling_client_gets_sub_roles_groups_audience(realm):
+    assert {c["clientId"] for c in realm["clients"]} == CALLERS | {"open-webui", "agencyllm-directory"}
     for client in realm["clients"]:
-        assert {"basic", "roles", "groups", "agencyllm"} <= set(client["defaultClientScopes"]), client["clientId"]
         assert set(client["defaultClientScopes"]) <= set(scopes(realm)), client["clientId"]
+        expected = {"basic", "roles", "groups", "agencyllm"} if client["clientId"] in CALLERS else {"basic", "roles"}
+        assert expected <= set(client["defaultClientScopes"]), client["clientId"]
+        if client["clientId"] not in CALLERS:
+            assert "agencyllm" not in client["defaultClientScopes"], "its tokens need not reach the platform"
     assert {"basic", "roles", "groups", "agencyllm"} <= set(realm["defaultDefaultClientScopes"])
 
 
@@ -66,6 +73,17 @@ def test_clients(realm):
     service = clients["agencyllm-service"]
     assert service["serviceAccountsEnabled"] is True and service["publicClient"] is False
     assert service["secret"] == "${AGENCYLLM_SERVICE_CLIENT_SECRET}"
+    chat = clients["open-webui"]
+    assert chat["standardFlowEnabled"] is True and chat["publicClient"] is False
+    assert chat["attributes"]["pkce.code.challenge.method"] == "S256"
+    assert chat["redirectUris"] == ["${OPEN_WEBUI_URL}/oauth/oidc/callback"]  # Open WebUI's OIDC callback
+    assert {"email", "groups"} <= set(chat["defaultClientScopes"])  # it keys accounts on the e-mail
+    directory = clients["agencyllm-directory"]
+    assert directory["serviceAccountsEnabled"] is True and directory["standardFlowEnabled"] is False
+    account = next(u for u in realm["users"] if u.get("serviceAccountClientId") == "agencyllm-directory")
+    assert account["clientRoles"] == {"realm-management": ["view-users"]}  # reads users, changes nothing
+    # A forwarded e-mail must name one account.
+    assert realm["duplicateEmailsAllowed"] is False
 
 
 def test_no_literal_secrets(realm):

@@ -350,6 +350,19 @@ async def test_stream_that_dies_midway_ends_with_an_error_event(gateway, caller,
     ]
 
 
+async def test_stream_whose_engine_stream_stops_without_done_ends_with_an_error_event(gateway, caller, pg_db, models):
+    """A replica that goes away may end its stream quietly; the client must still learn it was cut."""
+    tenant, key = await caller()
+    gateway.engines.answer(FakeCall([[chunk("x")], [chunk("y")]]))
+    events = await read_all(
+        await gateway.chat(request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key))
+    )
+    assert events[:2] == [chunk("x"), chunk("y")]
+    assert json.loads(events[2][6:])["error"]["code"] == "service_unavailable" and events[3:] == ["data: [DONE]\n\n"]
+    rows = await ledger_rows(pg_db, tenant)
+    assert [(r["completion_tokens"], r["status"]) for r in rows] == [(2, "engine_error")]
+
+
 @pytest.fixture
 async def fresh_gateway(pg_url, models, tmp_path):
     """A gateway of the test's own (one the test stops, or whose start it checks)."""

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agencyllm.auth.apikeys import mint_key, parse_key, verify_key_hash
 from agencyllm.quotas.models import (
+    ALL_TENANTS,
     KEY_KINDS,
     TRAFFIC_CLASSES,
     ApiKey,
@@ -20,7 +21,7 @@ from agencyllm.quotas.models import (
 )
 from agencyllm.quotas.store.changes import Actor, record_change, transaction, utcnow
 from agencyllm.quotas.store.errors import Conflict, Invalid, NotFound
-from agencyllm.quotas.store.tenants import check_optional_text, get_tenant
+from agencyllm.quotas.store.tenants import SYSTEM_TENANT, check_optional_text, get_tenant
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -43,6 +44,7 @@ def key_snapshot(key: ApiKey, tenant_name: str | None = None) -> dict[str, Any]:
         "expires_at": key.expires_at,
         "revoked_at": key.revoked_at,
         "last_used_at": key.last_used_at,
+        "serves_tenants": key.serves_tenants,
     }
 
 
@@ -59,16 +61,22 @@ async def create_key(
     actor: Actor,
     *,
     tenant_name: str,
-    kind: Literal["personal", "service"],
+    kind: Literal["personal", "service", "frontend"],
     name: str,
     owner_subject: str | None = None,
     owner_username: str | None = None,
     expires_at: datetime | None = None,
     traffic_class: str = "interactive",
+    serves_tenants: list[str] | None = None,
 ) -> CreatedKey:
-    """Mint a key; a service key's owner is the key itself (`service:<key id>`)."""
+    """Mint a key; a service or front-end key's owner is the key itself (`service:<key id>`).
+    Front-end keys live in the `system` tenant and act for the people of `serves_tenants`."""
     if kind not in KEY_KINDS:
-        raise Invalid("Key kind must be 'personal' or 'service'.", param="kind")
+        raise Invalid("Key kind must be 'personal', 'service' or 'frontend'.", param="kind")
+    if kind == "frontend" and tenant_name != SYSTEM_TENANT:
+        raise Invalid(f"A front-end key belongs to the '{SYSTEM_TENANT}' tenant.", param="kind")
+    if (kind == "frontend") != (serves_tenants is not None):
+        raise Invalid("Only a front-end key serves tenants, and it must name them.", param="serves_tenants")
     if traffic_class not in TRAFFIC_CLASSES:
         raise Invalid("'traffic_class' must be 'interactive' or 'batch'.", param="traffic_class")
     name = check_optional_text(name, "name", 100) or ""
@@ -85,6 +93,8 @@ async def create_key(
         tenant = await get_tenant(session, tenant_name)
         if tenant.status != "active":
             raise Conflict(f"Tenant '{tenant_name}' is suspended; resume it before adding keys.")
+        if serves_tenants is not None:
+            serves_tenants = await _served_tenants(session, serves_tenants)
         minted = mint_key()
         key_id = uuid.uuid4()
         key = ApiKey(
@@ -100,11 +110,28 @@ async def create_key(
             created_by=actor.subject,
             created_at=utcnow(),
             expires_at=expires_at,
+            serves_tenants=serves_tenants,
         )
         session.add(key)
         await session.flush()
         record_change(session, actor, "key.create", "api_key", str(key_id), None, key_snapshot(key, tenant.name))
     return CreatedKey(key=key, tenant=tenant, secret=minted.key)
+
+
+async def _served_tenants(session: AsyncSession, names: list[str]) -> list[str]:
+    """The tenants a front-end key acts for: existing ones, each once, or `*` alone for all."""
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise Invalid("'serves_tenants' must be a non-empty list of tenant names, or ['*'].", param="serves_tenants")
+    if ALL_TENANTS in names:
+        if names != [ALL_TENANTS]:
+            raise Invalid("'*' serves every tenant and stands alone.", param="serves_tenants")
+        return names
+    unique = list(dict.fromkeys(names))
+    for name in unique:
+        if name == SYSTEM_TENANT:
+            raise Invalid(f"The '{SYSTEM_TENANT}' tenant has no people to serve.", param="serves_tenants")
+        await get_tenant(session, name)  # NotFound names the tenant
+    return unique
 
 
 def _key_query() -> Select[ApiKey, str]:
@@ -170,11 +197,15 @@ class ActiveKey:
     owner_username: str | None
     tenant: str
     tenant_status: str
+    serves_tenants: tuple[str, ...] = ()
+
+    def serves(self, tenant: str) -> bool:
+        return ALL_TENANTS in self.serves_tenants or tenant in self.serves_tenants
 
 
 _ACTIVE_KEY_SQL = """
 SELECT k.id, k.key_hash, k.kind, k.traffic_class, k.owner_subject, k.owner_username, k.revoked_at, k.expires_at,
-       k.last_used_at, t.name AS tenant, t.status AS tenant_status
+       k.last_used_at, k.serves_tenants, t.name AS tenant, t.status AS tenant_status
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
 WHERE k.prefix = $1
 """
@@ -211,4 +242,5 @@ async def find_active_key(pool: asyncpg.Pool, token: str) -> ActiveKey | None:
         owner_username=row["owner_username"],
         tenant=row["tenant"],
         tenant_status=row["tenant_status"],
+        serves_tenants=tuple(row["serves_tenants"] or ()),
     )

@@ -10,10 +10,11 @@ from agencyllm.auth.principal import Principal
 from agencyllm.quotas import store
 from agencyllm.quotas.models import ApiKey
 from agencyllm.serving.admin.access import (
+    PlatformAdmin,
     TenantAdmin,
     may_admin,
 )
-from agencyllm.serving.admin.schemas import KeyCreate, KeyCreated, KeyOut
+from agencyllm.serving.admin.schemas import FrontendKeyCreate, KeyCreate, KeyCreated, KeyOut
 from agencyllm.serving.gateway.deps import CurrentPrincipal, DbSession
 from agencyllm.serving.gateway.errors import OpenAIError
 from agencyllm.serving.gateway.inputs import as_utc
@@ -56,6 +57,25 @@ async def create_service_key(name: str, body: KeyCreate, principal: TenantAdmin,
         name=body.name,
         expires_at=expiry(body),
         traffic_class=body.traffic_class,
+    )
+    return created_out(created)
+
+
+@router.post(
+    "/frontend-keys",
+    status_code=status.HTTP_201_CREATED,
+    summary="Mint a trusted front-end key (platform admins): it acts for the signed-in people it forwards",
+)
+async def create_frontend_key(body: FrontendKeyCreate, principal: PlatformAdmin, session: DbSession) -> KeyCreated:
+    created = await store.create_key(
+        session,
+        principal,
+        tenant_name=store.SYSTEM_TENANT,
+        kind="frontend",
+        name=body.name,
+        expires_at=expiry(body),
+        traffic_class=body.traffic_class,
+        serves_tenants=body.serves_tenants,
     )
     return created_out(created)
 

@@ -89,11 +89,19 @@ class KeyCreate(Strict):
     expires_in_days: Annotated[StrictInt, Field(ge=1, le=3650)] | None = None
 
 
+class FrontendKeyCreate(KeyCreate):
+    serves_tenants: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(
+        min_length=1,
+        max_length=1000,
+        description="Tenants whose signed-in people the front end may act for; ['*'] for every tenant.",
+    )
+
+
 class KeyOut(BaseModel):
     id: str
     prefix: str
     name: str
-    kind: Literal["personal", "service"]
+    kind: Literal["personal", "service", "frontend"]
     traffic_class: TrafficClass
     tenant: str
     owner_subject: str
@@ -103,6 +111,7 @@ class KeyOut(BaseModel):
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    serves_tenants: list[str] | None = Field(default=None, description="A front-end key's tenants; null otherwise.")
 
 
 class KeyCreated(KeyOut):
@@ -115,7 +124,7 @@ class Me(BaseModel):
     client_id: str | None
     tenant: str | None
     roles: list[str]
-    auth_method: Literal["oidc", "api_key"]
+    auth_method: Literal["oidc", "api_key", "frontend"]
     key_id: str | None
     remaining: dict | None = Field(description="Budget left in the current windows; null without a tenant.")
 

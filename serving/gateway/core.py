@@ -126,7 +126,9 @@ class GatewayCore:
     # ---- the request path ----------------------------------------------------------------
 
     async def authenticate(self, request: Request) -> Principal:
-        principal = await self.services.authenticator.authenticate(request.headers.get("authorization"))
+        principal = await self.services.authenticator.authenticate(
+            request.headers.get("authorization"), request.headers
+        )
         if not principal.may_call_models:
             raise OpenAIError(403, "Your account lacks the role needed to call models.")
         return principal

@@ -24,10 +24,13 @@ class StreamUsage:
     content_chunks: int = 0
     reported: bool = False
     failed: bool = False
+    done: bool = False
 
     def observe(self, event: str) -> bool:
         """Record what one SSE event says; return False when the client should not see it."""
         payload = event[6:].strip() if event.startswith("data: ") else ""
+        if payload == "[DONE]":
+            self.done = True
         if not payload or payload == "[DONE]":
             return True
         if '"usage"' not in payload and '"error"' not in payload:
@@ -51,6 +54,10 @@ class StreamUsage:
         """The engine's own count when it reported one; otherwise one token per chunk of text
         (the engine makes one event per generated token and choice; a handle item may carry several)."""
         return self.completion_tokens if self.reported else self.content_chunks
+
+
+class StreamCut(Exception):
+    """The engine's stream ended without `[DONE]`: its replica went away mid-answer."""
 
 
 def split_events(item: str | list[Any]) -> list[str]:
@@ -77,6 +84,8 @@ async def relay(
             keep = usage.observe(event)
             if keep or client_wants_usage:
                 yield event
+    if not (usage.done or usage.failed):
+        raise StreamCut("the engine's event stream ended without [DONE]")
 
 
 class OpenStreams:
