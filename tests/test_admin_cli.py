@@ -107,6 +107,13 @@ def test_tenant_quota_key_and_usage_commands(cli):
     assert cli("keys", "revoke", keys[0]["id"])[0] == 0
     assert "(none)" in cli("keys", "list", "--tenant", name)[1]
 
+    code, out, err = cli("keys", "create-frontend", "--serves", name, "--name", "chat", "--format", "json")
+    frontend = json.loads(out)
+    assert code == 0 and frontend["kind"] == "frontend" and frontend["serves_tenants"] == [name]
+    assert frontend["tenant"] == "system" and frontend["key"].startswith("sk-agency-")
+    code, _, err = cli("keys", "create-frontend", "--serves", "*", "--serves", name)
+    assert code == 1 and "stands alone" in err
+
     code, out, _ = cli("usage", "--tenant", name, "--group-by", "model", "--format", "csv")
     assert code == 0 and next(csv.reader(io.StringIO(out))) == [
         "model",

@@ -1,4 +1,5 @@
-"""`agencyllm keys create|list|revoke`: personal keys, and a tenant's service keys."""
+"""`agencyllm keys create|create-frontend|list|revoke`: personal keys, a tenant's service keys,
+and the trusted front-end keys of chat front ends (platform admins)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ COLUMNS = (
     "traffic_class",
     "tenant",
     "owner_username",
+    "serves_tenants",
     "expires_at",
     "revoked_at",
     "last_used_at",
@@ -49,7 +51,32 @@ def create(
     body: dict[str, Any] = {"name": name, "traffic_class": traffic_class}
     if expires_in_days is not None:
         body["expires_in_days"] = expires_in_days
-    created = call(url, "POST", _keys_path(tenant), json=body).json()
+    _print_created(call(url, "POST", _keys_path(tenant), json=body).json(), fmt)
+    return 0
+
+
+@app.command(
+    "create-frontend",
+    help="mint a chat front end's key (platform admins): it calls models for the signed-in people it forwards",
+)
+def create_frontend(
+    serves: Annotated[
+        list[str],
+        typer.Option("--serves", help="a tenant whose people it may act for (repeat it); '*' for every tenant"),
+    ],
+    name: Annotated[str, typer.Option()] = "open-webui",
+    expires_in_days: Annotated[int | None, typer.Option(metavar="D")] = None,
+    url: Url = None,
+    fmt: TableOrJson = "table",
+) -> int:
+    body: dict[str, Any] = {"name": name, "serves_tenants": serves}
+    if expires_in_days is not None:
+        body["expires_in_days"] = expires_in_days
+    _print_created(call(url, "POST", "/frontend-keys", json=body).json(), fmt)
+    return 0
+
+
+def _print_created(created: dict[str, Any], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(created, indent=2))
     else:
@@ -58,7 +85,6 @@ def create(
             f"# key id {created['id']}, tenant {created['tenant']}: store it now, it is not shown again",
             file=sys.stderr,
         )
-    return 0
 
 
 @app.command("list", help="list your keys, or a tenant's with --tenant")

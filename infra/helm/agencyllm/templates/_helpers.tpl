@@ -46,6 +46,40 @@ app.kubernetes.io/part-of: agencyllm
 {{- end -}}
 {{- end -}}
 
+{{/* Staff chat (Open WebUI) ------------------------------------------------------------------- */}}
+
+{{- define "agencyllm.chatName" -}}
+{{- printf "%s-chat" (include "agencyllm.fullname" .) -}}
+{{- end -}}
+
+{{- define "agencyllm.chatSelectorLabels" -}}
+{{ include "agencyllm.selectorLabels" . }}
+app.kubernetes.io/component: chat
+{{- end -}}
+
+{{/* The realm's client Open WebUI signs people in with (infra/keycloak/agencyllm-realm.json;
+agencyllm.serving.ops.chat_env.OPEN_WEBUI_CLIENT_ID). */}}
+{{- define "agencyllm.chatClientId" -}}open-webui{{- end -}}
+
+{{/* chat.publicUrl without its trailing slash (validate.yaml requires it with chat.enabled). */}}
+{{- define "agencyllm.chatPublicUrl" -}}
+{{- .Values.chat.publicUrl | trimSuffix "/" -}}
+{{- end -}}
+
+{{/* The host name of chat.publicUrl, for the chat's Ingress or HTTPRoute. */}}
+{{- define "agencyllm.chatHost" -}}
+{{- (urlParse (include "agencyllm.chatPublicUrl" .)).hostname -}}
+{{- end -}}
+
+{{/* Selects the release's pods but Open WebUI's (its own NetworkPolicy says what it may reach):
+podSelector of the release-wide policies. Usage: include "agencyllm.releasePodSelector" . */}}
+{{- define "agencyllm.releasePodSelector" -}}
+matchLabels:
+  {{- include "agencyllm.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - {key: app.kubernetes.io/component, operator: NotIn, values: [chat]}
+{{- end -}}
+
 {{/* Images ----------------------------------------------------------------------------------- */}}
 
 {{/* REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@DIGEST; global.imageRegistry wins.
@@ -139,6 +173,17 @@ imagePullSecrets:
   value: {{ .Values.oidc.roles.tenantAdmin | quote }}
 - name: AGENCYLLM_ROLE_PLATFORM_ADMIN
   value: {{ .Values.oidc.roles.platformAdmin | quote }}
+{{- with .Values.oidc.directory.existingSecret }}
+# The realm's directory: who a front end's (Open WebUI's) forwarded person is. Unset: front-end
+# keys are refused.
+- name: AGENCYLLM_OIDC_DIRECTORY_CLIENT_ID
+  value: {{ $.Values.oidc.directory.clientId | quote }}
+- name: AGENCYLLM_OIDC_DIRECTORY_CLIENT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: client-secret
+{{- end }}
 {{- end }}
 {{- with .Values.console.publicUrl }}
 - name: AGENCYLLM_PUBLIC_URL
