@@ -142,6 +142,19 @@ class Settings(_Validated):
     # Ray Serve's per-request access log lines from the ingress, engines and HTTP proxy.
     access_log: bool = False
 
+    # Staff chat beside the local run (`agencyllm up --chat`, docs/chat.md): Open WebUI's executable,
+    # in a virtualenv of its own; where it listens; the realm client it signs staff in with; whether
+    # it keeps chat history; its database (default: database `openwebui` on the platform's server).
+    chat: bool = False
+    chat_command: str = "open-webui"
+    chat_host: str = "127.0.0.1"
+    chat_port: int = Field(default=8080, ge=1, le=65535)
+    chat_public_url: str | None = None
+    chat_client_id: str = "open-webui"
+    chat_client_secret: SecretStr | None = None
+    chat_history: bool = False
+    chat_database_url: SecretStr | None = None
+
     # Web console (/console, see docs/console.md). The URL users reach the platform at, as the
     # Keycloak realm's AGENCYLLM_PUBLIC_URL (https behind a TLS proxy); unset: each request's own.
     public_url: str | None = None

@@ -233,9 +233,34 @@ class LocalOIDCIssuer:
             "preferred_username": username,
             "given_name": username.title(),
             "family_name": "Example",
-            "email": f"{username}@agency.example",
+            "email": self._email_of(username),
             "groups": list(groups),
         }
+
+    def _email_of(self, username: str) -> str:
+        user = self.users.get(username)
+        return user.email if user is not None and user.email else f"{username}@agency.example"
+
+    # Clients with the realm's client-level "realm roles" mapper into the ID token and userinfo
+    # (infra/keycloak/agencyllm-realm.json: Open WebUI reads roles from there).
+    ROLES_IN_ID_TOKEN = frozenset({"open-webui"})
+
+    def userinfo(self, authorization: str | None) -> tuple[int, dict[str, Any]]:
+        """Keycloak's userinfo: the claims whose mappers set `userinfo.token.claim`."""
+        scheme, _, token = (authorization or "").partition(" ")
+        try:
+            claims = jwt.decode(
+                token, self.key().private_key.public_key(), algorithms=["RS256"], options={"verify_aud": False}
+            )
+        except jwt.PyJWTError:
+            return 401, {"error": "invalid_token", "error_description": "Token verification failed"}
+        if scheme.lower() != "bearer":
+            return 401, {"error": "invalid_token"}
+        names = ("sub", "email_verified", "name", "preferred_username", "given_name", "family_name", "email", "groups")
+        info = {k: claims[k] for k in names if k in claims}
+        if claims.get("azp") in self.ROLES_IN_ID_TOKEN:
+            info["realm_access"] = claims.get("realm_access", {"roles": []})
+        return 200, info
 
     def mint(
         self,
@@ -414,7 +439,7 @@ class LocalOIDCIssuer:
             self._refresh_tokens[refresh] = {"client_id": client_id, "username": username}
         extra: dict[str, Any] = {}
         if nonce is not None:
-            extra["id_token"] = self.id_token(username, client_id, nonce)
+            extra["id_token"] = self.id_token(username, client_id, nonce, access_token=access)
         return {
             **extra,
             "access_token": access,
@@ -427,12 +452,22 @@ class LocalOIDCIssuer:
             "scope": "openid profile email",
         }
 
-    def id_token(self, username: str, client_id: str, nonce: str) -> str:
+    def id_token(self, username: str, client_id: str, nonce: str, *, access_token: str | None = None) -> str:
         """An ID token as Keycloak returns it from the token endpoint (`typ: ID`, aud = client)."""
-        claims = self.claims(username=username, client_id=client_id)
-        payload = {
-            k: claims[k] for k in ("exp", "iat", "auth_time", "iss", "sub", "sid", "preferred_username", "email")
-        }
+        user = self.users.get(username)
+        claims = self.claims(
+            username=username,
+            client_id=client_id,
+            realm_roles=user.realm_roles if user else ("llm-user",),
+            groups=user.groups if user else (),
+        )
+        names = ("exp", "iat", "auth_time", "iss", "sub", "sid", "preferred_username", "email", "email_verified")
+        payload = {k: claims[k] for k in (*names, "name", "given_name", "family_name")}
+        if client_id in self.ROLES_IN_ID_TOKEN:
+            payload["realm_access"] = claims["realm_access"]
+        if access_token is not None:  # OIDC core 3.1.3.6: the left half of the access token's SHA-256
+            digest = hashlib.sha256(access_token.encode()).digest()
+            payload["at_hash"] = base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
         payload.update(
             {
                 "aud": client_id,
@@ -440,7 +475,6 @@ class LocalOIDCIssuer:
                 "typ": "ID",
                 "nonce": nonce,
                 "jti": str(uuid.uuid4()),
-                "at_hash": secrets.token_urlsafe(16),
             }
         )
         key = next(k for k in self.keys if k.kid == self.active_kid)
@@ -619,6 +653,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == f"{prefix}/protocol/openid-connect/certs":
             owner.count("jwks_fetches")
             self._send(200, owner.jwks())
+        elif path == f"{prefix}/protocol/openid-connect/userinfo":
+            self._send(*owner.userinfo(self.headers.get("Authorization")))
         elif path.startswith(f"/admin{prefix}/"):
             status, body = owner.handle_admin(path[len(f"/admin{prefix}") :], query, self.headers.get("Authorization"))
             self._send(status, body)
@@ -639,6 +675,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_html(status, body, location=location)
         elif path == f"{prefix}/token":
             self._send(*owner.handle_token(form, *self._basic_credentials()))
+        elif path == f"{prefix}/userinfo":
+            self._send(*owner.userinfo(self.headers.get("Authorization")))
         else:
             self._send(404, {"error": "not_found"})
 

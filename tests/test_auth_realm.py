@@ -78,6 +78,12 @@ def test_clients(realm):
     assert chat["attributes"]["pkce.code.challenge.method"] == "S256"
     assert chat["redirectUris"] == ["${OPEN_WEBUI_URL}/oauth/oidc/callback"]  # Open WebUI's OIDC callback
     assert {"email", "groups"} <= set(chat["defaultClientScopes"])  # it keys accounts on the e-mail
+    # Open WebUI reads roles from the ID token or userinfo (OAUTH_ROLES_CLAIM=realm_access.roles),
+    # where the realm-wide roles mapper puts none.
+    (roles,) = chat["protocolMappers"]
+    assert roles["protocolMapper"] == "oidc-usermodel-realm-role-mapper"
+    assert roles["config"]["claim.name"] == "realm_access.roles"
+    assert roles["config"]["id.token.claim"] == roles["config"]["userinfo.token.claim"] == "true"
     directory = clients["agencyllm-directory"]
     assert directory["serviceAccountsEnabled"] is True and directory["standardFlowEnabled"] is False
     account = next(u for u in realm["users"] if u.get("serviceAccountClientId") == "agencyllm-directory")

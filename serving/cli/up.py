@@ -31,14 +31,31 @@ def up(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="show Ray's, Serve's and the engines' logs here, not in DATA_DIR/logs")
     ] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="also run the staff chat (Open WebUI, AGENCYLLM_CHAT_COMMAND) against this platform; "
+            "needs Keycloak (docs/chat.md)",
+        ),
+    ] = False,
 ) -> int:
     """run the whole platform on this machine, or on a running Ray cluster with --address"""
     from agencyllm.serving.config import ConfigError
+    from agencyllm.serving.ops.chat import ChatUnavailable, check_chat_settings
     from agencyllm.serving.ops.stack import PLACEHOLDER_WARNING, resolve_models
     from agencyllm.serving.ops.supervisor import Supervisor
 
     exclusive(config=config, model=model)
     platform = settings(data_dir=data_dir, host=host, port=port, config=config, ray_address=address)
+    if chat:
+        platform = platform.model_copy(update={"chat": True})
+    if platform.chat:
+        try:
+            check_chat_settings(platform)
+        except ChatUnavailable as exc:
+            print(f"agencyllm: {exc}", file=sys.stderr)
+            return 2
     try:
         serving, placeholder = resolve_models(platform, model)
     except ConfigError as exc:

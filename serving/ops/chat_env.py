@@ -104,6 +104,7 @@ def install_environment(install: ChatInstall) -> dict[str, str]:
             # Signs the forwarded identity with the front-end key: the gateway checks it with the key.
             "FORWARD_USER_INFO_HEADER_JWT_SECRET": install.frontend_key,
             "WEBUI_URL": public_url,
+            "CORS_ALLOW_ORIGIN": public_url,
             "OPENID_PROVIDER_URL": f"{install.oidc_issuer.rstrip('/')}/.well-known/openid-configuration",
             "OPENID_REDIRECT_URI": f"{public_url}/oauth/oidc/callback",
             "OAUTH_CLIENT_ID": install.client_id,

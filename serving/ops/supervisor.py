@@ -73,6 +73,7 @@ class Supervisor:
         self._url: str | None = None
         self._next_database_check = 0.0
         self._restarting_database = False
+        self.chat = None  # ChatFrontEnd with --chat
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -93,6 +94,8 @@ class Supervisor:
             if admin_key is not None:
                 print(f"Platform admin API key written to {admin_key} (readable by you only).", flush=True)
             self._hand_over(url)
+            if self.settings.chat and not self.stopping.is_set():
+                self._start_chat(url)
             if not self.stopping.is_set():
                 code = self._watch()
         except Exception as exc:  # startup failed: say what, not a traceback
@@ -100,6 +103,8 @@ class Supervisor:
             code = 1
         finally:
             print("Stopping agencyllm…", file=sys.stderr, flush=True)
+            if self.chat is not None:
+                self.chat.stop()
             self._stop_stack()
             self._stop_database()
             if self._relay is not None:
@@ -119,9 +124,19 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame) -> None:
         self.stopping.set()
 
+    def _start_chat(self, database_url: str) -> None:
+        from agencyllm.serving.ops.chat import ChatFrontEnd
+
+        self.chat = ChatFrontEnd(self.settings)
+        self.chat.start(database_url, self.settings.data_dir / "logs" / "open-webui.log")
+        self.progress.step(f"staff chat (Open WebUI) starting at {self.chat.public_url}")
+
     def _watch(self) -> int:
         while not self.stopping.wait(TICK_SECONDS):
             self._remember_tree()
+            if self.chat is not None and (chat_code := self.chat.exited()) is not None:
+                self.progress.say(f"Open WebUI exited with status {chat_code}; its log: {self.chat.log_file}")
+                self.chat = None
             code = self.child.poll()
             if code is not None:
                 if code != 0:
