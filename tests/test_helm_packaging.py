@@ -27,9 +27,12 @@ RELEASE, NAMESPACE = chart_tests.RELEASE, chart_tests.NAMESPACE
 REALM = ROOT / "infra" / "keycloak" / "agencyllm-realm.json"
 KEY_FILE = "/etc/agencyllm/bootstrap/key"
 
-# The optional operator resources switched on, beside everything the FULL case has.
+# The optional operator resources switched on, beside everything the FULL case has, and the staff
+# chat (Open WebUI) with its Secret and the realm's directory client.
 OPERATORS = {
     **chart_tests.FULL,
+    "oidc": {**chart_tests.FULL["oidc"], "directory": {"existingSecret": "agencyllm-directory"}},
+    "chat": {"enabled": True, "publicUrl": "https://chat.agency.gov/", "existingSecret": "agencyllm-chat"},
     "console": {"publicUrl": "https://llm.agency.gov/", "existingSecret": "agencyllm-console"},
     "metrics": {"tokenSecret": "agencyllm-metrics"},
     "keycloak": {"realmImport": {"enabled": True, "keycloakCRName": "sso", "clientSecretsSecret": "realm-clients"}},
@@ -41,6 +44,11 @@ OPERATORS = {
         "consoleSessionSecret": {"key": "llm/console", "property": "session"},
         "consoleClientSecret": {"key": "llm/console", "property": "client"},
         "metricsToken": {"key": "llm/metrics"},
+        "oidcDirectoryClientSecret": {"key": "llm/directory", "property": "secret"},
+        "chatFrontendKey": {"key": "llm/chat", "property": "frontend-key"},
+        "chatClientSecret": {"key": "llm/chat", "property": "client-secret"},
+        "chatSecretKey": {"key": "llm/chat", "property": "secret-key"},
+        "chatDatabaseUrl": {"key": "llm/chat", "property": "database-url"},
     },
     "database": {"existingSecret": "agencyllm-database"},
 }
@@ -330,11 +338,12 @@ def test_chart_yaml_lists_every_image_the_chart_can_run(chart):
             assert _repository(image) in {_repository(i) for i in listed.values()}, (case, image)
             seen.add(_repository(image))
     assert seen == {_repository(i) for i in listed.values()}, "an image is listed that nothing runs"
-    # With default values and CloudNativePG on, the chart runs exactly the listed references.
-    with_pg = _all_images(render(chart, {"database": {"cloudnativepg": {"enabled": True}}}))
-    assert with_pg == set(listed.values())
+    # With default values, CloudNativePG and the chat on, the chart runs exactly the listed references.
+    every_part = {**OPERATORS, "global": {}, "image": {}, "database": {"cloudnativepg": {"enabled": True}}}
+    assert _all_images(render(chart, every_part)) == set(listed.values())
     assert listed["agencyllm"].endswith(f":{values['image']['tag']}")
     assert listed["postgresql"].endswith(f":{values['database']['cloudnativepg']['image']['tag']}")
+    assert listed["open-webui"].endswith(f":{values['chat']['image']['tag']}")
 
 
 # --- examples ----------------------------------------------------------------------------------------
@@ -401,28 +410,55 @@ def test_realm_copy_in_the_chart_is_the_realm():
     assert (CHART / "files" / "agencyllm-realm.json").read_bytes() == REALM.read_bytes()
 
 
-def test_keycloak_realm_import(chart):
-    docs = render(chart, OPERATORS)
+# Realm placeholders the operator fills from keycloak.realmImport.clientSecretsSecret: key in that Secret.
+REALM_SECRETS = {
+    "AGENCYLLM_GATEWAY_CLIENT_SECRET": "gateway-client-secret",
+    "AGENCYLLM_SERVICE_CLIENT_SECRET": "service-client-secret",
+    "AGENCYLLM_DIRECTORY_CLIENT_SECRET": "directory-client-secret",
+    "OPEN_WEBUI_CLIENT_SECRET": "open-webui-client-secret",
+}
+
+
+def _realm_import(docs: list[dict]) -> dict:
     (realm_import,) = [d for d in docs if d["kind"] == "KeycloakRealmImport"]
+    return realm_import
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "no-chat"])
+def test_keycloak_realm_import(chart, chat):
+    values = copy.deepcopy(OPERATORS)
+    if not chat:
+        values["chat"] = {"enabled": False}
+    realm_import = _realm_import(render(chart, values))
     assert realm_import["apiVersion"] == "k8s.keycloak.org/v2alpha1"
     assert realm_import["metadata"]["name"] == f"{RELEASE}-realm" and realm_import["metadata"]["namespace"] == NAMESPACE
     spec = realm_import["spec"]
     assert spec["keycloakCRName"] == "sso"
     realm_text = REALM.read_text()
-    # The public URL is filled by the chart (trailing slash dropped); the secrets by the operator.
-    expected = json.loads(realm_text.replace("${AGENCYLLM_PUBLIC_URL}", "https://llm.agency.gov"))
-    assert spec["realm"] == expected
-    left = {
-        p
-        for p in ("AGENCYLLM_GATEWAY_CLIENT_SECRET", "AGENCYLLM_SERVICE_CLIENT_SECRET")
-        if "${" + p + "}" in realm_text
-    }
-    assert set(spec["placeholders"]) == left and left
-    for placeholder in spec["placeholders"].values():
-        assert placeholder["secret"]["name"] == "realm-clients" and placeholder["secret"]["key"]
-    assert "${AGENCYLLM_" not in json.dumps(spec["realm"]).replace("${AGENCYLLM_GATEWAY_CLIENT_SECRET}", "").replace(
-        "${AGENCYLLM_SERVICE_CLIENT_SECRET}", ""
+    assert all("${" + p + "}" in realm_text for p in REALM_SECRETS)
+    # The public URLs are filled by the chart (trailing slash dropped); the secrets by the operator.
+    expected = json.loads(
+        realm_text.replace("${AGENCYLLM_PUBLIC_URL}", "https://llm.agency.gov").replace(
+            "${OPEN_WEBUI_URL}", "https://chat.agency.gov"
+        )
     )
+    if not chat:
+        # Without the chat, the realm has no Open WebUI client (its redirect would point nowhere).
+        expected["clients"] = [c for c in expected["clients"] if c["clientId"] != "open-webui"]
+    assert spec["realm"] == expected
+    assert {c["clientId"] for c in spec["realm"]["clients"]} >= {"agencyllm-gateway", "agencyllm-directory"}
+    wanted = {p: key for p, key in REALM_SECRETS.items() if chat or not p.startswith("OPEN_WEBUI")}
+    assert {p: v["secret"]["key"] for p, v in spec["placeholders"].items()} == wanted
+    assert {v["secret"]["name"] for v in spec["placeholders"].values()} == {"realm-clients"}
+    # No placeholder is left but those the operator fills.
+    text = json.dumps(spec["realm"])
+    for placeholder in wanted:
+        text = text.replace("${" + placeholder + "}", "")
+    assert "${AGENCYLLM_" not in text and "${OPEN_WEBUI" not in text
+    if chat:
+        (client,) = [c for c in spec["realm"]["clients"] if c["clientId"] == "open-webui"]
+        assert client["redirectUris"] == ["https://chat.agency.gov/oauth/oidc/callback"]
+        assert client["secret"] == "${OPEN_WEBUI_CLIENT_SECRET}"
     # Another namespace (where the Keycloak resource lives) is honoured.
     other = copy.deepcopy(OPERATORS)
     other["keycloak"]["realmImport"]["namespace"] = "keycloak"
@@ -464,8 +500,18 @@ def test_external_secrets_fill_the_secrets_the_pods_read(chart):
         ("agencyllm-console", "session-secret"),
         ("agencyllm-console", "client-secret"),
         ("agencyllm-metrics", "token"),
+        ("agencyllm-directory", "client-secret"),
+        ("agencyllm-chat", "frontend-key"),
+        ("agencyllm-chat", "client-secret"),
+        ("agencyllm-chat", "secret-key"),
+        ("agencyllm-chat", "database-url"),
     }
     assert filled == _pod_secret_refs(docs)
+    # Without the chat, nothing is made for its Secret (the pods would not read it).
+    no_chat = copy.deepcopy(OPERATORS)
+    no_chat["chat"]["enabled"] = False
+    names = {d["metadata"]["name"] for d in render(chart, no_chat) if d["kind"] == "ExternalSecret"}
+    assert "agencyllm-chat" not in names and "agencyllm-directory" in names
     console = next(d for d in external if d["metadata"]["name"] == "agencyllm-console")
     assert {i["remoteRef"]["property"] for i in console["spec"]["data"]} == {"session", "client"}
     # With CloudNativePG the database Secret is the operator's: no ExternalSecret for it.

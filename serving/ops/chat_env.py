@@ -22,6 +22,8 @@ OPEN_WEBUI_CLIENT_ID = "open-webui"
 FIXED_ENVIRONMENT: dict[str, str] = {
     # Models come only from the platform, through one OpenAI connection with the front-end key.
     "ENABLE_OLLAMA_API": "false",
+    # Named, so that Open WebUI does not probe Docker's host names for an Ollama at start-up.
+    "OLLAMA_BASE_URL": "http://127.0.0.1:11434",
     "ENABLE_OPENAI_API": "true",
     "ENABLE_DIRECT_CONNECTIONS": "false",
     # The environment is the configuration: nothing an admin clicks overrides it after a restart.
@@ -42,7 +44,11 @@ FIXED_ENVIRONMENT: dict[str, str] = {
     "OAUTH_ALLOWED_ROLES": "llm-user,llm-tenant-admin,llm-platform-admin",
     "OAUTH_ADMIN_ROLES": "llm-platform-admin",
     "DEFAULT_USER_ROLE": "user",
+    # Open WebUI's admins do not read or export other people's chats.
+    "ENABLE_ADMIN_CHAT_ACCESS": "false",
+    "ENABLE_ADMIN_EXPORT": "false",
     # The air gap: no telemetry, no update checks, nothing downloaded, nothing shared outside.
+    # (The three telemetry switches are the upstream image's; set here too for installs from PyPI.)
     "OFFLINE_MODE": "true",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -59,6 +65,9 @@ FIXED_ENVIRONMENT: dict[str, str] = {
     # No local embedding model exists offline (its default would be downloaded): documents are
     # given to the model whole instead of through Open WebUI's own retrieval.
     "BYPASS_EMBEDDING_AND_RETRIEVAL": "true",
+    # Open WebUI's built-in tools (its memory, notes, chat search, …) would add some 18,000 prompt
+    # tokens to every message, charged to the person, and act on Open WebUI's own stores.
+    "DEFAULT_MODEL_METADATA": '{"capabilities": {"builtin_tools": false}}',
     # Background calls Open WebUI makes for itself are charged to the person: keep only titles.
     "ENABLE_TITLE_GENERATION": "true",
     "ENABLE_FOLLOW_UP_GENERATION": "false",
