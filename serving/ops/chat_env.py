@@ -44,6 +44,9 @@ FIXED_ENVIRONMENT: dict[str, str] = {
     "OAUTH_ALLOWED_ROLES": "llm-user,llm-tenant-admin,llm-platform-admin",
     "OAUTH_ADMIN_ROLES": "llm-platform-admin",
     "DEFAULT_USER_ROLE": "user",
+    # Every signed-in person sees the platform's models: the platform, not Open WebUI, decides who
+    # may use which (a tenant's `allowed_models`; a refused model is a clear 403 in the chat).
+    "BYPASS_MODEL_ACCESS_CONTROL": "true",
     # Open WebUI's admins do not read or export other people's chats.
     "ENABLE_ADMIN_CHAT_ACCESS": "false",
     "ENABLE_ADMIN_EXPORT": "false",
