@@ -262,10 +262,18 @@ async def test_stream_options_without_usage_are_forced_upstream_and_not_shown(ga
     assert [(r["completion_tokens"], r["status"]) for r in await ledger_rows(pg_db, tenant)] == [(1, "ok")]
 
 
-def asgi_server(response, *, spec_version: str, stall_at: int | None = None, slow_at: int | None = None):
+def asgi_server(
+    response,
+    *,
+    spec_version: str,
+    stall_at: int | None = None,
+    slow_at: int | None = None,
+    stall_after: int | None = None,
+):
     """Serve `response` as an ASGI server does, collecting the events sent. Message number
     `stall_at` (0 is the headers) is never sent: the client stopped reading; message number
-    `slow_at` takes a second (a client reading slowly). No disconnect message ever comes: the
+    `slow_at` takes a second (a client reading slowly); message number `stall_after` reaches the
+    client, whose leaving is then noticed before the next. No disconnect message ever comes: the
     server cancels the task instead, as Ray does. Returns (task, events, stalled)."""
     events: list[str] = []
     stalled = asyncio.Event()
@@ -281,6 +289,9 @@ def asgi_server(response, *, spec_version: str, stall_at: int | None = None, slo
         sent += 1
         if message.get("body"):
             events.append(message["body"].decode())
+        if sent - 1 == stall_after:
+            stalled.set()
+            await asyncio.sleep(3600)
 
     async def receive() -> dict:
         await asyncio.sleep(3600)
@@ -288,6 +299,23 @@ def asgi_server(response, *, spec_version: str, stall_at: int | None = None, slo
 
     task = asyncio.ensure_future(response({"type": "http", "asgi": {"spec_version": spec_version}}, receive, send))
     return task, events, stalled
+
+
+@pytest.mark.parametrize("spec_version", ["2.4", "2.3"])
+async def test_client_that_leaves_right_after_done_had_the_whole_answer(gateway, caller, pg_db, spec_version):
+    """The SDKs close the connection as soon as they read [DONE]: that is a finished request."""
+    tenant, key = await caller()
+    gateway.engines.answer(FakeCall([[chunk("a")], [usage_chunk(9, 1), sse("[DONE]")]]))
+    response = await gateway.chat(
+        request("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True}, key)
+    )
+    serving, events, stalled = asgi_server(response, spec_version=spec_version, stall_after=2)  # [DONE] is message 2
+    await asyncio.wait_for(stalled.wait(), 5)
+    assert events[-1] == sse("[DONE]")
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert [(r["completion_tokens"], r["status"]) for r in await ledger_rows(pg_db, tenant)] == [(1, "ok")]
 
 
 @pytest.mark.parametrize("spec_version", ["2.4", "2.3"])  # Starlette's two ways of streaming

@@ -76,7 +76,7 @@ def test_chats_through_the_front_end_key_are_each_persons_own(stack, pg_url):
         row, audit = ledger_and_audit(pg_url, response.headers["x-agencyllm-request-id"])
         assert (row["subject"], row["username"], str(row["key_id"])) == (subject, username, key["id"])
         assert (audit["actor_subject"], audit["actor_username"], audit["tenant"]) == (subject, username, stack.tenant)
-        assert audit["actor_key_id"] == key["id"] and audit["outcome"] == "success"
+        assert audit["actor_key_id"] == key["id"] and audit["outcome"] == "success", (row["status"], row["endpoint"])
 
     # The person's usage is reported under their name, like their API use.
     with stack.admin() as admin:

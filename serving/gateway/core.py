@@ -334,6 +334,10 @@ class GatewayCore:
                 status=status,
             )
 
+        def finished_or_cancelled() -> str:
+            # A client that leaves once it has [DONE] (the SDKs close at once) had the whole answer.
+            return "ok" if usage.done else "cancelled"
+
         async def events() -> AsyncGenerator[str, None]:
             status = "ok"
             try:
@@ -343,7 +347,7 @@ class GatewayCore:
                     admitted.completion_tokens = usage.best_completion_tokens()
                     yield event
             except (asyncio.CancelledError, GeneratorExit):  # the client left, or a stop (OpenStreams)
-                status = "cancelled"
+                status = finished_or_cancelled()
                 raise
             except Exception as exc:  # engine died mid-stream: tell the client in-band, then end
                 status = "engine_error"
@@ -358,4 +362,4 @@ class GatewayCore:
         if shape is not None:
             stream = shape.stream(stream)
         # The client may leave before the first event: the response, not the stream, ends it then.
-        return self._streams.response(stream, on_close=lambda: end("cancelled"), headers=headers)
+        return self._streams.response(stream, on_close=lambda: end(finished_or_cancelled()), headers=headers)
