@@ -288,6 +288,22 @@ async def ensure_bootstrap_admin_key(database: Database, data_dir: Path) -> Path
     Returns the path when a key was written, None when the file already holds a live key.
     """
     path = Path(data_dir) / ADMIN_KEY_FILE
+    if await ensure_key_file(database, path, kind="service", name=BOOTSTRAP_KEY_NAME) is None:
+        return None
+    log.warning("created a platform-admin API key in %s", path)
+    return path
+
+
+async def ensure_key_file(
+    database: Database,
+    path: Path,
+    *,
+    kind: Literal["service", "frontend"],
+    name: str,
+    serves_tenants: list[str] | None = None,
+) -> str | None:
+    """A live `system`-tenant key in `path` (0600): the one there, or a new one written there.
+    Returns the new key, or None when the file already held a live one."""
     if path.exists():
         existing = path.read_text(encoding="utf-8").strip()
         if await store.find_active_key(await database.pool(), existing) is not None:
@@ -296,14 +312,13 @@ async def ensure_bootstrap_admin_key(database: Database, data_dir: Path) -> Path
         actor = store.SystemActor()
         await store.ensure_tenant(session, actor, store.SYSTEM_TENANT, "Platform")
         created = await store.create_key(
-            session, actor, tenant_name=store.SYSTEM_TENANT, kind="service", name=BOOTSTRAP_KEY_NAME
+            session, actor, tenant_name=store.SYSTEM_TENANT, kind=kind, name=name, serves_tenants=serves_tenants
         )
-    _write_private(path, created.secret + "\n")
-    log.warning("created a platform-admin API key in %s", path)
-    return path
+    write_private(path, created.secret + "\n")
+    return created.secret
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

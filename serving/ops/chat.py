@@ -20,6 +20,8 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from agencyllm.quotas.models import ALL_TENANTS
+from agencyllm.serving.gateway.identity import ensure_key_file, write_private
 from agencyllm.serving.ops.chat_env import ChatInstall, install_environment
 from agencyllm.serving.settings import Settings
 
@@ -85,42 +87,21 @@ async def _ensure_database(platform_url: str) -> None:
 
 async def _frontend_key(platform_url: str, path: Path) -> str:
     """The key in `path` while it is live; else a new one serving every tenant, written there."""
-    from agencyllm.quotas import store
     from agencyllm.quotas.db import Database
 
     database = Database(platform_url)
     try:
-        if path.exists():
-            existing = path.read_text(encoding="utf-8").strip()
-            if await store.find_active_key(await database.pool(), existing) is not None:
-                return existing
-        async with database.sessions() as session:
-            actor = store.SystemActor()
-            await store.ensure_tenant(session, actor, store.SYSTEM_TENANT, "Platform")
-            created = await store.create_key(
-                session,
-                actor,
-                tenant_name=store.SYSTEM_TENANT,
-                kind="frontend",
-                name="open-webui (agencyllm up --chat)",
-                serves_tenants=["*"],
-            )
+        await ensure_key_file(
+            database, path, kind="frontend", name="open-webui (agencyllm up --chat)", serves_tenants=[ALL_TENANTS]
+        )
     finally:
         await database.dispose()
-    _write_private(path, created.secret)
-    return created.secret
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text + "\n")
+    return path.read_text(encoding="utf-8").strip()
 
 
 def _session_secret(path: Path) -> str:
     if not path.exists():
-        _write_private(path, secrets.token_urlsafe(32))
+        write_private(path, secrets.token_urlsafe(32) + "\n")
     return path.read_text(encoding="utf-8").strip()
 
 
