@@ -21,7 +21,6 @@ COLUMNS = (
     "traffic_class",
     "tenant",
     "owner_username",
-    "serves_tenants",
     "expires_at",
     "revoked_at",
     "last_used_at",
