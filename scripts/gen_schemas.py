@@ -255,10 +255,14 @@ def helm_chat_yaml(_current: str) -> str:
 
 
 def ansible_chat_vars(_current: str) -> str:
-    """The same facts as the `agencyllm_chat` role's variables (vars/: not meant to be overridden)."""
+    """The same facts as the `agencyllm_chat` role's variables (vars/: not meant to be overridden),
+    with the realm client Open WebUI signs in with (the role's default `agencyllm_chat_client_id`)."""
     import yaml
 
+    from agencyllm.serving.ops import chat_env
+
     facts = {f"agencyllm_chat_open_webui_{name}": value for name, value in _chat_facts().items()}
+    facts["agencyllm_chat_open_webui_client_id"] = chat_env.OPEN_WEBUI_CLIENT_ID
     return "---\n" + _GENERATED_YAML + yaml.safe_dump(facts, sort_keys=False, default_flow_style=False)
 
 

@@ -5,6 +5,8 @@ tests/test_ansible.py): /etc, /opt and /var are overlaid on a tmpfs, so users, u
 and the database vanish with the namespace. Then, like systemd would, each generated unit's
 ExecStart runs as the unit's user with its environment file, in its own cgroup; the playbook runs
 again to migrate and deploy, once more to show nothing changes, and SIGTERM stops everything.
+With a chat host (group agencyllm_chat, the head), its unit's ExecStart starts after the second
+run, once its database exists; its files, installed package and database are probed.
 
     python tests/ansible_converge.py CONFIG.json   ->  one JSON line of findings on stdout
 """
@@ -234,11 +236,78 @@ def http_status(url: str) -> int:
         return exc.code
 
 
+def file_facts(*paths: str) -> dict[str, dict]:
+    facts = {}
+    for path in paths:
+        info = os.stat(path)
+        facts[path] = {"mode": f"{info.st_mode & 0o7777:04o}", "uid": info.st_uid, "gid": info.st_gid}
+    return facts
+
+
+def chat_facts() -> dict:
+    """What the chat role installed: files and their modes, the package in its own venv."""
+    import pwd
+
+    installed = subprocess.run(
+        [
+            "/opt/agencyllm-chat/venv/bin/python",
+            "-I",
+            "-c",
+            "import importlib.metadata as m; print('open-webui', m.version('open-webui'))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    return {
+        "uid": pwd.getpwnam("agencyllm-chat").pw_uid,
+        "installed": installed.stdout.strip() or installed.stderr.strip()[-500:],
+        "files": file_facts(
+            "/etc/agencyllm-chat",
+            "/etc/agencyllm-chat/open-webui.env",
+            "/var/lib/agencyllm-chat",
+            "/opt/agencyllm-chat/venv",
+        ),
+    }
+
+
+def chat_database(chat_url: str, platform_url: str) -> dict:
+    """Open WebUI's database as its URL reaches it (its role owns it: a table can be made), and
+    the platform's role refused there."""
+    import asyncio
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+
+    async def probe() -> dict:
+        connection = await asyncpg.connect(chat_url, timeout=10)
+        try:
+            user, database = await connection.fetchrow("SELECT current_user, current_database()")
+            await connection.execute("CREATE TABLE converge_probe (id int); DROP TABLE converge_probe")
+        finally:
+            await connection.close()
+        platform = urlsplit(platform_url)
+        try:
+            other = await asyncpg.connect(urlunsplit(platform._replace(path="/" + database)), timeout=10)
+        except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError) as exc:
+            refused = type(exc).__name__
+        else:
+            await other.close()
+            refused = ""
+        return {"user": user, "database": database, "created_table": True, "refused": refused}
+
+    found = asyncio.run(probe())
+    return {
+        "database": {k: found[k] for k in ("user", "database", "created_table")},
+        "platform_role_refused": found["refused"],
+    }
+
+
 def main() -> int:
     config = json.loads(Path(sys.argv[1]).read_text())
     findings: dict = {}
     services: list[Service] = []
     work = Path(config["work"])
+    findings["ports"] = config["ports"]
     try:
         overlay(Path(config["scratch"]), config["runner_site"])
         Path(config["ca_file"]).parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +330,15 @@ def main() -> int:
                 "unit": parse_unit(unit_path),
             }
 
+        platform_env = read_env_file("/etc/agencyllm/agencyllm.env")
+        findings["platform_env"] = {
+            "AGENCYLLM_OIDC_DIRECTORY_CLIENT_ID": platform_env.get("AGENCYLLM_OIDC_DIRECTORY_CLIENT_ID"),
+            "AGENCYLLM_OIDC_DIRECTORY_CLIENT_SECRET": bool(platform_env.get("AGENCYLLM_OIDC_DIRECTORY_CLIENT_SECRET")),
+        }
+        chat_unit = findings["units"].get("agencyllm-chat.service", {}).get("unit")
+        if chat_unit:
+            findings["chat"] = chat_facts()
+
         postgres = findings["units"]["agencyllm-postgres.service"]["unit"]
         ray = findings["units"]["agencyllm-ray.service"]["unit"]
         services.append(Service("postgres", postgres, work / "postgres.log"))
@@ -270,12 +348,19 @@ def main() -> int:
         findings["service_users"] = {s.name: sorted(s.users()) for s in services}
 
         findings["second"] = playbook(config)
+        if chat_unit:
+            services.append(Service("chat", chat_unit, work / "chat.log"))
+            findings["chat"]["up_seconds"] = wait_port("127.0.0.1", config["ports"]["chat"], 60)
+            findings["chat"]["health"] = http_status(f"http://127.0.0.1:{config['ports']['chat']}/health")
+            findings["chat"]["started"] = json.loads(Path("/var/lib/agencyllm-chat/standin-started.json").read_text())
+            chat_environment = read_env_file(chat_unit["env_files"][0])
+            findings["chat"] |= chat_database(chat_environment["DATABASE_URL"], platform_env["AGENCYLLM_DATABASE_URL"])
         findings["third"] = playbook(config)
         findings["readyz"] = http_status(f"http://127.0.0.1:{config['ports']['api']}/readyz")
         findings["models_unauthenticated"] = http_status(f"http://127.0.0.1:{config['ports']['api']}/v1/models")
         findings["readyz_via_proxy"] = http_status(f"http://127.0.0.1:{config['ports']['proxy']}/readyz")
         findings["api_port_served_by"] = listener(config["ports"]["api"])
-        findings["ray_processes"] = len(services[1].pids())
+        findings["ray_processes"] = len(services[1].pids())  # postgres, ray, then the chat
         findings["stop"] = {}
         for service in reversed(services):
             findings["stop"][service.name] = service.terminate()
@@ -284,7 +369,7 @@ def main() -> int:
     finally:
         for service in services:
             service.kill()
-        for name in ("postgres.log", "ray.log"):
+        for name in ("postgres.log", "ray.log", "chat.log"):
             if (work / name).exists():
                 findings[f"{name}_tail"] = (work / name).read_text(errors="replace")[-3000:]
         print(json.dumps(findings))

@@ -4,6 +4,12 @@ The converge runs as root inside a private mount namespace with /etc, /opt and /
 (tests/ansible_converge.py), so the host is untouched. systemd is not PID 1 here: the roles run
 with `agencyllm_service_manager: none`, and the test starts each generated unit's ExecStart as the
 unit's user with its environment file, in its own cgroup, as systemd would.
+
+The head is also the staff chat's host (group agencyllm_chat): the bundle carries a chat
+wheelhouse holding a stand-in open-webui (a small wheel whose `open-webui serve` answers /health
+and records how it was started), so the role installs it offline into its own venv, makes its
+database on the bundled server and writes its environment file and unit for real, without the
+3.4 GB of the real package (the role's rendered files: tests/test_ansible_chat.py).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import yaml
 from ansible_render import ANSIBLE, BASE_PYTHON, REPO, tool
 from conftest import RUNNER_SITE
 
-from agencyllm.serving.cli.main import main as cli_main
+from agencyllm.serving.ops import chat_env
+from agencyllm.serving.ops.bundle import build as bundle_build
 
 ROLES = sorted(p.name for p in (ANSIBLE / "roles").iterdir() if p.is_dir())
 
@@ -124,14 +131,94 @@ def converged() -> Iterator[dict]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+# Stand-in for Open WebUI in the converge: `open-webui serve --host H --port P` answers /health and
+# records how it was started (arguments, folder, user, umask, environment names) in DATA_DIR.
+STANDIN_OPEN_WEBUI = """\
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def main():
+    args = sys.argv[1:]
+    if not args or args[0] != "serve":
+        sys.exit("usage: open-webui serve --host HOST --port PORT")
+    host = args[args.index("--host") + 1] if "--host" in args else "0.0.0.0"
+    port = int(args[args.index("--port") + 1]) if "--port" in args else 8080
+    umask = os.umask(0)
+    os.umask(umask)
+    record = {"argv": args, "cwd": os.getcwd(), "uid": os.getuid(), "umask": umask, "environment": sorted(os.environ)}
+    with open(os.path.join(os.environ["DATA_DIR"], "standin-started.json"), "w") as out:
+        json.dump(record, out)
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"status": self.path == "/health"}).encode()
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    ThreadingHTTPServer((host, port), Health).serve_forever()
+"""
+
+
+def standin_open_webui(index: Path) -> Path:
+    """A wheel named open-webui at the pinned release (extra `postgres` included) whose console
+    script `open-webui` is the stand-in above: standard library only."""
+    project = index / "standin-src"
+    (project / "open_webui").mkdir(parents=True)
+    (project / "open_webui" / "__init__.py").write_text(STANDIN_OPEN_WEBUI)
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "open-webui"\nversion = "{chat_env.OPEN_WEBUI_VERSION}"\n'
+        '[project.optional-dependencies]\npostgres = []\n[project.scripts]\nopen-webui = "open_webui:main"\n'
+        '[tool.setuptools]\npackages = ["open_webui"]\n'
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(index),
+            str(project),
+        ],
+        check=True,
+    )
+    shutil.rmtree(project)
+    return next(index.glob("open_webui-*.whl"))
+
+
 def _converge(work: Path) -> dict:
     from agencyllm.serving.ops.placeholder import write_placeholder_model
 
     model = write_placeholder_model(work / "placeholder")
     bundle = work / "bundle"
+    chat_index = work / "chat-index"
+    chat_index.mkdir()
+    standin_open_webui(chat_index)
     # A wheelhouse of agencyllm's own wheel: the venv sees this Python's packages (the full
-    # wheelhouse install is the `wheelhouse` test in test_bundle.py).
-    assert cli_main(["bundle", "build", str(bundle), "--cpu", "--wheel-only", "--model", f"placeholder={model}"]) == 0
+    # wheelhouse install is the `wheelhouse` test in test_bundle.py). The chat wheelhouse holds
+    # the stand-in open-webui, downloaded from its folder only.
+    bundle_build.build(
+        bundle_build.BuildOptions(
+            out=bundle,
+            source=bundle_build.find_source(),
+            flavors=["cpu"],
+            wheel_only=True,
+            models={"placeholder": model},
+            chat=True,
+            pip_args=["--no-index", "--find-links", str(chat_index)],
+        ),
+        progress=lambda _line: None,
+    )
     ports = {
         name: _free_port()
         for name in (
@@ -147,6 +234,7 @@ def _converge(work: Path) -> dict:
             "agent_grpc",
             "metrics",
             "runtime_env",
+            "chat",
         )
     }
     first_worker = 20000 + (os.getpid() % 400) * 20
@@ -165,6 +253,7 @@ def _converge(work: Path) -> dict:
                     }
                 },
                 "agencyllm_workers": {"hosts": {}},
+                "agencyllm_chat": {"hosts": {"localhost": None}},
             }
         )
     )
@@ -200,6 +289,14 @@ def _converge(work: Path) -> dict:
                 "agencyllm_ray_firewall": False,
                 "agencyllm_models": [{"id": "placeholder"}],
                 "agencyllm_app_ready_timeout": 600,
+                # The staff chat on the head (its database on the bundled server), the platform
+                # with the realm's directory client.
+                "agencyllm_chat_public_url": "https://chat.agency.test",
+                "agencyllm_chat_frontend_key": "sk-agency-frontend-converge",
+                "agencyllm_chat_client_secret": "converge-client-secret",
+                "agencyllm_chat_oidc_issuer": "https://sso.agency.test/realms/agency",
+                "agencyllm_chat_port": ports["chat"],
+                "agencyllm_ray_oidc_directory_client_secret": "converge-directory-secret",
             }
         )
     )
@@ -272,7 +369,7 @@ def test_converge_installs_and_units_verify(converged):
     first = converged["first"]
     assert first["rc"] == 0 and first["failed"] == 0, _show(first)
     units = converged["units"]
-    assert set(units) == {"agencyllm-postgres.service", "agencyllm-ray.service"}
+    assert set(units) == {"agencyllm-postgres.service", "agencyllm-ray.service", "agencyllm-chat.service"}
     for name, unit in units.items():
         assert unit["verify_stderr"] == "", f"systemd-analyze verify {name}: {unit['verify_stderr']}"
     ray = units["agencyllm-ray.service"]["unit"]
@@ -315,3 +412,38 @@ def test_sigterm_stops_every_process(converged):
     assert converged["ray_processes"] > 3
     for name, result in stop.items():
         assert result["left"] == 0, f"{name}: {result['left']} processes left after SIGTERM ({result})"
+
+
+def test_the_chat_installs_offline_and_runs_as_its_user_on_loopback(converged):
+    """The staff chat on the head: its venv holds the wheelhouse's open-webui (installed offline
+    from the lock), its files have their modes, its unit verifies and its ExecStart, run as the
+    unit's user with its environment file, serves /health on loopback from its data folder; its
+    database on the bundled server takes its role's password, and only its role's."""
+    assert "error" not in converged, json.dumps(converged)[-6000:]
+    chat = converged["chat"]
+    unit = converged["units"]["agencyllm-chat.service"]["unit"]
+    port = converged["ports"]["chat"]
+    assert unit["User"] == unit["Group"] == "agencyllm-chat"
+    assert unit["ExecStart"] == f"/opt/agencyllm-chat/venv/bin/open-webui serve --host 127.0.0.1 --port {port}"
+    assert unit["WorkingDirectory"] == "/var/lib/agencyllm-chat"
+    assert chat["installed"] == f"open-webui {chat_env.OPEN_WEBUI_VERSION}", chat
+    assert chat["files"]["/etc/agencyllm-chat/open-webui.env"] == {"mode": "0600", "uid": 0, "gid": 0}
+    assert chat["files"]["/etc/agencyllm-chat"]["mode"] == "0700"
+    data = chat["files"]["/var/lib/agencyllm-chat"]
+    assert data["mode"] == "0700" and data["uid"] == chat["uid"] != 0
+    assert chat["files"]["/opt/agencyllm-chat/venv"]["uid"] == 0
+    assert chat["health"] == 200
+    started = chat["started"]
+    assert started["argv"] == ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    assert started["cwd"] == "/var/lib/agencyllm-chat" and started["uid"] == chat["uid"]
+    expected = set(chat_env.FIXED_ENVIRONMENT) | {"DATABASE_URL", "OPENAI_API_KEY", "WEBUI_SECRET_KEY", "DATA_DIR"}
+    assert expected <= set(started["environment"])
+    assert not any(name.startswith("AGENCYLLM_") for name in started["environment"])
+    # The second run made its database; its role owns it, reaches it from loopback by password.
+    assert "agencyllm_postgres : Create Open WebUI's role and database" in converged["second"]["changed_tasks"]
+    assert chat["database"] == {"user": "openwebui", "database": "openwebui", "created_table": True}, chat
+    # The platform's role cannot reach Open WebUI's database (pg_hba.conf names its role only).
+    assert chat["platform_role_refused"], chat
+    # The platform's environment file carries the realm's directory client.
+    assert converged["platform_env"]["AGENCYLLM_OIDC_DIRECTORY_CLIENT_ID"] == "agencyllm-directory"
+    assert converged["platform_env"]["AGENCYLLM_OIDC_DIRECTORY_CLIENT_SECRET"] is True

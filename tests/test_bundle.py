@@ -125,6 +125,8 @@ def test_bundle_holds_everything_and_verifies(bundle):
     assert (bundle / "ansible" / "roles" / "agencyllm_ray" / "meta" / "argument_specs.yml").is_file()
     assert (bundle / "keycloak" / "agencyllm-realm.json").is_file()
     assert not (bundle / "wheels").exists() and info["wheels"] == {}
+    # The staff chat's wheelhouse (about 3.4 GB) is opt-in.
+    assert not (bundle / bundle_build.CHAT_DIR).exists() and "chat_wheels" not in info
     # The chart is a `helm package`-shaped archive; its CRDs are beside it as reference.
     [chart] = info["charts"]
     assert chart["file"] == "helm/demo-1.2.3.tgz" and chart["images"] == [f"registry.agency.gov/agencyllm/ray@{DIGEST}"]
@@ -355,6 +357,82 @@ def test_cpu_wheelhouse_installs_with_no_network(tmp_path, source, model_dir):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("standin 1.0")
+
+
+def _chat_options(out: Path, source: Path, index: Path, **changes) -> bundle_build.BuildOptions:
+    """A bundle with only the chat wheelhouse, from `index` (no network)."""
+    return bundle_build.BuildOptions(
+        out=out, source=source, wheels=False, chat=True, pip_args=["--no-index", "--find-links", str(index)], **changes
+    )
+
+
+def test_chat_wheelhouse_pins_and_hashes_open_webui_and_its_dependencies(tmp_path, source):
+    """`chat`: open-webui[postgres] at chat_env's release and its dependencies in chat-wheels/,
+    pinned and hashed, for the chat host's Python (here another one than the builder's: binary
+    wheels for that version only). A stand-in open-webui from a local index: nothing is downloaded."""
+    from agencyllm.serving.ops import chat_env
+
+    index = tmp_path / "index"
+    index.mkdir()
+    _wheel(
+        index,
+        "open-webui",
+        chat_env.OPEN_WEBUI_VERSION,
+        requires=["tinyweb==1.0"],
+        extras={"postgres": ["tinypg==2.0"]},
+    )
+    _wheel(index, "open-webui", "0.0.1")  # another release beside it: the pinned one is taken
+    _wheel(index, "tinyweb", "1.0")
+    _wheel(index, "tinypg", "2.0")
+    this = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    other = "3.12" if this == "3.11" else "3.11"
+    out = tmp_path / "bundle"
+    lines: list[str] = []
+    info = bundle_build.build(_chat_options(out, source, index, chat_python_version=other), progress=lines.append)
+    wheels = out / bundle_build.CHAT_DIR
+    assert sorted(p.name for p in wheels.glob("*.whl")) == [
+        f"open_webui-{chat_env.OPEN_WEBUI_VERSION}-py3-none-any.whl",
+        "tinypg-2.0-py3-none-any.whl",
+        "tinyweb-1.0-py3-none-any.whl",
+    ]
+    lock = (wheels / "requirements.lock").read_text()
+    assert f"\nopen-webui=={chat_env.OPEN_WEBUI_VERSION} \\\n    --hash=sha256:" in lock
+    assert "tinypg==2.0 \\\n    --hash=sha256:" in lock and "tinyweb==1.0" in lock
+    assert f"--find-links {bundle_build.CHAT_DIR} " in lock
+    chat = info["chat_wheels"]
+    assert chat["packages"] == 3 and chat["python"] == other and chat["open_webui"] == chat_env.OPEN_WEBUI_VERSION
+    assert chat["requirement"] == f"open-webui[postgres]=={chat_env.OPEN_WEBUI_VERSION}"
+    assert json.loads((out / "bundle.json").read_text())["chat_wheels"] == chat
+    assert any(line.startswith("[2/7] chat wheels: open-webui[postgres]==") for line in lines), lines
+    assert run_verify(out).returncode == 0
+
+
+def test_chat_wheelhouse_is_for_the_pythons_open_webui_supports(tmp_path, source):
+    """Refused before anything is written: open-webui installs on Python 3.11 and 3.12 only."""
+    for python in ("3.13", "3.10"):
+        with pytest.raises(bundle_build.BuildError, match=f"Python {python}, and open-webui supports 3.11 and 3.12"):
+            bundle_build.build(_chat_options(tmp_path / "b", source, tmp_path, chat_python_version=python))
+        assert not (tmp_path / "b").exists()
+    # The chat host's Python defaults to the platform's target Python.
+    with pytest.raises(bundle_build.BuildError, match="Python 3.13"):
+        bundle_build.build(_chat_options(tmp_path / "b", source, tmp_path, python_version="3.13"))
+    options = _chat_options(tmp_path / "b", source, tmp_path, python_version="3.13", chat_python_version="3.12")
+    assert bundle_build.chat_python(options) == "3.12"
+
+
+def test_chat_wheelhouse_without_the_pinned_release_fails_naming_it(tmp_path, source):
+    from agencyllm.serving.ops import chat_env
+
+    index = tmp_path / "index"
+    index.mkdir()
+    _wheel(index, "open-webui", "0.0.1")
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if python not in bundle_build.CHAT_PYTHONS:
+        python = "3.12"
+    with pytest.raises(bundle_build.BuildError, match=f"open-webui\\[postgres\\]=={chat_env.OPEN_WEBUI_VERSION}"):
+        bundle_build.build(
+            _chat_options(tmp_path / "b", source, index, chat_python_version=python), progress=lambda _: None
+        )
 
 
 @pytest.mark.wheelhouse

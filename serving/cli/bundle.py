@@ -56,6 +56,13 @@ def build(
         bool, typer.Option("--no-index", help="take wheels from --find-links only (pip --no-index)")
     ] = False,
     source: Annotated[Path | None, typer.Option(help="agencyllm checkout to build from (default: this one)")] = None,
+    with_chat: Annotated[
+        bool,
+        typer.Option("--with-chat", help="also chat-wheels/: Open WebUI (~3.4 GB), the staff chat (docs/chat.md)"),
+    ] = False,
+    chat_python_version: Annotated[
+        str | None, typer.Option(metavar="X.Y", help="the chat host's Python (3.11 or 3.12)")
+    ] = None,
 ) -> int:
     from agencyllm.serving.ops.bundle.build import BuildError, BuildOptions, find_source, parse_model, parse_size
     from agencyllm.serving.ops.bundle.build import build as build_bundle
@@ -79,6 +86,8 @@ def build(
             torch_index_url=torch_index_url or os.environ.get("TORCH_INDEX_URL") or None,
             pip_args=[a for link in find_links or [] for a in ("--find-links", str(link))]
             + (["--no-index"] if no_index else []),
+            chat=with_chat,
+            chat_python_version=chat_python_version,
         )
         if len(options.models) != len(models):
             raise BuildError("--model: the same id given twice")

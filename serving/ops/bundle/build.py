@@ -5,6 +5,8 @@ Layout of a bundle (every file listed in `MANIFEST.sha256`):
     bundle.json               what is inside: versions, pins, digests, excluded packages
     verify.py                 standalone verifier (standard library only)
     wheels/{cpu,gpu}/         agencyllm's wheel and every dependency, requirements.lock (hashes)
+    chat-wheels/              optional (`chat`): Open WebUI, the staff chat, and every dependency for
+                              its own venv on the chat host, requirements.lock (hashes)
     helm/                     packaged chart(s) (`<name>-<version>.tgz`), their CRDs as reference
     images.lock               container images by reference and digest; images/oci/ when copied
     models/<id>/              weights given with --model ID=DIR
@@ -30,6 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agencyllm.serving.ops import chat_env
 from agencyllm.serving.ops.bundle import verify
 from agencyllm.serving.ops.bundle.charts import lock_images, package_charts
 from agencyllm.serving.ops.bundle.files import (
@@ -51,6 +54,11 @@ CPU_EXCLUDED = ("torchvision", "torchaudio", "torchcodec")
 # 1980-01-01: the earliest time a zip archive (a wheel) can hold.
 DEFAULT_EPOCH = 315532800
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The chat wheelhouse: Open WebUI with its Postgres driver (its database is on Postgres, never
+# SQLite), at the release chat_env pins, for the Pythons open-webui supports.
+CHAT_REQUIREMENT = f"open-webui[postgres]=={chat_env.OPEN_WEBUI_VERSION}"
+CHAT_PYTHONS = ("3.11", "3.12")
+CHAT_DIR = "chat-wheels"
 _SIZE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:i?B)?$", re.IGNORECASE)
 
 
@@ -70,6 +78,10 @@ class BuildOptions:
     platforms: list[str] = field(default_factory=list)
     torch_index_url: str | None = None
     pip_args: list[str] = field(default_factory=list)
+    # The staff chat's wheelhouse (chat-wheels/, about 3.4 GB: Open WebUI pulls torch-class
+    # packages), opt-in; for the chat host's Python (default python_version, else this one's).
+    chat: bool = False
+    chat_python_version: str | None = None
 
 
 def parse_size(text: str) -> int:
@@ -97,6 +109,17 @@ def parse_model(text: str) -> tuple[str, Path]:
     return model_id, path
 
 
+def chat_python(options: BuildOptions) -> str:
+    """The Python the chat wheelhouse is for: open-webui installs on 3.11 and 3.12 only."""
+    version = options.chat_python_version or options.python_version or f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if version not in CHAT_PYTHONS:
+        raise BuildError(
+            f"the chat wheelhouse would be for Python {version}, and open-webui supports "
+            f"{' and '.join(CHAT_PYTHONS)} only: give the chat host's Python (chat_python_version, e.g. 3.12)"
+        )
+    return version
+
+
 def find_source() -> Path:
     """The checkout this agencyllm runs from (editable install), else the working directory."""
     here = Path(__file__).resolve().parents[3]  # serving/ops/bundle/build.py
@@ -117,9 +140,12 @@ def build(options: BuildOptions, progress: Progress = print) -> dict:
     source = options.source.resolve()
     if not (source / "pyproject.toml").is_file():
         raise BuildError(f"{source} holds no pyproject.toml: not an agencyllm checkout")
+    if options.chat:
+        chat_python(options)  # before the long steps
     steps = (
         ["verifier"]
         + (["wheels " + f for f in options.flavors] if options.wheels else [])
+        + (["chat wheels"] if options.chat else [])
         + ["chart", "images", "models", "ansible and keycloak", "manifest"]
     )
     counter = iter(range(1, len(steps) + 1))
@@ -142,6 +168,10 @@ def build(options: BuildOptions, progress: Progress = print) -> dict:
                 if wheel is None:
                     wheel = build_wheel(source, Path(scratch), progress)
                 info["wheels"][flavor] = download_wheels(wheel, flavor, out / "wheels" / flavor, options, progress)
+
+    if options.chat:
+        step("chat wheels", f"{CHAT_REQUIREMENT} for Python {chat_python(options)} (about 3.4 GB)")
+        info["chat_wheels"] = download_chat_wheels(out / CHAT_DIR, options, progress)
 
     step("chart")
     info["charts"] = package_charts(source / "infra" / "helm", out / "helm", progress)
@@ -300,8 +330,36 @@ def download_wheels(wheel: Path, flavor: str, dest: Path, options: BuildOptions,
     }
 
 
-def _lock(dest: Path, flavor: str, excluded: list[str], progress: Progress) -> dict:
+def download_chat_wheels(dest: Path, options: BuildOptions, progress: Progress) -> dict:
+    """Open WebUI and every dependency for the chat host (its own venv: they cannot share the
+    platform's), pinned and hashed like the platform's wheelhouse."""
+    python = chat_python(options)
+    dest.mkdir(parents=True)
+    command = [sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--prefer-binary", "--dest", str(dest)]
+    if python != f"{sys.version_info[0]}.{sys.version_info[1]}" or options.platforms:
+        command += ["--only-binary=:all:", "--implementation", "cp", "--python-version", python]
+        for platform in options.platforms:
+            command += ["--platform", platform]
+    command += options.pip_args
+    command.append(CHAT_REQUIREMENT)
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if result.returncode != 0:
+        raise BuildError(f"pip download of {CHAT_REQUIREMENT} failed:\n{result.stdout.strip()[-3000:]}")
+    info = _lock(dest, "chat", [], progress, folder=CHAT_DIR)
+    pinned = f"\nopen-webui=={chat_env.OPEN_WEBUI_VERSION} "
+    if pinned not in "\n" + (dest / "requirements.lock").read_text(encoding="utf-8"):
+        raise BuildError(f"{CHAT_DIR} holds no open-webui {chat_env.OPEN_WEBUI_VERSION} after pip download")
+    return info | {
+        "requirement": CHAT_REQUIREMENT,
+        "open_webui": chat_env.OPEN_WEBUI_VERSION,
+        "python": python,
+        "platforms": options.platforms or ["this machine's"],
+    }
+
+
+def _lock(dest: Path, flavor: str, excluded: list[str], progress: Progress, folder: str | None = None) -> dict:
     """requirements.lock: every file in the wheelhouse, pinned and hashed."""
+    folder = folder or f"wheels/{flavor}"
     files = sorted(p for p in dest.iterdir() if p.is_file())
     sources_only = [p.name for p in files if not p.name.endswith(".whl")]
     if sources_only:
@@ -310,12 +368,12 @@ def _lock(dest: Path, flavor: str, excluded: list[str], progress: Progress) -> d
     for path in files:
         name, version = wheel_name_version(path.name)
         if name in seen:
-            raise BuildError(f"two files for {name} in wheels/{flavor}: {seen[name]} and {path.name}")
+            raise BuildError(f"two files for {name} in {folder}: {seen[name]} and {path.name}")
         seen[name] = path.name
         lock_lines.append(f"{name}=={version} \\\n    --hash=sha256:{verify.sha256_file(path)}")
     header = (
         f"# agencyllm {flavor} wheelhouse: every package, pinned and hashed. Install offline with\n"
-        f"#   pip install --no-index --find-links wheels/{flavor} --no-deps -r wheels/{flavor}/requirements.lock\n"
+        f"#   pip install --no-index --find-links {folder} --no-deps -r {folder}/requirements.lock\n"
     )
     if excluded:
         header += f"# Left out on purpose (CUDA builds that break a CPU install): {', '.join(CPU_EXCLUDED)}\n"
