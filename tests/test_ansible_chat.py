@@ -115,7 +115,9 @@ def expected_environment(**changes) -> dict[str, str]:
         "data_dir": "/var/lib/agencyllm-chat",
         "keep_history": False,
     }
-    return install_environment(ChatInstall(**(install | changes)))
+    chosen = install | changes
+    # Beside install_environment: the host's layout (the unit keeps the venv read-only).
+    return install_environment(ChatInstall(**chosen)) | {"STATIC_DIR": f"{chosen['data_dir']}/static"}
 
 
 # --- Open WebUI's environment file ------------------------------------------------------------------
