@@ -81,6 +81,38 @@ _INSERT_SQL = (
 )
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who did something, as an audit record names them (a request's caller)."""
+
+    subject: str
+    username: str | None = None
+    client_id: str | None = None
+    key_id: str | None = None
+
+
+def data_event(
+    actor: Actor, action: str, tenant: str, target_type: str, target_id: str, details: dict[str, Any] | None = None
+) -> AuditRecord:
+    """A caller's change to their own data (a file uploaded or deleted, a batch created or
+    cancelled), written in the change's own transaction. Never the data itself."""
+    return AuditRecord(
+        action=action,
+        category="admin",
+        outcome="success",
+        actor_subject=actor.subject,
+        actor_username=actor.username,
+        actor_client_id=actor.client_id,
+        actor_key_id=actor.key_id,
+        tenant=tenant,
+        source=request_source.get(),
+        target_type=target_type,
+        target_id=target_id,
+        at=utc_now(),
+        details=details,
+    )
+
+
 async def insert_records(conn: asyncpg.Connection | asyncpg.Pool, records: list[AuditRecord]) -> None:
     if not records:
         return

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from agencyllm.quotas.audit import Actor, data_event, insert_records
+
 UPLOAD_PURPOSES = ("batch", "user_data")
 OUTPUT_PURPOSE = "batch_output"
 
@@ -75,14 +77,20 @@ class FileStore:
         tenant_limit: int,
         file_id: str | None = None,
         connection: Any = None,
+        audit: Actor | None = None,
     ) -> StoredFile:
-        """Store a file; StorageFull if the tenant's files would then exceed `tenant_limit` bytes."""
+        """Store a file; StorageFull if the tenant's files would then exceed `tenant_limit` bytes.
+        With `audit`, a `file.upload` record by that caller is written in the same transaction."""
         file_id = file_id or new_file_id()
         args = (file_id, tenant, subject, purpose, filename, len(content), expires_at, tenant_limit, content)
         if connection is not None:
             created = await connection.fetchval(_SAVE_SQL, *args)
         else:
-            created = await (await self._database.pool()).fetchval(_SAVE_SQL, *args)
+            async with (await self._database.pool()).acquire() as own, own.transaction():
+                created = await own.fetchval(_SAVE_SQL, *args)
+                if created is not None and audit is not None:
+                    details = {"purpose": purpose, "bytes": len(content)}
+                    await insert_records(own, [data_event(audit, "file.upload", tenant, "file", file_id, details)])
         if created is None:
             raise StorageFull(f"your organisation's files would exceed its storage quota of {tenant_limit} bytes")
         return StoredFile(file_id, purpose, filename, len(content), created, expires_at)
@@ -99,10 +107,13 @@ class FileStore:
         )
         return data
 
-    async def delete(self, file_id: str, tenant: str, subject: str) -> bool:
-        pool = await self._database.pool()
-        status: str = await pool.execute(f"DELETE FROM files f WHERE {_OWNED}", file_id, tenant, subject)
-        return status.endswith(" 1")
+    async def delete(self, file_id: str, tenant: str, subject: str, *, audit: Actor | None = None) -> bool:
+        async with (await self._database.pool()).acquire() as connection, connection.transaction():
+            status: str = await connection.execute(f"DELETE FROM files f WHERE {_OWNED}", file_id, tenant, subject)
+            deleted = status.endswith(" 1")
+            if deleted and audit is not None:
+                await insert_records(connection, [data_event(audit, "file.delete", tenant, "file", file_id)])
+        return deleted
 
     async def page(
         self, tenant: str, subject: str, *, purpose: str | None, limit: int, after: str | None, ascending: bool

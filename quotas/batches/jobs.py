@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from agencyllm.quotas.audit import Actor, data_event, insert_records
 from agencyllm.quotas.batches.files import OUTPUT_PURPOSE, FileStore
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses")
@@ -181,8 +182,10 @@ class BatchStore:
         lines: list[tuple[str, dict[str, Any]]],
         errors: list[dict[str, Any]],
         model: str | None,
+        audit: Actor | None = None,
     ) -> Batch:
-        """A batch in progress with `lines` (custom_id, body) to run, or failed with `errors`."""
+        """A batch in progress with `lines` (custom_id, body) to run, or failed with `errors`; with
+        `audit`, a `batch.create` record by that caller in the same transaction."""
         batch_id = new_batch_id()
         status = "failed" if errors else "in_progress"
         pool = await self._database.pool()
@@ -215,6 +218,11 @@ class BatchStore:
                         (batch_id, no, custom_id, json.dumps(body)) for no, (custom_id, body) in enumerate(lines, 1)
                     ],
                     columns=["batch_id", "line_no", "custom_id", "body"],
+                )
+            if audit is not None:
+                details = {"endpoint": endpoint, "input_file_id": input_file_id, "lines": len(lines), "status": status}
+                await insert_records(
+                    connection, [data_event(audit, "batch.create", tenant, "batch", batch_id, details)]
                 )
         batch = await self.get(batch_id, tenant, owner["subject"])
         assert batch is not None
@@ -253,17 +261,20 @@ class BatchStore:
         )
         return [Batch(dict(row)) for row in rows]
 
-    async def cancel(self, batch_id: str, tenant: str, subject: str) -> Batch | None:
-        """Ask a batch to stop: no new line starts; running lines end, then it is `cancelled`."""
-        pool = await self._database.pool()
-        await pool.execute(
-            """UPDATE batches b SET status = 'cancelling', cancelling_at = now()
-                FROM tenants t WHERE t.id = b.tenant_id AND b.id = $1 AND t.name = $2 AND b.subject = $3
-                 AND b.status IN ('validating', 'in_progress')""",
-            batch_id,
-            tenant,
-            subject,
-        )
+    async def cancel(self, batch_id: str, tenant: str, subject: str, *, audit: Actor | None = None) -> Batch | None:
+        """Ask a batch to stop: no new line starts; running lines end, then it is `cancelled`.
+        With `audit`, a `batch.cancel` record when this call stopped it."""
+        async with (await self._database.pool()).acquire() as connection, connection.transaction():
+            status: str = await connection.execute(
+                """UPDATE batches b SET status = 'cancelling', cancelling_at = now()
+                    FROM tenants t WHERE t.id = b.tenant_id AND b.id = $1 AND t.name = $2 AND b.subject = $3
+                     AND b.status IN ('validating', 'in_progress')""",
+                batch_id,
+                tenant,
+                subject,
+            )
+            if status.endswith(" 1") and audit is not None:
+                await insert_records(connection, [data_event(audit, "batch.cancel", tenant, "batch", batch_id)])
         return await self.get(batch_id, tenant, subject)
 
     # ---- workers ------------------------------------------------------------------------

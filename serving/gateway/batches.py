@@ -16,7 +16,7 @@ from agencyllm.quotas.batches.jobs import ENDPOINTS, BatchStore
 from agencyllm.serving.config import ServingConfig
 from agencyllm.serving.gateway.bodies import list_page
 from agencyllm.serving.gateway.errors import OpenAIError
-from agencyllm.serving.gateway.files import caller, file_not_found
+from agencyllm.serving.gateway.files import actor, caller, file_not_found
 from agencyllm.serving.gateway.guards import parse_body
 from agencyllm.serving.gateway.inputs import InvalidInput, check_query, load_json
 from agencyllm.serving.gateway.pipeline import Gateway
@@ -84,6 +84,7 @@ class Batches:
             lines=lines,
             errors=errors,
             model=model,
+            audit=actor(principal),
         )
         return JSONResponse(batch.openai())
 
@@ -167,8 +168,9 @@ class Batches:
         return JSONResponse(batch.openai())
 
     async def cancel(self, batch_id: str, request: Request) -> Response:
-        tenant, subject = caller(await self.gateway.authenticate(request))
-        batch = await self.store.cancel(batch_id, tenant, subject)
+        principal = await self.gateway.authenticate(request)
+        tenant, subject = caller(principal)
+        batch = await self.store.cancel(batch_id, tenant, subject, audit=actor(principal))
         if batch is None:
             raise batch_not_found(batch_id)
         return JSONResponse(batch.openai())

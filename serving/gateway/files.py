@@ -11,6 +11,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from agencyllm.auth.principal import Principal
+from agencyllm.quotas.audit import Actor
 from agencyllm.quotas.batches.files import UPLOAD_PURPOSES, FileStore, StorageFull
 from agencyllm.serving.gateway.bodies import list_page
 from agencyllm.serving.gateway.errors import OpenAIError
@@ -32,13 +33,19 @@ def caller(principal: Principal) -> tuple[str, str]:
     return principal.tenant, principal.subject
 
 
+def actor(principal: Principal) -> Actor:
+    """The caller as the audit records of their file and batch changes name them."""
+    return Actor(principal.subject, principal.username, principal.client_id, principal.key_id)
+
+
 class Files:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.store = FileStore(gateway.services.database)
 
     async def upload(self, request: Request) -> Response:
-        tenant, subject = caller(await self.gateway.authenticate(request))
+        principal = await self.gateway.authenticate(request)
+        tenant, subject = caller(principal)
         settings = self.gateway.settings
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise InvalidInput("Upload files as multipart/form-data with `file` and `purpose`.", param="file")
@@ -69,6 +76,7 @@ class Files:
                 content,
                 expires_at=expires_at,
                 tenant_limit=settings.file_storage_bytes_per_tenant,
+                audit=actor(principal),
             )
         except StorageFull as exc:
             raise OpenAIError(413, f"{exc}: delete files you no longer need.", code="storage_quota_exceeded") from None
@@ -108,8 +116,9 @@ class Files:
         return Response(data, media_type="application/octet-stream")
 
     async def delete(self, file_id: str, request: Request) -> Response:
-        tenant, subject = caller(await self.gateway.authenticate(request))
-        if not await self.store.delete(file_id, tenant, subject):
+        principal = await self.gateway.authenticate(request)
+        tenant, subject = caller(principal)
+        if not await self.store.delete(file_id, tenant, subject, audit=actor(principal)):
             raise file_not_found(file_id)
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
