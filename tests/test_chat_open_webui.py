@@ -28,6 +28,7 @@ from test_console_browser import CHROMIUM, CHROMIUM_ARGS
 from agencyllm.quotas.db import Database
 from agencyllm.serving.ops.chat import KEY_FILE, ChatFrontEnd, chat_database_url
 from agencyllm.serving.ops.chat_env import OPEN_WEBUI_VERSION
+from agencyllm.serving.settings import Settings
 
 pytestmark = [pytest.mark.stack, pytest.mark.open_webui]
 
@@ -204,3 +205,52 @@ def test_a_person_chats_in_open_webui_and_the_platform_charges_them(stack, chat,
         )
     )
     assert chats == []
+
+
+AIR_GAPPED_START = """
+import subprocess, sys, time, urllib.request
+server = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+deadline = time.monotonic() + 240
+try:
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:8080/health", timeout=2) as answer:
+                print("healthy", answer.status, round(time.monotonic() - deadline + 240, 1))
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        print("not healthy", server.poll())
+finally:
+    server.terminate()
+    server.wait(30)
+"""
+
+
+def test_open_webui_starts_with_no_network_at_all(open_webui, oidc_issuer, pg_url, tmp_path):
+    """The air gap: in a network namespace of its own (loopback only), with the environment the
+    platform gives it, Open WebUI starts and answers; nothing it needs at start is outside. The
+    database is reached over its unix socket."""
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=SecretStr(pg_url),
+        oidc_issuer=oidc_issuer.issuer,
+        chat=True,
+        chat_command=str(open_webui),
+        chat_client_secret=SecretStr("open-webui-client-secret"),
+    )
+    env = ChatFrontEnd(settings).environment(pg_url)
+    (tmp_path / "chat" / "data").mkdir(parents=True, exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AGENCYLLM_")}
+    command = [str(open_webui), "serve", "--host", "127.0.0.1", "--port", "8080"]
+    script = f"ip link set lo up && exec {open_webui.parent / 'python'} -c '{AIR_GAPPED_START}' " + " ".join(command)
+    done = subprocess.run(
+        ["unshare", "-n", "--", "sh", "-c", script],
+        env=base | env,
+        cwd=tmp_path / "chat",
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.stdout.startswith("healthy 200"), (done.stdout, done.stderr[-3000:])
+    print(f"\nOpen WebUI with no network: {done.stdout.strip()} s")
